@@ -1,0 +1,91 @@
+"""The dispatcher's error tree: one base, specific subclasses whose docstring is the message."""
+
+from __future__ import annotations
+
+
+class DispatcherError(Exception):
+    """Dispatcher error."""
+
+    code = "dispatcher_error"
+
+    def __init__(self, message: str | None = None, **details: object) -> None:
+        self.details = details
+        super().__init__(message or (self.__doc__ or self.code).strip())
+
+
+class ServiceUnavailable(DispatcherError):
+    """A required service (PostgreSQL or RabbitMQ) cannot be reached."""
+
+    code = "service_unavailable"
+
+
+class InvalidAmount(DispatcherError):
+    """The amount must be a positive whole number of credits."""
+
+    code = "invalid_amount"
+
+
+class UnknownAccount(DispatcherError):
+    """No account with this id exists."""
+
+    code = "unknown_account"
+
+
+class AccountExists(DispatcherError):
+    """An account with this id already exists."""
+
+    code = "account_exists"
+
+
+class InsufficientCredits(DispatcherError):
+    """The account does not have enough available credits."""
+
+    code = "insufficient_credits"
+
+
+class UnknownReservation(DispatcherError):
+    """No reservation exists for this job id."""
+
+    code = "unknown_reservation"
+
+
+class ReservationConflict(DispatcherError):
+    """The job id is already used by a different reservation (other account or amount)."""
+
+    code = "reservation_conflict"
+
+
+class AlreadySettled(DispatcherError):
+    """The reservation was already settled differently."""
+
+    code = "already_settled"
+
+
+class InvalidGrant(DispatcherError):
+    """The grant kind or reference is not valid."""
+
+    code = "invalid_grant"
+
+
+class RefundTooLarge(DispatcherError):
+    """The refund exceeds the unspent credits of that purchase."""
+
+    code = "refund_too_large"
+
+
+class InvalidRecipient(DispatcherError):
+    """The recipient is not a valid E.164 phone number."""
+
+    code = "invalid_recipient"
+
+
+class UnknownChannel(DispatcherError):
+    """The channel must be 'sms' or 'call'."""
+
+    code = "unknown_channel"
+
+
+class InvalidPlan(DispatcherError):
+    """The plan settings are not valid."""
+
+    code = "invalid_plan"
