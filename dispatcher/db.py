@@ -14,7 +14,7 @@ START_POSTGRES_HINT = (
 
 async def create_pool(settings: Settings, *, min_size: int | None = None,
                       max_size: int | None = None) -> asyncpg.Pool:
-    """Open a pool with connect/command timeouts and TCP keepalives so a dead socket cannot wedge it."""
+    """Open a pool with bounded timeouts and TCP keepalives so a dead socket cannot wedge it."""
     try:
         pool = await asyncpg.create_pool(
             settings.database_url,

@@ -16,7 +16,7 @@ MIGRATION_LOCK_KEY = 7_311_042_001
 def available_migrations() -> list[tuple[str, str]]:
     """(name, sql) for every migration file, in numeric order."""
     folder = resources.files("dispatcher").joinpath("sql", "migrations")
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name, p.read_text(encoding="utf-8")) for p in files]
 
 

@@ -24,7 +24,8 @@ def parse(text: str) -> dict[str, str]:
 def _all() -> dict[str, str]:
     folder = resources.files("dispatcher").joinpath("sql")
     merged: dict[str, str] = {}
-    for path in sorted(p for p in folder.iterdir() if p.name.endswith(".sql")):
+    for path in sorted((p for p in folder.iterdir() if p.name.endswith(".sql")),
+                       key=lambda p: p.name):
         for name, sql in parse(path.read_text(encoding="utf-8")).items():
             if name in merged:
                 raise ValueError(f"duplicate query name {name!r} in {path.name}")

@@ -1,0 +1,203 @@
+"""The ``dispatcher`` command line: one small async function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import asyncpg
+
+from dispatcher.audit import format_report, run_audit
+from dispatcher.db import connect
+from dispatcher.errors import DispatcherError
+from dispatcher.ledger import CreditStore
+from dispatcher.logs import configure_logging
+from dispatcher.migrate import migrate
+from dispatcher.queries import q
+from dispatcher.settings import Settings
+from dispatcher.subscriptions import CADENCES, Plan, create_account, renew_due
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+async def _with_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitable[int]]) -> int:
+    from dispatcher.db import create_pool
+
+    pool = await create_pool(settings, min_size=1, max_size=2)
+    try:
+        return await work(pool)
+    finally:
+        await pool.close()
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    conn = await connect(settings.database_url)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+async def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        violations = await run_audit(pool)
+        accounts = await pool.fetchval("SELECT count(*) FROM accounts")
+        print(format_report(violations, accounts))
+        return 1 if violations else 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_accounts_create(args: argparse.Namespace, settings: Settings) -> int:
+    plan = Plan(args.allocation, args.cadence, args.renewal_day)
+
+    async def work(pool: asyncpg.Pool) -> int:
+        await create_account(pool, args.account, name=args.name, plan=plan,
+                             auto_recharge=(args.auto_recharge_threshold is not None,
+                                            args.auto_recharge_threshold or 0,
+                                            args.auto_recharge_amount or 0))
+        print(f"created account {args.account}")
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_accounts_show(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        row = await pool.fetchrow(q("get_account"), args.account)
+        if row is None:
+            raise DispatcherError(f"no account {args.account!r}")
+        print(json.dumps({k: _jsonable(v) for k, v in dict(row).items()}, indent=2))
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_credits_grant(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        new = await CreditStore(pool).grant(args.account, args.amount, args.kind, args.reference)
+        print(("granted" if new else "already granted (same reference)")
+              + f" {args.amount} {args.kind} credits to {args.account}")
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_balance(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        b = await CreditStore(pool).balance(args.account)
+        print(json.dumps({"account": b.account_id, "available": b.available,
+                          "reserved": b.reserved, "total": b.total,
+                          "subscription": b.subscription, "purchased": b.purchased,
+                          "debt": b.debt}, indent=2))
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_rates_set(args: argparse.Namespace, settings: Settings) -> int:
+    country = "*" if args.country in {"*", "default"} else args.country.upper()
+
+    async def work(pool: asyncpg.Pool) -> int:
+        await pool.execute(q("set_rate"), args.channel, country, args.credits)
+        print(f"rate {args.channel} {country} = {args.credits} credit(s)")
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_rates_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        for row in await pool.fetch(q("list_rates")):
+            print(f"{row['channel']:5} {row['country']:3} {row['credits']}")
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_renew(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        print(f"started {await renew_due(pool)} subscription period(s)")
+        return 0
+    return await _with_pool(settings, work)
+
+
+def _jsonable(value: object) -> object:
+    return value if isinstance(value, int | str | bool | float | type(None)) else str(value)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive whole number")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be zero or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("audit", help="check the ledger's invariants").set_defaults(func=cmd_audit)
+    sub.add_parser("renew", help="start subscription periods that are due").set_defaults(
+        func=cmd_renew)
+
+    accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(
+        dest="accounts_command", required=True)
+    create = accounts.add_parser("create", help="create an account")
+    create.add_argument("account")
+    create.add_argument("--name", default="")
+    create.add_argument("--allocation", type=_non_negative, default=0,
+                        help="subscription credits per period")
+    create.add_argument("--cadence", choices=CADENCES, default="monthly")
+    create.add_argument("--renewal-day", type=int, default=1)
+    create.add_argument("--auto-recharge-threshold", type=_non_negative)
+    create.add_argument("--auto-recharge-amount", type=_positive)
+    create.set_defaults(func=cmd_accounts_create)
+    show = accounts.add_parser("show", help="show an account")
+    show.add_argument("account")
+    show.set_defaults(func=cmd_accounts_show)
+
+    credits = sub.add_parser("credits", help="grant credits").add_subparsers(
+        dest="credits_command", required=True)
+    grant = credits.add_parser("grant", help="grant rollover credits (idempotent by reference)")
+    grant.add_argument("account")
+    grant.add_argument("amount", type=_positive)
+    grant.add_argument("--kind", choices=("purchase", "auto_recharge", "adjustment"),
+                       default="adjustment")
+    grant.add_argument("--reference", required=True, help="unique, e.g. the payment id")
+    grant.set_defaults(func=cmd_credits_grant)
+
+    balance = sub.add_parser("balance", help="show an account's balance")
+    balance.add_argument("account")
+    balance.set_defaults(func=cmd_balance)
+
+    rates = sub.add_parser("rates", help="per-country rates").add_subparsers(
+        dest="rates_command", required=True)
+    rate_set = rates.add_parser("set", help="set a rate (credits per segment or minute)")
+    rate_set.add_argument("channel", choices=("sms", "call"))
+    rate_set.add_argument("country", help="ISO alpha-2 code, or 'default'")
+    rate_set.add_argument("credits", type=_non_negative)
+    rate_set.set_defaults(func=cmd_rates_set)
+    rates.add_parser("list", help="list rates").set_defaults(func=cmd_rates_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level)
+    func: Command = args.func
+    try:
+        return asyncio.run(func(args, settings))
+    except DispatcherError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.PostgresError as exc:
+        print(f"database error: {exc}", file=sys.stderr)
+        return 2
