@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from dispatcher.errors import ServiceUnavailable
 from dispatcher.settings import Settings
+
+# A plain connection or one borrowed from a pool: both can open transactions.
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 START_POSTGRES_HINT = (
     "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from dispatcher.db import Connection
 from dispatcher.errors import AccountExists, InvalidPlan
 from dispatcher.ledger import CreditStore, check_amount
 from dispatcher.queries import q
@@ -68,22 +69,26 @@ def period_reference(account_id: str, start: datetime) -> str:
     return f"{account_id}:{start.astimezone(UTC).isoformat()}"
 
 
-async def create_account(pool: asyncpg.Pool, account_id: str, *, name: str = "",
-                         plan: Plan | None = None, now: datetime | None = None,
+async def create_account(db: asyncpg.Pool | Connection, account_id: str, *,
+                         name: str = "", plan: Plan | None = None, now: datetime | None = None,
                          auto_recharge: tuple[bool, int, int] = (False, 0, 0)) -> None:
     """Create an account and, with a plan, allocate its first period."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            return await create_account(conn, account_id, name=name, plan=plan, now=now,
+                                        auto_recharge=auto_recharge)
     plan = plan or Plan()
     now = now or datetime.now(UTC)
     enabled, threshold, amount = auto_recharge
-    async with pool.acquire() as conn, conn.transaction():
-        created = await conn.fetchval(
+    async with db.transaction():
+        created = await db.fetchval(
             q("create_account"), account_id, name, plan.allocation, plan.cadence,
             plan.renewal_day, enabled, check_amount(threshold, allow_zero=True),
             check_amount(amount, allow_zero=True))
         if created is None:
             raise AccountExists(f"account {account_id!r} already exists", account_id=account_id)
         start, end = period_containing(plan, now)
-        await CreditStore(conn).start_period(
+        await CreditStore(db).start_period(
             account_id, plan.allocation, period_reference(account_id, start), start, end)
 
 
