@@ -1,0 +1,44 @@
+-- Named statements of the job state machine (functions in migrations/0002_jobs.sql).
+
+-- name: begin_job
+SELECT outcome, status, attempts
+  FROM begin_job($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10);
+
+-- name: job_accepted
+SELECT job_accepted($1, $2);
+
+-- name: job_not_sent
+SELECT job_not_sent($1, $2, $3, $4);
+
+-- name: job_unknown
+SELECT job_unknown($1, $2);
+
+-- name: job_retry_later
+SELECT job_retry_later($1, $2, $3);
+
+-- name: job_provider_status
+SELECT job_provider_status($1, $2, $3, $4, $5, $6);
+
+-- name: get_job
+SELECT job_id, account_id, kind, priority, status, payload, estimate, country, units, rate,
+       broadcast_id, attempts, provider_sid, provider_status, error_code, reason, final_cost,
+       created_at, updated_at, sent_at
+  FROM jobs WHERE job_id = $1;
+
+-- name: unresolved_jobs
+SELECT job_id, account_id, kind, status, attempts, provider_sid, reason, payload, created_at,
+       updated_at, sending_at
+  FROM jobs
+ WHERE status IN ('sending', 'unknown') AND updated_at < $1
+ ORDER BY updated_at
+ LIMIT $2;
+
+-- name: unsettled_sent_jobs
+SELECT job_id, kind, provider_sid, estimate, units, rate, updated_at
+  FROM jobs
+ WHERE status = 'sent' AND final_cost IS NULL AND updated_at < $1
+ ORDER BY updated_at
+ LIMIT $2;
+
+-- name: count_jobs_by_status
+SELECT status, count(*) AS jobs FROM jobs GROUP BY status;
