@@ -121,6 +121,47 @@ async def cmd_renew(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_pool(settings, work)
 
 
+async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.service import run
+
+    if args.migrate:
+        await cmd_migrate(args, settings)
+    return await run(settings)
+
+
+async def cmd_jobs_unresolved(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from dispatcher.jobstore import JobStore
+
+    async def work(pool: asyncpg.Pool) -> int:
+        cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
+        stuck = await JobStore(pool).unresolved(cutoff, limit=args.limit)
+        for job in stuck:
+            print(f"{job.job_id}\t{job.account_id}\t{job.kind}\t{job.status}\t"
+                  f"{job.reason or '-'}\tsince {job.updated_at.isoformat()}")
+        print(f"{len(stuck)} unresolved job(s)", file=sys.stderr)
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_jobs_resolve(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.jobstore import JobStore
+
+    async def work(pool: asyncpg.Pool) -> int:
+        jobs = JobStore(pool)
+        if args.not_sent:
+            status = await jobs.not_sent(args.job_id, "resolved_not_sent_by_operator")
+        else:
+            job = await jobs.get(args.job_id)
+            if job is None:
+                raise DispatcherError(f"no job {args.job_id!r}")
+            status = await jobs.provider_status(args.job_id, args.sent, "sent")
+        print(f"job {args.job_id}: {status}")
+        return 0
+    return await _with_pool(settings, work)
+
+
 def _jsonable(value: object) -> object:
     return value if isinstance(value, int | str | bool | float | type(None)) else str(value)
 
@@ -172,6 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
                        default="adjustment")
     grant.add_argument("--reference", required=True, help="unique, e.g. the payment id")
     grant.set_defaults(func=cmd_credits_grant)
+
+    run = sub.add_parser("run", help="run the dispatcher until SIGTERM")
+    run.add_argument("--migrate", action="store_true", help="apply migrations first")
+    run.set_defaults(func=cmd_run)
+
+    jobs = sub.add_parser("jobs", help="inspect and resolve jobs").add_subparsers(
+        dest="jobs_command", required=True)
+    unresolved = jobs.add_parser("unresolved", help="jobs whose provider outcome is unknown")
+    unresolved.add_argument("--older-than", type=float, default=0.0, help="seconds")
+    unresolved.add_argument("--limit", type=int, default=500)
+    unresolved.set_defaults(func=cmd_jobs_unresolved)
+    resolve = jobs.add_parser("resolve", help="settle an unknown job by hand")
+    resolve.add_argument("job_id")
+    how = resolve.add_mutually_exclusive_group(required=True)
+    how.add_argument("--sent", metavar="SID", help="the provider SID it was sent as")
+    how.add_argument("--not-sent", action="store_true", help="it was never sent: release")
+    resolve.set_defaults(func=cmd_jobs_resolve)
 
     balance = sub.add_parser("balance", help="show an account's balance")
     balance.add_argument("account")

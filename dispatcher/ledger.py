@@ -38,6 +38,8 @@ class Executor(Protocol):
 
     async def fetchrow(self, query: str, *args: Any) -> Any: ...
 
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+
 
 @dataclass(frozen=True)
 class Reservation:

@@ -42,3 +42,11 @@ SELECT job_id, kind, provider_sid, estimate, units, rate, updated_at
 
 -- name: count_jobs_by_status
 SELECT status, count(*) AS jobs FROM jobs GROUP BY status;
+
+-- name: claim_stuck_job
+UPDATE jobs SET updated_at = now()
+ WHERE job_id = $1 AND status = $2 AND updated_at < $3
+RETURNING job_id;
+
+-- name: unknown_job_count
+SELECT count(*) FROM jobs WHERE status IN ('unknown', 'sending') AND updated_at < $1;

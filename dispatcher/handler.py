@@ -1,0 +1,119 @@
+"""Handle one job: validate, price, begin (reserve or hold), send once, record the outcome.
+
+Knows nothing of AMQP: it returns an ``Outcome`` and the consumer acks, retries or dead-letters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+import structlog
+
+from dispatcher.contract import CallJob, InvalidJob, SmsJob, parse_job
+from dispatcher.errors import DispatcherError
+from dispatcher.jobstore import JobStore, NewJob
+from dispatcher.metrics import Metrics
+from dispatcher.outcomes import DeadLetter, Done, Outcome, RetryLater
+from dispatcher.pricing import call_quote, sms_quote
+from dispatcher.ratelimit import SenderRateLimiter
+from dispatcher.rates import RateCache
+from dispatcher.sender import Accepted, CallRequest, Sender, SendResult, SmsRequest
+
+log = structlog.get_logger(__name__)
+
+MAX_SEND_ATTEMPTS = 6
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """What the handler needs from the settings."""
+
+    callback_base_url: str
+    max_job_bytes: int = 256 * 1024
+
+
+class JobHandler:
+    """Turns one raw job into exactly one provider call at most, and its outcome."""
+
+    def __init__(self, jobs: JobStore, sender: Sender, rates: RateCache,
+                 limiter: SenderRateLimiter, metrics: Metrics, config: HandlerConfig) -> None:
+        self._jobs = jobs
+        self._sender = sender
+        self._rates = rates
+        self._limiter = limiter
+        self._metrics = metrics
+        self._config = config
+
+    async def handle(self, raw: bytes) -> Outcome:
+        """Validate, begin and send one job."""
+        try:
+            job = parse_job(raw, max_bytes=self._config.max_job_bytes)
+        except InvalidJob as exc:
+            return DeadLetter(exc.reason, exc.detail, exc.job_id, exc.account)
+        if not isinstance(job, SmsJob | CallJob):
+            return DeadLetter("unsupported_kind", "broadcasts are submitted through the HTTP API",
+                              job.id, job.account)
+        try:
+            new_job = await self._price(job)
+        except DispatcherError as exc:
+            return DeadLetter(exc.code, str(exc), job.id, job.account)
+        begin = await self._jobs.begin(new_job)
+        bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
+        if begin.outcome == "unknown_account":
+            return DeadLetter("unknown_account", f"no account {job.account!r}", job.id, job.account)
+        if begin.outcome == "conflict":
+            return DeadLetter("job_id_conflict", "this job id belongs to another account",
+                              job.id, job.account)
+        if begin.outcome in ("held", "duplicate"):
+            bound.info("job_" + begin.outcome, status=begin.status)
+            return Done(begin.outcome)
+        return await self._send(job, new_job, begin.attempts)
+
+    async def _price(self, job: SmsJob | CallJob) -> NewJob:
+        rates = await self._rates.get()
+        if isinstance(job, SmsJob):
+            quote = sms_quote(job.to, job.body, rates)
+            units = quote.segments
+        else:
+            quote = call_quote(job.to, job.max_minutes, rates)
+            units = job.max_minutes
+        return NewJob(job.id, job.account, job.kind, job.priority,
+                      job.model_dump(mode="json", by_alias=True), quote.credits, quote.country,
+                      units, quote.credits // max(units, 1))
+
+    async def _send(self, job: SmsJob | CallJob, new_job: NewJob, attempt: int) -> Outcome:
+        bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
+        callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
+        await self._limiter.acquire(job.from_ or job.messaging_service_sid or ""
+                                   if isinstance(job, SmsJob) else job.from_)
+        started = time.perf_counter()
+        result = await self._call_provider(job, new_job, callback)
+        self._metrics.send_seconds.labels(kind=job.kind).observe(time.perf_counter() - started)
+        if isinstance(result, Accepted):
+            await self._jobs.accepted(job.id, result.sid)
+            bound.info("job_sent", attempt=attempt)
+            self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
+            return Done("sent")
+        self._metrics.twilio_errors.labels(code_class=result.code_class).inc()
+        bound = bound.bind(reason=result.reason, code=result.code, attempt=attempt)
+        if result.decision == "retry" and attempt < MAX_SEND_ATTEMPTS:
+            await self._jobs.retry_later(job.id, result.reason, result.code)
+            bound.warning("send_retry_later")
+            return RetryLater(attempt, result.reason)
+        if result.decision == "unknown":
+            await self._jobs.unknown(job.id, result.reason)
+            bound.warning("send_outcome_unknown")
+            self._metrics.jobs.labels(kind=job.kind, outcome="unknown").inc()
+            return Done("unknown")
+        await self._jobs.not_sent(job.id, result.reason, result.code)
+        bound.info("send_failed")
+        self._metrics.jobs.labels(kind=job.kind, outcome="failed").inc()
+        return Done("failed")
+
+    async def _call_provider(self, job: SmsJob | CallJob, new_job: NewJob,
+                             callback: str) -> SendResult:
+        if isinstance(job, SmsJob):
+            return await self._sender.send_sms(SmsRequest(
+                job.to, job.body, job.from_, job.messaging_service_sid, callback))
+        return await self._sender.send_call(CallRequest(
+            job.to, job.from_, job.twiml, job.url, job.max_minutes * 60, callback))

@@ -1,0 +1,59 @@
+"""The aiohttp application: health, readiness, metrics and Twilio status callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from aiohttp import web
+from aio_pika.abc import AbstractRobustConnection
+
+from dispatcher.callbacks import StatusCallbacks
+from dispatcher.metrics import Metrics
+
+MAX_BODY_BYTES = 1024 * 1024
+
+APP_KEY_POOL = web.AppKey("pool", asyncpg.Pool)
+APP_KEY_METRICS = web.AppKey("metrics", Metrics)
+
+
+def build_app(pool: asyncpg.Pool, metrics: Metrics, callbacks: StatusCallbacks,
+              amqp: AbstractRobustConnection | None,
+              consumers_attached: Callable[[], int]) -> web.Application:
+    """Routes shared by every dispatcher process."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[APP_KEY_POOL] = pool
+    app[APP_KEY_METRICS] = metrics
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        checks = {
+            "database": await _database_ok(pool),
+            "broker": amqp is not None and not amqp.is_closed,
+            "consumers": consumers_attached() > 0,
+        }
+        status = 200 if all(checks.values()) else 503
+        return web.json_response({"ready": status == 200, "checks": checks}, status=status)
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_post("/twilio/status/{job_id}", callbacks.handle)
+    return app
+
+
+async def _database_ok(pool: asyncpg.Pool) -> bool:
+    try:
+        await pool.fetchval("SELECT 1", timeout=2)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    return True
+
+
+Starter = Callable[[], Awaitable[None]]

@@ -1,0 +1,90 @@
+"""The outbox relay: publish events written in the database's transactions, with confirms.
+
+Rows are marked published only after the broker confirmed them, in the transaction that
+claimed them (``FOR UPDATE SKIP LOCKED``, so several replicas share the work). A crash between
+the confirm and the commit republishes: consumers deduplicate by ``event_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aio_pika
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractExchange
+
+from dispatcher.metrics import Metrics
+from dispatcher.queries import q
+
+log = structlog.get_logger(__name__)
+
+NOTIFY_CHANNEL = "dispatcher_outbox"
+BATCH = 200
+# A safety net for a notification missed while the listening connection was down.
+SWEEP_SECONDS = 15.0
+PUBLISH_TIMEOUT_SECONDS = 10.0
+
+
+class OutboxRelay:
+    """Wakes on NOTIFY and publishes every unpublished outbox row, oldest first."""
+
+    def __init__(self, pool: asyncpg.Pool, exchanges: dict[str, AbstractExchange],
+                 metrics: Metrics) -> None:
+        self._pool = pool
+        self._exchanges = exchanges
+        self._metrics = metrics
+        self._wake = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set."""
+        listener = await self._pool.acquire()
+        await listener.add_listener(NOTIFY_CHANNEL, self._notified)
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                while await self.relay_once():
+                    pass
+                await self._update_backlog()
+                waiters = [asyncio.create_task(self._wake.wait()),
+                           asyncio.create_task(stop.wait())]
+                await asyncio.wait(waiters, timeout=SWEEP_SECONDS,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+        finally:
+            await listener.remove_listener(NOTIFY_CHANNEL, self._notified)
+            await self._pool.release(listener)
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+    async def relay_once(self) -> int:
+        """Publish one batch; returns how many rows were published."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(q("outbox_claim"), BATCH)
+            if not rows:
+                return 0
+            for row in rows:
+                await self._publish(row)
+            await conn.execute(q("outbox_mark_published"), [row["id"] for row in rows])
+        log.debug("outbox_relayed", events=len(rows))
+        return len(rows)
+
+    async def _publish(self, row: asyncpg.Record) -> None:
+        body = row["body"] if isinstance(row["body"], str) else json.dumps(row["body"])
+        message = aio_pika.Message(
+            body.encode(), content_type="application/json", message_id=str(row["event_id"]),
+            type=row["routing_key"], delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+            await self._exchanges[row["exchange"]].publish(message, routing_key=row["routing_key"])
+        if row["exchange"] == "billing" and row["routing_key"] in ("balance.low",
+                                                                    "balance.depleted"):
+            self._metrics.low_balance_events.labels(
+                type=row["routing_key"].replace(".", "_")).inc()
+
+    async def _update_backlog(self) -> None:
+        row = await self._pool.fetchrow(q("outbox_backlog"))
+        self._metrics.outbox_backlog.set(row["backlog"])
+        self._metrics.outbox_lag_seconds.set(row["lag_seconds"])

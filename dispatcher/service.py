@@ -1,0 +1,162 @@
+"""``dispatcher run``: open everything in order, run until a stop signal, close in reverse.
+
+Start-up: pool → broker → topology and consumers → outbox relay, reconciler, resumer →
+HTTP. Shutdown (SIGTERM/SIGINT set one event): stop consuming and drain in-flight jobs up to
+the timeout, stop background tasks, then close HTTP, the broker and the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import aio_pika
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from dispatcher.callbacks import StatusCallbacks
+from dispatcher.consumer import Consumer
+from dispatcher.db import create_pool
+from dispatcher.errors import ServiceUnavailable
+from dispatcher.handler import HandlerConfig, JobHandler
+from dispatcher.http import build_app
+from dispatcher.jobstore import JobStore
+from dispatcher.lookup import TwilioLookup
+from dispatcher.metrics import Metrics
+from dispatcher.outbox import OutboxRelay
+from dispatcher.provider import build_twilio_client, credentials
+from dispatcher.ratelimit import SenderRateLimiter
+from dispatcher.rates import RateCache
+from dispatcher.reconcile import Reconciler
+from dispatcher.sender import TwilioSender
+from dispatcher.settings import Settings
+from dispatcher.topology import Names
+
+log = structlog.get_logger(__name__)
+
+START_RABBITMQ_HINT = "start it with: rabbitmq-server -detached"
+
+
+async def connect_broker(settings: Settings) -> AbstractRobustConnection:
+    """A robust connection, or a clear error saying how to start RabbitMQ."""
+    try:
+        async with asyncio.timeout(15):
+            return await aio_pika.connect_robust(settings.amqp_url)
+    except (OSError, TimeoutError, aio_pika.exceptions.AMQPConnectionError) as exc:
+        raise ServiceUnavailable(
+            f"RabbitMQ is not reachable ({type(exc).__name__}); {START_RABBITMQ_HINT}") from exc
+
+
+@dataclass
+class Service:
+    """Everything a running dispatcher holds, kept as strong references."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=lambda: Metrics(CollectorRegistry()))
+    pool: asyncpg.Pool | None = None
+    amqp: AbstractRobustConnection | None = None
+    consumer: Consumer | None = None
+    runner: web.AppRunner | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    twilio_client: object | None = None
+    http_port: int | None = None
+
+    async def start(self, stop: asyncio.Event) -> None:
+        """Open everything; background tasks watch ``stop``."""
+        s = self.settings
+        self.pool = await create_pool(s)
+        self.amqp = await connect_broker(s)
+        self.twilio_client = build_twilio_client(s)
+        jobs = JobStore(self.pool)
+        handler = JobHandler(
+            jobs, TwilioSender(self.twilio_client, s.twilio_timeout_seconds),
+            RateCache(self.pool), SenderRateLimiter(s.sender_rate_per_second), self.metrics,
+            HandlerConfig(callback_base_url=s.public_base_url.rstrip("/")))
+        self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
+                                 prefetch=s.prefetch, workers=s.max_in_flight,
+                                 delivery_limit=s.delivery_limit)
+        await self.consumer.start()
+        topology = self.consumer.topology
+        relay = OutboxRelay(self.pool, {"events": topology.events, "billing": topology.billing},
+                            self.metrics)
+        reconciler = Reconciler(self.pool, jobs, TwilioLookup(self.twilio_client),
+                                handler.handle, self.metrics,
+                                grace=timedelta(seconds=s.reconcile_grace_seconds))
+        self._watch("outbox-relay", relay.run(stop), stop)
+        self._watch("reconciler", _every(s.reconcile_interval_seconds, reconciler.run_once, stop),
+                    stop)
+        callbacks = StatusCallbacks(jobs, credentials(s)[1],
+                                    s.public_base_url, self.metrics)
+        app = build_app(self.pool, self.metrics, callbacks, self.amqp,
+                        self.consumer.consumers_attached)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, s.http_host, s.http_port)
+        await site.start()
+        self.http_port = self.runner.addresses[0][1]
+        log.info("dispatcher_started", http_port=self.http_port, prefix=s.amqp_prefix)
+
+    def _watch(self, name: str, work: Awaitable[None], stop: asyncio.Event) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background_task_died", task=name)
+                stop.set()
+        self.tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def close(self) -> None:
+        """Drain, then close in reverse order of opening."""
+        if self.consumer is not None:
+            await self.consumer.stop(self.settings.shutdown_timeout_seconds)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.twilio_client is not None:
+            http_client = getattr(self.twilio_client, "http_client", None)
+            close = getattr(http_client, "close", None)
+            if close is not None:
+                await close()
+        if self.amqp is not None:
+            await self.amqp.close()
+        if self.pool is not None:
+            await self.pool.close()
+        log.info("dispatcher_stopped")
+
+
+async def _every(seconds: float, work: Callable[[], Awaitable[object]],
+                 stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await work()
+        except Exception:
+            log.exception("periodic_task_failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def run(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    service = Service(settings)
+    try:
+        await service.start(stop)
+        await stop.wait()
+        log.info("dispatcher_stopping")
+    finally:
+        await service.close()
+    return 0

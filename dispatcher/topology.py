@@ -1,0 +1,114 @@
+"""RabbitMQ names and their idempotent declaration.
+
+Jobs arrive on the topic exchange ``<prefix>.jobs`` with routing keys ``<kind>.<priority>``.
+Two quorum queues take them, each with an explicit delivery limit and a dead-letter exchange
+(RabbitMQ 3.10 quorum queues have no default limit). Transient failures wait in classic retry
+queues whose TTL dead-letters them back to their work queue. Rejected jobs land on
+``<prefix>.dead`` with their reason in the headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+PRIORITIES = ("transactional", "bulk")
+RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every exchange and queue name, derived from one prefix."""
+
+    prefix: str
+
+    @property
+    def jobs_exchange(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def billing_exchange(self) -> str:
+        return f"{self.prefix}.billing"
+
+    def work_queue(self, priority: str) -> str:
+        return f"{self.prefix}.{priority}"
+
+    def retry_queue(self, priority: str, delay: int) -> str:
+        return f"{self.prefix}.retry.{priority}.{delay}s"
+
+    def retry_delay(self, attempt: int) -> int:
+        """Increasing delays; the last one repeats."""
+        return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS)) - 1]
+
+    def all_queues(self) -> list[str]:
+        queues = [self.work_queue(p) for p in PRIORITIES] + [self.dead_queue]
+        queues += [self.retry_queue(p, d) for p in PRIORITIES for d in RETRY_DELAYS_SECONDS]
+        return queues
+
+    def all_exchanges(self) -> list[str]:
+        return [self.jobs_exchange, self.dead_exchange, self.events_exchange,
+                self.billing_exchange]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The declared objects a consumer and publishers use."""
+
+    jobs: AbstractExchange
+    dead: AbstractExchange
+    events: AbstractExchange
+    billing: AbstractExchange
+    work_queues: dict[str, AbstractQueue]
+
+
+async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -> Topology:
+    """Declare everything (idempotent: same arguments every time)."""
+    topic = aio_pika.ExchangeType.TOPIC
+    jobs = await channel.declare_exchange(names.jobs_exchange, topic, durable=True)
+    dead = await channel.declare_exchange(names.dead_exchange, aio_pika.ExchangeType.FANOUT,
+                                          durable=True)
+    events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
+    billing = await channel.declare_exchange(names.billing_exchange, topic, durable=True)
+    dead_queue = await channel.declare_queue(
+        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await dead_queue.bind(dead, routing_key="#")
+    work_queues: dict[str, AbstractQueue] = {}
+    for priority in PRIORITIES:
+        queue = await channel.declare_queue(names.work_queue(priority), durable=True, arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": names.dead_exchange,
+            "x-dead-letter-routing-key": "delivery_limit",
+        })
+        await queue.bind(jobs, routing_key=f"*.{priority}")
+        work_queues[priority] = queue
+        for delay in RETRY_DELAYS_SECONDS:
+            await channel.declare_queue(names.retry_queue(priority, delay), durable=True,
+                                        arguments={
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": names.work_queue(priority),
+            })
+    return Topology(jobs, dead, events, billing, work_queues)
+
+
+async def delete_all(channel: AbstractChannel, names: Names) -> None:
+    """Remove every queue and exchange of this prefix (tests and teardown)."""
+    for queue in names.all_queues():
+        await channel.queue_delete(queue)
+    for exchange in names.all_exchanges():
+        await channel.exchange_delete(exchange)
