@@ -67,7 +67,13 @@ class JobHandler:
         if begin.outcome in ("held", "duplicate"):
             bound.info("job_" + begin.outcome, status=begin.status)
             return Done(begin.outcome)
-        return await self._send(job, new_job, begin.attempts)
+        return await self._send(job, begin.attempts)
+
+    async def send_released(self, payload: bytes, attempt: int) -> Outcome:
+        """Send a job that was held and has just been released (already reserved)."""
+        job = parse_job(payload, max_bytes=self._config.max_job_bytes)
+        assert isinstance(job, SmsJob | CallJob)
+        return await self._send(job, attempt)
 
     async def _price(self, job: SmsJob | CallJob) -> NewJob:
         rates = await self._rates.get()
@@ -81,13 +87,13 @@ class JobHandler:
                       job.model_dump(mode="json", by_alias=True), quote.credits, quote.country,
                       units, quote.credits // max(units, 1))
 
-    async def _send(self, job: SmsJob | CallJob, new_job: NewJob, attempt: int) -> Outcome:
+    async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
         await self._limiter.acquire(job.from_ or job.messaging_service_sid or ""
                                    if isinstance(job, SmsJob) else job.from_)
         started = time.perf_counter()
-        result = await self._call_provider(job, new_job, callback)
+        result = await self._call_provider(job, callback)
         self._metrics.send_seconds.labels(kind=job.kind).observe(time.perf_counter() - started)
         if isinstance(result, Accepted):
             await self._jobs.accepted(job.id, result.sid)
@@ -110,8 +116,7 @@ class JobHandler:
         self._metrics.jobs.labels(kind=job.kind, outcome="failed").inc()
         return Done("failed")
 
-    async def _call_provider(self, job: SmsJob | CallJob, new_job: NewJob,
-                             callback: str) -> SendResult:
+    async def _call_provider(self, job: SmsJob | CallJob, callback: str) -> SendResult:
         if isinstance(job, SmsJob):
             return await self._sender.send_sms(SmsRequest(
                 job.to, job.body, job.from_, job.messaging_service_sid, callback))

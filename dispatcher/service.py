@@ -23,11 +23,13 @@ from prometheus_client import CollectorRegistry
 
 from dispatcher.callbacks import StatusCallbacks
 from dispatcher.consumer import Consumer
+from dispatcher.credits_listener import CreditsListener, declare_credits_queue
 from dispatcher.db import create_pool
 from dispatcher.errors import ServiceUnavailable
 from dispatcher.handler import HandlerConfig, JobHandler
 from dispatcher.http import build_app
 from dispatcher.jobstore import JobStore
+from dispatcher.ledger import CreditStore
 from dispatcher.lookup import TwilioLookup
 from dispatcher.metrics import Metrics
 from dispatcher.outbox import OutboxRelay
@@ -35,6 +37,7 @@ from dispatcher.provider import build_twilio_client, credentials
 from dispatcher.ratelimit import SenderRateLimiter
 from dispatcher.rates import RateCache
 from dispatcher.reconcile import Reconciler
+from dispatcher.resumer import Resumer, sweep_holds
 from dispatcher.sender import TwilioSender
 from dispatcher.settings import Settings
 from dispatcher.topology import Names
@@ -89,6 +92,16 @@ class Service:
         reconciler = Reconciler(self.pool, jobs, TwilioLookup(self.twilio_client),
                                 handler.handle, self.metrics,
                                 grace=timedelta(seconds=s.reconcile_grace_seconds))
+        credits_channel = await self.amqp.channel()
+        credits_queue = await declare_credits_queue(credits_channel, Names(s.amqp_prefix),
+                                                    topology)
+        await credits_queue.consume(CreditsListener(CreditStore(self.pool), topology).on_message)
+        resumer = Resumer(self.pool, handler.send_released, self.metrics)
+        self._watch("resumer", resumer.run(stop), stop)
+        pool = self.pool
+        self._watch("hold-sweeper", _every(
+            s.hold_sweep_interval_seconds,
+            lambda: sweep_holds(pool, self.metrics, s.hold_expiry_seconds), stop), stop)
         self._watch("outbox-relay", relay.run(stop), stop)
         self._watch("reconciler", _every(s.reconcile_interval_seconds, reconciler.run_once, stop),
                     stop)

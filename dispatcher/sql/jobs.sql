@@ -50,3 +50,18 @@ RETURNING job_id;
 
 -- name: unknown_job_count
 SELECT count(*) FROM jobs WHERE status IN ('unknown', 'sending') AND updated_at < $1;
+
+-- name: release_held
+SELECT job_id, payload, kind, attempts, outcome FROM release_held($1, $2);
+
+-- name: expire_held
+SELECT expire_held($1, $2);
+
+-- name: paused_accounts
+SELECT id FROM accounts WHERE paused_at IS NOT NULL ORDER BY paused_at;
+
+-- name: held_stats
+SELECT (SELECT count(*) FROM accounts WHERE paused_at IS NOT NULL) AS paused_accounts,
+       count(*) AS held_jobs,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_seconds
+  FROM jobs WHERE status = 'held';

@@ -1,0 +1,112 @@
+"""Resume paused accounts by themselves when credits arrive, releasing held jobs in order.
+
+PostgreSQL NOTIFYs ``dispatcher_resume`` whenever a paused account's available credits grow
+(a grant, a release, a refund reversed). The resumer then releases that account's held jobs in
+batches, oldest first, and sends each batch in order before taking the next, so later jobs
+(held behind them while the account stays paused) never overtake. No polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import structlog
+
+from dispatcher.metrics import Metrics
+from dispatcher.outcomes import Outcome
+from dispatcher.queries import q
+
+log = structlog.get_logger(__name__)
+
+NOTIFY_CHANNEL = "dispatcher_resume"
+SendReleased = Callable[[bytes, int], Awaitable[Outcome]]
+
+
+class Resumer:
+    """Listens for credits reaching paused accounts and drains their held jobs."""
+
+    def __init__(self, pool: asyncpg.Pool, send_released: SendReleased, metrics: Metrics,
+                 batch: int = 100) -> None:
+        self._pool = pool
+        self._send = send_released
+        self._metrics = metrics
+        self._batch = batch
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+
+    def wake(self, account_id: str) -> None:
+        """Ask for one pass over this account (duplicates collapse)."""
+        if account_id not in self._queued:
+            self._queued.add(account_id)
+            self._queue.put_nowait(account_id)
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.wake(payload)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve wake-ups until ``stop``; every paused account gets one pass at start."""
+        listener = await self._pool.acquire()
+        await listener.add_listener(NOTIFY_CHANNEL, self._notified)
+        try:
+            for row in await self._pool.fetch(q("paused_accounts")):
+                self.wake(row["id"])
+            while not stop.is_set():
+                getter = asyncio.create_task(self._queue.get())
+                stopper = asyncio.create_task(stop.wait())
+                done, _ = await asyncio.wait({getter, stopper},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if getter not in done:
+                    getter.cancel()
+                    break
+                account_id = getter.result()
+                self._queued.discard(account_id)
+                await self.resume(account_id)
+        finally:
+            await listener.remove_listener(NOTIFY_CHANNEL, self._notified)
+            await self._pool.release(listener)
+
+    async def resume(self, account_id: str) -> str:
+        """Release and send held jobs until none is left or credits run out."""
+        async with self._pool.acquire() as lock_conn:
+            # One resumer per account across replicas, so held jobs keep their order.
+            if not await lock_conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))",
+                                            account_id):
+                return "busy"
+            try:
+                return await self._drain(account_id)
+            finally:
+                await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", account_id)
+
+    async def _drain(self, account_id: str) -> str:
+        sent = 0
+        while True:
+            rows = await self._pool.fetch(q("release_held"), account_id, self._batch)
+            released = [r for r in rows if r["outcome"] == "released"]
+            for row in released:
+                await self._send(row["payload"].encode(), row["attempts"])
+            sent += len(released)
+            state = next((r["outcome"] for r in rows if r["outcome"] != "released"), None)
+            if state == "resumed" or not rows:
+                log.info("account_resumed", account_id=account_id, released=sent)
+                return "resumed"
+            if state == "still_paused" and not released:
+                log.info("account_still_paused", account_id=account_id, released=sent)
+                return "still_paused"
+
+
+async def sweep_holds(pool: asyncpg.Pool, metrics: Metrics, expiry_seconds: float) -> int:
+    """Expire held jobs past the limit and refresh the held/paused gauges."""
+    expired = int(await pool.fetchval(
+        q("expire_held"), datetime.now(UTC) - timedelta(seconds=expiry_seconds), 1000))
+    if expired:
+        metrics.jobs.labels(kind="sms", outcome="expired").inc(expired)
+        log.warning("held_jobs_expired", jobs=expired)
+    stats = await pool.fetchrow(q("held_stats"))
+    metrics.paused_accounts.set(stats["paused_accounts"])
+    metrics.held_jobs.set(stats["held_jobs"])
+    metrics.oldest_held_job_age_seconds.set(stats["oldest_age_seconds"])
+    return expired
