@@ -5,11 +5,12 @@ Knows nothing of AMQP: it returns an ``Outcome`` and the consumer acks, retries 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 import structlog
 
-from dispatcher.contract import CallJob, InvalidJob, SmsJob, parse_job
+from dispatcher.contract import CallJob, InvalidJob, SmsJob, encode_job, parse_job
 from dispatcher.errors import DispatcherError
 from dispatcher.jobstore import JobStore, NewJob
 from dispatcher.metrics import Metrics
@@ -84,7 +85,7 @@ class JobHandler:
             quote = call_quote(job.to, job.max_minutes, rates)
             units = job.max_minutes
         return NewJob(job.id, job.account, job.kind, job.priority,
-                      job.model_dump(mode="json", by_alias=True), quote.credits, quote.country,
+                      json.loads(encode_job(job)), quote.credits, quote.country,
                       units, quote.credits // max(units, 1))
 
     async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
