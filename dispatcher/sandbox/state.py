@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 from dispatcher.sandbox.resources import is_delivery_error, new_sid
 
@@ -58,7 +58,7 @@ class Scenario:
         """Build from the control API's JSON; unknown keys are an error."""
         raw = dict(data)
         numbers = {to: _rule_from_json(rule) for to, rule in (raw.pop("numbers", {})).items()}
-        _check_keys(cls, raw)
+        _check_fields(cls, raw)
         return cls(**raw, numbers=numbers)
 
     def to_json(self) -> dict[str, Any]:
@@ -69,17 +69,25 @@ class Scenario:
 
 
 def _rule_from_json(data: Mapping[str, Any]) -> NumberRule:
-    _check_keys(NumberRule, data)
+    _check_fields(NumberRule, data)
     rule = NumberRule(**data)
     if rule.call_status not in CALL_ENDINGS:
         raise ValueError(f"call_status must be one of {CALL_ENDINGS}")
     return rule
 
 
-def _check_keys(cls: type[Any], data: Mapping[str, Any]) -> None:
+def _check_fields(cls: type[Any], data: Mapping[str, Any]) -> None:
+    """Reject unknown keys and values of the wrong JSON type."""
+    hints = get_type_hints(cls)
     unknown = set(data) - {f.name for f in fields(cls)}
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    for key, value in data.items():
+        allowed = get_args(hints[key]) or (hints[key],)
+        if float in allowed:
+            allowed = (*allowed, int)
+        if not isinstance(value, allowed):
+            raise ValueError(f"{cls.__name__}.{key} must be {hints[key]}")
 
 
 @dataclass(frozen=True)
@@ -166,8 +174,10 @@ class SandboxState:
         self._rng = random.Random(scenario.seed)
 
     def configure(self, **changes: Any) -> None:
-        """Change some scenario fields, keeping the rest and the per-number counters."""
+        """Change some scenario fields, keeping the per-number counters (a new seed re-seeds)."""
         self.scenario = replace(self.scenario, **changes)
+        if "seed" in changes:
+            self._rng = random.Random(self.scenario.seed)
 
     def set_rule(self, to: str, rule: NumberRule | None) -> None:
         """Set (or with None, remove) the rule for one recipient; its counter restarts."""

@@ -1,0 +1,62 @@
+"""Run the sandbox standalone: ``python -m dispatcher.sandbox --port 8765``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import structlog
+
+from dispatcher.logs import configure_logging
+from dispatcher.sandbox.app import SandboxServer
+from dispatcher.sandbox.state import Scenario
+from dispatcher.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; credentials default to DISPATCHER_TWILIO_* settings."""
+    parser = argparse.ArgumentParser(prog="python -m dispatcher.sandbox",
+                                     description="Twilio-compatible sandbox server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--account-sid", default=None, help="default: a random AC… SID")
+    parser.add_argument("--auth-token", default=None, help="default: a random token")
+    parser.add_argument("--scenario", type=Path, default=None, help="scenario JSON file")
+    parser.add_argument("--callback-workers", type=int, default=8)
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace, settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    scenario = None
+    if args.scenario is not None:
+        scenario = Scenario.from_json(json.loads(args.scenario.read_text()))
+    server = SandboxServer(
+        account_sid=args.account_sid or settings.twilio_account_sid or None,
+        auth_token=args.auth_token or settings.twilio_auth_token or None,
+        scenario=scenario, callback_workers=args.callback_workers)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start(args.host, args.port)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level)
+    asyncio.run(serve(parse_args(argv), settings))
+
+
+if __name__ == "__main__":
+    main()
