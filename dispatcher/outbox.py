@@ -78,7 +78,9 @@ class OutboxRelay:
             body.encode(), content_type="application/json", message_id=str(row["event_id"]),
             type=row["routing_key"], delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-            await self._exchanges[row["exchange"]].publish(message, routing_key=row["routing_key"])
+            # Not mandatory: an event nobody subscribed to yet must not block the ones behind it.
+            await self._exchanges[row["exchange"]].publish(
+                message, routing_key=row["routing_key"], mandatory=False)
         if row["exchange"] == "billing" and row["routing_key"] in ("balance.low",
                                                                     "balance.depleted"):
             self._metrics.low_balance_events.labels(

@@ -42,20 +42,38 @@ class Reconciler:
     async def run_once(self, now: datetime | None = None) -> dict[str, int]:
         """Resolve what can be resolved; returns counts by result."""
         cutoff = (now or datetime.now(UTC)) - self._grace
-        counts = {"bound": 0, "resent": 0, "left_unknown": 0}
+        counts = {"bound": 0, "resent": 0, "left_unknown": 0, "settled": 0}
         for job in await self._jobs.unresolved(cutoff):
             claimed = await self._db.fetchrow(q("claim_stuck_job"), job.job_id, job.status,
                                               cutoff)
             if claimed is None:
                 continue  # another replica, or the job moved on meanwhile
             counts[await self._resolve(job)] += 1
+        counts["settled"] = await self._settle_lost_callbacks(cutoff)
         self._metrics.unknown_jobs.set(await self._db.fetchval(q("unknown_job_count"), cutoff))
         if any(counts.values()):
             log.info("reconcile_pass", **counts)
         return counts
 
+    async def _settle_lost_callbacks(self, cutoff: datetime) -> int:
+        """Sent jobs whose final callback never came (we were down): ask for their status."""
+        settled = 0
+        for row in await self._db.fetch(q("unsettled_sent_jobs"), cutoff, 500):
+            report = await self._lookup.fetch(row["kind"], row["provider_sid"])
+            if report is not None and report.settle:
+                job = await self._jobs.get(row["job_id"])
+                assert job is not None
+                await apply_report(self._jobs, job, report)
+                settled += 1
+        return settled
+
     async def _resolve(self, job: UnresolvedJob) -> str:
-        found = await self._lookup.find(job.kind, job.payload, job.created_at)
+        candidates = await self._lookup.find(job.kind, job.payload, job.created_at)
+        found = None
+        for candidate in candidates:
+            if candidate.sid and not await self._db.fetchval(q("sid_is_bound"), candidate.sid):
+                found = candidate
+                break
         if found is not None:
             row = await self._jobs.get(job.job_id)
             assert row is not None

@@ -65,3 +65,6 @@ SELECT (SELECT count(*) FROM accounts WHERE paused_at IS NOT NULL) AS paused_acc
        count(*) AS held_jobs,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_seconds
   FROM jobs WHERE status = 'held';
+
+-- name: sid_is_bound
+SELECT EXISTS (SELECT 1 FROM jobs WHERE provider_sid = $1);

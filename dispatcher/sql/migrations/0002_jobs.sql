@@ -163,7 +163,7 @@ BEGIN
         'account', p_account,
         'available', acct.sub_available + acct.purchased_available - acct.debt,
         'held_jobs', held_count, 'held_credits', held_credits,
-        'episode', acct.low_balance_episode,
+        'episode', greatest(acct.low_balance_episode, 1),
         'auto_recharge', jsonb_build_object(
             'enabled', acct.auto_recharge_enabled, 'threshold', acct.auto_recharge_threshold,
             'amount', acct.auto_recharge_amount),

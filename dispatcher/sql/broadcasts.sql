@@ -1,0 +1,48 @@
+-- name: broadcast_insert
+INSERT INTO broadcasts (id, account_id, priority, sender, messaging_service_sid, body, footer,
+                        total, skipped, estimate)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (id) DO NOTHING
+RETURNING id;
+
+-- name: broadcast_pending_batch
+SELECT seq, to_number, vars FROM broadcast_recipients
+ WHERE broadcast_id = $1 AND status = 'pending'
+ ORDER BY seq
+ LIMIT $2;
+
+-- name: begin_broadcast_batch
+SELECT job_id FROM begin_broadcast_batch($1, $2, $3, $4::jsonb[], $5, $6, $7, $8);
+
+-- name: running_broadcasts
+SELECT id, account_id, sender, messaging_service_sid, body, footer, priority
+  FROM broadcasts WHERE status = 'running' ORDER BY created_at;
+
+-- name: broadcast_get
+SELECT id, account_id, status, priority, total, skipped, estimate, created_at, finished_at
+  FROM broadcasts WHERE id = $1;
+
+-- name: broadcast_progress
+SELECT
+    (SELECT count(*) FROM broadcast_recipients WHERE broadcast_id = $1 AND status = 'pending')
+        AS pending,
+    count(*) FILTER (WHERE status IN ('sending', 'retry_wait', 'unknown')) AS sending,
+    count(*) FILTER (WHERE status = 'sent') AS sent,
+    count(*) FILTER (WHERE status = 'delivered') AS delivered,
+    count(*) FILTER (WHERE status IN ('failed', 'undelivered', 'expired')) AS failed,
+    count(*) FILTER (WHERE status = 'held') AS held,
+    count(*) FILTER (WHERE status = 'canceled') AS canceled,
+    coalesce(sum(final_cost), 0) AS credits_spent
+  FROM jobs WHERE broadcast_id = $1;
+
+-- name: broadcast_finish_if_done
+UPDATE broadcasts b SET status = 'completed', finished_at = now()
+ WHERE b.id = $1 AND b.status = 'running'
+   AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                    WHERE r.broadcast_id = b.id AND r.status = 'pending')
+   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.broadcast_id = b.id
+                    AND j.status IN ('held', 'sending', 'retry_wait', 'unknown'))
+RETURNING id;
+
+-- name: broadcast_cancel
+SELECT cancel_broadcast($1);

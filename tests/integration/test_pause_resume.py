@@ -1,0 +1,136 @@
+"""Pause at zero, hold in order, resume by itself when credits arrive, expire what waits too long."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from dispatcher.audit import run_audit
+from dispatcher.ledger import CreditStore
+from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def statuses(d: RunningDispatcher, account: str) -> dict[str, str]:
+    rows = await d.pool.fetch("SELECT job_id, status FROM jobs WHERE account_id = $1", account)
+    return {r["job_id"]: r["status"] for r in rows}
+
+
+async def outbox(d: RunningDispatcher, account: str, key: str) -> list[dict[str, object]]:
+    rows = await d.pool.fetch(
+        "SELECT body FROM outbox WHERE routing_key = $1 AND body->>'account' = $2 ORDER BY id",
+        key, account)
+    return [json.loads(r["body"]) for r in rows]
+
+
+async def test_jobs_are_held_at_zero_and_sent_in_order_once_credits_arrive(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 3, enabled=True, threshold=2, amount=10)
+    to = "+14155550155"
+    ids = [f"{account}-{i:02d}" for i in range(8)]
+    for job_id in ids:
+        await d.publish_sms(job_id, account, to=to, body=f"message {job_id}")
+
+    async def three_sent_five_held() -> bool:
+        s = await statuses(d, account)
+        return (sum(v == "delivered" for v in s.values()) == 3
+                and sum(v == "held" for v in s.values()) == 5)
+    await wait_for(three_sent_five_held)
+    paused = await d.pool.fetchval("SELECT paused_at FROM accounts WHERE id = $1", account)
+    assert paused is not None
+    assert len(await outbox(d, account, "balance.low")) == 1
+    assert len(await outbox(d, account, "balance.depleted")) == 1
+
+    await CreditStore(d.pool).grant(account, 10, "auto_recharge", uid("pay"))
+
+    async def all_delivered() -> bool:
+        return set((await statuses(d, account)).values()) == {"delivered"}
+    await wait_for(all_delivered)
+    sent_bodies = [r.body for r in d.sandbox.state.creates(to=to, accepted=True)]
+    assert sent_bodies == [f"message {job_id}" for job_id in ids]
+    assert await d.pool.fetchval("SELECT paused_at FROM accounts WHERE id = $1", account) is None
+    assert (await CreditStore(d.pool).balance(account)).available == 5
+    assert await run_audit(d.pool) == []
+
+
+async def test_runs_out_again_and_pauses_again_with_the_rest_still_held(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 0)
+    for i in range(6):
+        await d.publish_sms(f"{account}-{i}", account)
+
+    async def all_held() -> bool:
+        s = await statuses(d, account)
+        return len(s) == 6 and set(s.values()) == {"held"}
+    await wait_for(all_held)
+    await CreditStore(d.pool).grant(account, 2, "purchase", uid("pay"))
+
+    async def two_out_four_held() -> bool:
+        s = await statuses(d, account)
+        return [s[f"{account}-{i}"] for i in range(6)] == ["delivered"] * 2 + ["held"] * 4
+    await wait_for(two_out_four_held)
+    assert await d.pool.fetchval("SELECT paused_at FROM accounts WHERE id = $1",
+                                 account) is not None
+
+
+async def test_held_jobs_past_the_limit_expire_and_release_nothing(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 0)
+    job_id = uid("old")
+    await d.publish_sms(job_id, account)
+
+    async def held() -> bool:
+        return (await statuses(d, account)).get(job_id) == "held"
+    await wait_for(held)
+    await d.pool.execute("UPDATE jobs SET created_at = now() - interval '73 hours' "
+                         "WHERE job_id = $1", job_id)
+
+    async def expired() -> bool:
+        return (await statuses(d, account)).get(job_id) == "expired"
+    await wait_for(expired)
+    [event] = [e for e in await d.pool.fetch(
+        "SELECT body FROM outbox WHERE body->>'job_id' = $1 AND body->>'status' = 'expired'",
+        job_id)]
+    assert json.loads(event["body"])["reason"] == "insufficient_credits"
+    assert await run_audit(d.pool) == []
+
+
+async def test_another_account_flows_while_one_is_paused_with_10000_held_jobs(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    paused = await d.funded_account(uid("paused"), 0)
+    await d.publish_sms(uid("first"), paused)
+
+    async def is_paused() -> bool:
+        return bool(await d.pool.fetchval(
+            "SELECT paused_at IS NOT NULL FROM accounts WHERE id = $1", paused))
+    await wait_for(is_paused)
+    # 10,000 more held jobs for the paused account, as if they had arrived.
+    await d.pool.execute(
+        "INSERT INTO jobs (job_id, account_id, kind, priority, status, payload, estimate, "
+        "country, units, rate, hold_seq) "
+        "SELECT $1 || '-' || g, $1, 'sms', 'bulk', 'held', '{}'::jsonb, 1, 'US', 1, 1, "
+        "nextval('job_hold_seq') FROM generate_series(1, 10000) g", paused)
+
+    flowing = await d.funded_account(uid("flowing"), 50)
+    started = time.monotonic()
+    ids = [uid("b") for _ in range(20)]
+    for job_id in ids:
+        await d.publish_sms(job_id, flowing)
+
+    async def all_sent() -> bool:
+        s = await statuses(d, flowing)
+        return len(s) == 20 and all(v in ("sent", "delivered") for v in s.values())
+    await wait_for(all_sent, timeout=10)
+    elapsed = time.monotonic() - started
+    held = await d.pool.fetchval(
+        "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'held'", paused)
+    assert held == 10_001
+    print(f"20 jobs of another account sent in {elapsed:.2f}s beside 10,001 held jobs")

@@ -1,0 +1,240 @@
+"""Jobs from RabbitMQ to the sandbox and back: reserve, send once, settle to the real cost."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import aio_pika
+import aiohttp
+import pytest
+from twilio.request_validator import RequestValidator
+
+from dispatcher.audit import run_audit
+from dispatcher.ledger import CreditStore
+from dispatcher.sandbox.state import NumberRule
+from dispatcher.topology import Names
+from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def status_of(d: RunningDispatcher, job_id: str) -> str | None:
+    job = await d.job(job_id)
+    return None if job is None else str(job["status"])
+
+
+async def wait_status(d: RunningDispatcher, job_id: str, *statuses: str) -> dict[str, object]:
+    async def reached() -> bool:
+        return await status_of(d, job_id) in statuses
+    reached.__qualname__ = f"job {job_id} reaches {statuses}"
+    await wait_for(reached)
+    job = await d.job(job_id)
+    assert job is not None
+    return job
+
+
+async def test_sms_is_sent_once_and_settled_to_the_real_cost(dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 10)
+    body = "x" * 200  # two GSM-7 segments
+    await d.publish_sms("sms-1-" + account, account, body=body)
+    job = await wait_status(d, "sms-1-" + account, "delivered")
+    assert job["final_cost"] == 2 and job["units"] == 2
+    assert job["provider_sid"].startswith("SM")
+    balance = await CreditStore(d.pool).balance(account)
+    assert (balance.available, balance.reserved) == (8, 0)
+    assert d.sandbox.state.count(to="+14155550100", accepted=True) >= 1
+    assert await run_audit(d.pool) == []
+
+
+async def test_call_reserves_max_minutes_and_settles_real_duration(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 20)
+    d.sandbox.state.set_rule("+14155550111", NumberRule(call_duration_s=61))
+    job_id = uid("call")
+    await d.publisher.publish({"schema_version": 1, "id": job_id, "kind": "call",
+                               "account": account, "to": "+14155550111",
+                               "from": "+14155550199", "twiml": "<Response/>",
+                               "max_minutes": 5})
+    job = await wait_status(d, job_id, "delivered")
+    # Default call rate is 2 credits a minute: 10 reserved, 61 s billed as 2 minutes.
+    assert job["estimate"] == 10 and job["final_cost"] == 4
+    [create] = d.sandbox.state.creates(to="+14155550111", accepted=True)
+    assert create.time_limit == 300
+    assert (await CreditStore(d.pool).balance(account)).available == 16
+
+
+async def test_the_same_job_id_twice_sends_once_and_charges_once(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 10)
+    job_id = uid("dup")
+    to = "+14155550122"
+    await d.publish_sms(job_id, account, to=to)
+    await d.publish_sms(job_id, account, to=to)
+    await wait_status(d, job_id, "delivered")
+    await d.sandbox.wait_callbacks()
+    assert d.sandbox.state.count(to=to) == 1
+    assert (await CreditStore(d.pool).balance(account)).available == 9
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"\xff\xfe not utf8", "not_utf8"),
+    (b"{not json", "not_json"),
+    (b'{"schema_version": 2, "id": "p1", "kind": "sms"}', "unsupported_version"),
+    (b'{"schema_version": 1, "id": "p2", "kind": "fax", "account": "a"}', "unknown_kind"),
+    (json.dumps({"schema_version": 1, "id": "p3", "kind": "sms", "account": "a",
+                 "to": "+1555", "from": "+14155550199", "body": "x"}).encode(),
+     "invalid_field"),
+    (json.dumps({"schema_version": 1, "id": "p4", "kind": "call", "account": "a",
+                 "to": "+14155550100", "from": "+14155550199", "max_minutes": 0,
+                 "twiml": "<Response/>"}).encode(), "invalid_field"),
+    (b"{" + b" " * 300_000 + b"}", "too_large"),
+    (json.dumps({"schema_version": 1, "id": "p5", "kind": "sms", "account": "nobody-here",
+                 "to": "+14155550100", "from": "+14155550199", "body": "x"}).encode(),
+     "unknown_account"),
+])
+async def test_poison_jobs_are_dead_lettered_with_their_reason(
+        dispatcher: RunningDispatcher, payload: bytes, reason: str) -> None:
+    d = dispatcher
+    names = Names(d.settings.amqp_prefix)
+    connection = await aio_pika.connect(d.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(names.jobs_exchange)
+        await exchange.publish(aio_pika.Message(payload, message_id=uid("poison")),
+                               routing_key="sms.transactional")
+        dead = await channel.get_queue(names.dead_queue)
+        message = None
+        for _ in range(200):
+            message = await dead.get(fail=False)
+            if message is not None:
+                break
+            await __import__("asyncio").sleep(0.05)
+        assert message is not None, "nothing reached the dead-letter queue"
+        await message.ack()
+        assert message.headers["x-reason"] == reason
+        assert message.body == payload
+    # The consumer is still alive: a good job goes through.
+    account = await d.funded_account(uid("acct"), 5)
+    await d.publish_sms(uid("after-poison"), account)
+    await wait_for(lambda: _any_delivered(d, account))
+
+
+async def _any_delivered(d: RunningDispatcher, account: str) -> bool:
+    return bool(await d.pool.fetchval(
+        "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'delivered'", account))
+
+
+async def test_rate_limited_twice_then_sent(dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    to = "+14155550133"
+    d.sandbox.state.set_rule(to, NumberRule(error_code=20429, fail_times=2))
+    account = await d.funded_account(uid("acct"), 10)
+    job_id = uid("rl")
+    await d.publish_sms(job_id, account, to=to)
+    job = await wait_status(d, job_id, "delivered")
+    assert d.sandbox.state.count(to=to) == 3
+    assert d.sandbox.state.count(to=to, accepted=True) == 1
+    assert job["attempts"] == 3
+    assert (await CreditStore(d.pool).balance(account)).available == 9
+
+
+@pytest.mark.parametrize("code", [21211, 21610])
+async def test_permanent_errors_fail_the_job_and_release_credits(
+        dispatcher: RunningDispatcher, code: int) -> None:
+    d = dispatcher
+    to = f"+1415555{code % 10000:04d}"
+    d.sandbox.state.set_rule(to, NumberRule(error_code=code))
+    account = await d.funded_account(uid("acct"), 10)
+    job_id = uid("perm")
+    await d.publish_sms(job_id, account, to=to)
+    job = await wait_status(d, job_id, "failed")
+    assert job["error_code"] == code
+    assert job["final_cost"] == 0
+    balance = await CreditStore(d.pool).balance(account)
+    assert (balance.available, balance.reserved) == (10, 0)
+    assert await run_audit(d.pool) == []
+
+
+async def test_500_after_accept_is_unknown_then_resolved_by_the_callback(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    to = "+14155550144"
+    d.sandbox.state.set_rule(to, NumberRule(accept_then_500=True))
+    account = await d.funded_account(uid("acct"), 10)
+    job_id = uid("u500")
+    await d.publish_sms(job_id, account, to=to)
+    job = await wait_status(d, job_id, "delivered")
+    assert job["provider_sid"] is not None
+    assert d.sandbox.state.count(to=to) == 1
+    assert (await CreditStore(d.pool).balance(account)).available == 9
+    events = await d.pool.fetch(
+        "SELECT body->>'status' AS s FROM outbox WHERE body->>'job_id' = $1 ORDER BY id", job_id)
+    assert [e["s"] for e in events][:1] == ["unknown"]
+
+
+async def test_forged_callback_is_refused_and_changes_nothing(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 10)
+    d.sandbox.state.configure(callbacks_enabled=False)
+    job_id = uid("forge")
+    await d.publish_sms(job_id, account)
+    await wait_status(d, job_id, "sent")
+    url = f"{d.settings.public_base_url}/twilio/status/{job_id}"
+    params = {"MessageSid": "SMforged", "MessageStatus": "delivered", "NumSegments": "9"}
+    forged = RequestValidator("not-the-token").compute_signature(url, params)
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(url, data=params, headers={"X-Twilio-Signature": forged})
+        assert response.status == 403
+        response = await http.post(url, data=params)
+        assert response.status == 403
+        good = RequestValidator(d.settings.twilio_auth_token).compute_signature(url, params)
+        job = await d.job(job_id)
+        assert job is not None and job["status"] == "sent" and job["final_cost"] is None
+        params["MessageSid"] = job["provider_sid"]
+        good = RequestValidator(d.settings.twilio_auth_token).compute_signature(url, params)
+        response = await http.post(url, data=params, headers={"X-Twilio-Signature": good})
+        assert response.status == 204
+    job = await d.job(job_id)
+    assert job is not None and job["status"] == "delivered" and job["final_cost"] == 9
+
+
+async def test_a_job_whose_handling_keeps_crashing_is_dead_lettered_alone(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    consumer = d.service.consumer
+    assert consumer is not None
+    real_handle = consumer._handle
+    cursed = uid("cursed")
+
+    async def crash_on_cursed(raw: bytes):  # type: ignore[no-untyped-def]
+        if cursed.encode() in raw:
+            raise RuntimeError("boom")
+        return await real_handle(raw)
+
+    consumer._handle = crash_on_cursed
+    account = await d.funded_account(uid("acct"), 10)
+    await d.publish_sms(cursed, account)
+    neighbour = uid("neighbour")
+    await d.publish_sms(neighbour, account)
+    await wait_status(d, neighbour, "delivered")
+    names = Names(d.settings.amqp_prefix)
+    connection = await aio_pika.connect(d.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.get_queue(names.dead_queue)
+
+        async def dead_lettered() -> bool:
+            message = await dead.get(fail=False)
+            if message is None:
+                return False
+            await message.ack()
+            return cursed.encode() in message.body
+        await wait_for(dead_lettered, timeout=30)
+    assert await d.job(cursed) is None
