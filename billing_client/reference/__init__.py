@@ -1,0 +1,43 @@
+"""A runnable reference billing service: consumes balance events, charges, grants credits.
+
+It charges the account's primary auto-recharge method, then its backup; never has two top-ups
+in flight for one account; backs off and retries after failures, then gives up for the episode;
+and replies with ``credits.granted`` (or ``topup.failed``) through a confirmed outbox.
+"""
+
+from __future__ import annotations
+
+from billing_client.reference.admin import list_invoices, set_payment_methods
+from billing_client.reference.errors import (
+    BillingServiceError,
+    GatewayError,
+    InvalidPaymentMethod,
+    InvalidSettings,
+    ServiceUnavailable,
+)
+from billing_client.reference.gateway import (
+    ChargeResult,
+    ChargeStatus,
+    FakeGateway,
+    GatewayCall,
+    PaymentGateway,
+)
+from billing_client.reference.service import ReferenceBillingService
+from billing_client.reference.settings import BillingSettings
+
+__all__ = [
+    "BillingServiceError",
+    "BillingSettings",
+    "ChargeResult",
+    "ChargeStatus",
+    "FakeGateway",
+    "GatewayCall",
+    "GatewayError",
+    "InvalidPaymentMethod",
+    "InvalidSettings",
+    "PaymentGateway",
+    "ReferenceBillingService",
+    "ServiceUnavailable",
+    "list_invoices",
+    "set_payment_methods",
+]

@@ -1,0 +1,107 @@
+"""``python -m billing_client.reference``: run the service, set payment methods, list invoices."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from billing_client.reference.admin import list_invoices, set_payment_methods
+from billing_client.reference.errors import BillingServiceError
+from billing_client.reference.service import ReferenceBillingService
+from billing_client.reference.settings import BillingSettings
+from billing_client.reference.store import PURPOSES
+
+log = structlog.get_logger(__name__)
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    """structlog to stderr: JSON (``fmt='json'``) or readable console lines."""
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+
+
+async def run(settings: BillingSettings) -> int:
+    """Run until SIGTERM/SIGINT (or a dead background task), then stop gracefully."""
+    service = ReferenceBillingService(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    await service.start()
+    try:
+        await service.wait()
+    finally:
+        log.info("billing_service_stopping")
+        await service.stop()
+    return 0
+
+
+async def methods_set(args: argparse.Namespace, settings: BillingSettings) -> int:
+    """Register payment methods; tokens are never echoed."""
+    await set_payment_methods(settings, args.account, primary=args.primary, backup=args.backup,
+                              remove_backup=args.no_backup, purpose=args.purpose)
+    roles = "primary" + (", backup" if args.backup else "")
+    sys.stdout.write(f"set {roles} for {args.account} ({args.purpose})\n")
+    return 0
+
+
+async def invoices(args: argparse.Namespace, settings: BillingSettings) -> int:
+    """Print the account's invoices as JSON lines."""
+    for row in await list_invoices(settings, args.account):
+        sys.stdout.write(json.dumps(row, default=_jsonable) + "\n")
+    return 0
+
+
+def _jsonable(value: Any) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``run`` (default), ``methods set``, ``invoices``."""
+    parser = argparse.ArgumentParser(prog="python -m billing_client.reference",
+                                     description="Reference billing service (auto top-up).")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="consume balance events and top up (default)")
+    methods = commands.add_parser("methods", help="payment methods").add_subparsers(
+        dest="methods_command", required=True)
+    set_ = methods.add_parser("set", help="register an account's payment methods")
+    set_.add_argument("account")
+    set_.add_argument("--primary", required=True, help="gateway token of the primary method")
+    backup = set_.add_mutually_exclusive_group()
+    backup.add_argument("--backup", help="gateway token of the backup method")
+    backup.add_argument("--no-backup", action="store_true", help="remove the backup method")
+    set_.add_argument("--purpose", choices=PURPOSES, default="auto_recharge")
+    show = commands.add_parser("invoices", help="list an account's invoices (JSON lines)")
+    show.add_argument("account")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = BillingSettings.from_env()
+        configure_logging(settings.log_format, settings.log_level)
+        if args.command == "methods":
+            return asyncio.run(methods_set(args, settings))
+        if args.command == "invoices":
+            return asyncio.run(invoices(args, settings))
+        return asyncio.run(run(settings))
+    except BillingServiceError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2

@@ -1,0 +1,93 @@
+-- The reference billing service's own state, created idempotently at start.
+CREATE SCHEMA IF NOT EXISTS billing_ref;
+
+-- One row per account seen; locked (upsert) while deciding, so decisions are serialized.
+CREATE TABLE IF NOT EXISTS billing_ref.accounts (
+    account       text PRIMARY KEY,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    last_event_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The method for auto-recharge is chosen separately from the one that pays the subscription.
+CREATE TABLE IF NOT EXISTS billing_ref.payment_methods (
+    account    text NOT NULL,
+    purpose    text NOT NULL CHECK (purpose IN ('auto_recharge', 'subscription')),
+    role       text NOT NULL CHECK (role IN ('primary', 'backup')),
+    token      text NOT NULL CHECK (token <> ''),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (account, purpose, role)
+);
+
+CREATE TABLE IF NOT EXISTS billing_ref.topups (
+    id                bigserial PRIMARY KEY,
+    account           text NOT NULL,
+    episode           integer NOT NULL CHECK (episode >= 1),
+    trigger_type      text NOT NULL,
+    trigger_event_id  uuid NOT NULL,
+    status            text NOT NULL CHECK (status IN ('in_flight', 'succeeded', 'failed')),
+    attempts          integer NOT NULL DEFAULT 0,
+    amount            bigint NOT NULL CHECK (amount > 0),
+    method_used       text,
+    last_reason       text,
+    payment_reference text UNIQUE,
+    grant_event_id    uuid,
+    next_attempt_at   timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+-- Never two top-ups in flight for one account.
+CREATE UNIQUE INDEX IF NOT EXISTS topups_one_in_flight
+    ON billing_ref.topups (account) WHERE status = 'in_flight';
+CREATE INDEX IF NOT EXISTS topups_due
+    ON billing_ref.topups (next_attempt_at) WHERE status = 'in_flight';
+CREATE INDEX IF NOT EXISTS topups_episode ON billing_ref.topups (account, episode);
+
+-- Every gateway request, written before the call so a crash reuses its idempotency key.
+CREATE TABLE IF NOT EXISTS billing_ref.charges (
+    id              bigserial PRIMARY KEY,
+    topup_id        bigint NOT NULL REFERENCES billing_ref.topups (id),
+    attempt         integer NOT NULL,
+    role            text NOT NULL,
+    idempotency_key text NOT NULL,
+    status          text NOT NULL,
+    charge_id       text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS charges_topup ON billing_ref.charges (topup_id, role, id);
+
+-- One invoice-like record per successful top-up.
+CREATE TABLE IF NOT EXISTS billing_ref.invoices (
+    id                bigserial PRIMARY KEY,
+    topup_id          bigint NOT NULL UNIQUE REFERENCES billing_ref.topups (id),
+    account           text NOT NULL,
+    amount            bigint NOT NULL,
+    credits           bigint NOT NULL,
+    payment_reference text NOT NULL UNIQUE,
+    charge_id         text NOT NULL,
+    method            text NOT NULL,
+    created_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS invoices_account ON billing_ref.invoices (account, id);
+
+CREATE TABLE IF NOT EXISTS billing_ref.processed_events (
+    event_id     uuid PRIMARY KEY,
+    event_type   text NOT NULL,
+    account      text NOT NULL,
+    episode      integer,
+    decision     text,
+    topup_id     bigint,
+    processed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Replies written in the transaction that decided them, relayed with publisher confirms.
+CREATE TABLE IF NOT EXISTS billing_ref.outbox (
+    id           bigserial PRIMARY KEY,
+    event_id     uuid NOT NULL UNIQUE,
+    routing_key  text NOT NULL,
+    body         text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    published_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS outbox_unpublished ON billing_ref.outbox (id) WHERE published_at IS NULL;
