@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +18,10 @@ import asyncpg
 import structlog
 
 from dispatcher.contract import BroadcastJob
+from dispatcher.errors import DispatcherError, UnknownAccount
 from dispatcher.numbers import CountryResolver
 from dispatcher.outcomes import Outcome
-from dispatcher.preflight import PreflightResult, Template
+from dispatcher.preflight import AutoRecharge, PreflightResult, Template, preflight
 from dispatcher.pricing import count_segments
 from dispatcher.queries import q
 from dispatcher.rates import RateCache
@@ -49,6 +50,53 @@ class Progress:
 
     def as_json(self) -> dict[str, object]:
         return dict(vars(self))
+
+
+class BroadcastShort(DispatcherError):
+    """The account cannot pay for this broadcast and auto-recharge is off."""
+
+    code = "insufficient_credits"
+
+
+OptedOut = Callable[[asyncpg.Pool, str, list[str]], Awaitable[set[str]]]
+
+
+class Broadcasts:
+    """Pre-flight and submission, shared by the HTTP API and AMQP broadcast jobs."""
+
+    def __init__(self, pool: asyncpg.Pool, rates: RateCache, opted_out: OptedOut,
+                 wake: Callable[[], None] = lambda: None) -> None:
+        self._pool = pool
+        self._rates = rates
+        self._opted_out = opted_out
+        self._wake = wake
+        self._resolver = CountryResolver()
+
+    async def preflight(self, account: str, body: str, footer: bool,
+                        recipients: Sequence[Mapping[str, Any]]) -> PreflightResult:
+        """Price a broadcast without writing anything."""
+        row = await self._pool.fetchrow(q("preflight_account"), account)
+        if row is None:
+            raise UnknownAccount(f"no account {account!r}", account_id=account)
+        numbers = [str(r.get("to", "")) for r in recipients]
+        opted_out = await self._opted_out(self._pool, account, numbers)
+        auto = AutoRecharge(row["auto_recharge_enabled"], row["auto_recharge_threshold"],
+                            row["auto_recharge_amount"])
+        return preflight(body, footer, recipients, await self._rates.get(), opted_out,
+                         row["available"], auto, self._resolver)
+
+    async def submit(self, broadcast_id: str, job: BroadcastJob, *,
+                     refuse_if_short: bool) -> tuple[PreflightResult, bool]:
+        """Pre-flight, then store and start it; (result, False) for a replayed id."""
+        result = await self.preflight(job.account, job.body, job.footer, job.recipients)
+        if refuse_if_short and result.advice in ("enable_auto_recharge", "top_up"):
+            raise BroadcastShort(
+                f"{result.shortfall} more credits are needed", shortfall=result.shortfall,
+                advice=result.advice)
+        stored = await store_broadcast(self._pool, broadcast_id, job, result)
+        if stored:
+            self._wake()
+        return result, stored
 
 
 async def store_broadcast(pool: asyncpg.Pool, broadcast_id: str, job: BroadcastJob,
@@ -157,6 +205,7 @@ async def progress(pool: asyncpg.Pool, broadcast_id: str) -> Progress | None:
     if b is None:
         return None
     p = await pool.fetchrow(q("broadcast_progress"), broadcast_id)
+    assert p is not None
     return Progress(broadcast_id, b["status"], b["total"], b["skipped"], p["pending"],
                     p["sending"], p["sent"], p["delivered"], p["failed"], p["held"],
                     p["canceled"], p["credits_spent"])

@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass
 import structlog
 
-from dispatcher.contract import CallJob, InvalidJob, SmsJob, encode_job, parse_job
+from dispatcher.broadcasts import Broadcasts
+from dispatcher.contract import BroadcastJob, CallJob, InvalidJob, SmsJob, encode_job, parse_job
 from dispatcher.errors import DispatcherError
 from dispatcher.jobstore import JobStore, NewJob
 from dispatcher.metrics import Metrics
+from dispatcher.ordering import AccountTurns
 from dispatcher.outcomes import DeadLetter, Done, Outcome, RetryLater
 from dispatcher.pricing import call_quote, sms_quote
 from dispatcher.ratelimit import SenderRateLimiter
@@ -37,7 +39,10 @@ class JobHandler:
     """Turns one raw job into exactly one provider call at most, and its outcome."""
 
     def __init__(self, jobs: JobStore, sender: Sender, rates: RateCache,
-                 limiter: SenderRateLimiter, metrics: Metrics, config: HandlerConfig) -> None:
+                 limiter: SenderRateLimiter, metrics: Metrics, config: HandlerConfig,
+                 broadcasts: Broadcasts | None = None) -> None:
+        self._broadcasts = broadcasts
+        self._turns = AccountTurns()
         self._jobs = jobs
         self._sender = sender
         self._rates = rates
@@ -51,14 +56,16 @@ class JobHandler:
             job = parse_job(raw, max_bytes=self._config.max_job_bytes)
         except InvalidJob as exc:
             return DeadLetter(exc.reason, exc.detail, exc.job_id, exc.account)
-        if not isinstance(job, SmsJob | CallJob):
-            return DeadLetter("unsupported_kind", "broadcasts are submitted through the HTTP API",
-                              job.id, job.account)
-        try:
-            new_job = await self._price(job)
-        except DispatcherError as exc:
-            return DeadLetter(exc.code, str(exc), job.id, job.account)
-        begin = await self._jobs.begin(new_job)
+        if isinstance(job, BroadcastJob):
+            return await self._broadcast(job)
+        async with self._turns.turn(job.account):
+            try:
+                new_job = await self._price(job)
+            except DispatcherError as exc:
+                return DeadLetter(exc.code, str(exc), job.id, job.account)
+            begin = await self._jobs.begin(new_job)
+            if begin.outcome == "send":
+                await self._limiter.acquire(_sender_of(job))
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         if begin.outcome == "unknown_account":
             return DeadLetter("unknown_account", f"no account {job.account!r}", job.id, job.account)
@@ -70,10 +77,23 @@ class JobHandler:
             return Done(begin.outcome)
         return await self._send(job, begin.attempts)
 
+    async def _broadcast(self, job: BroadcastJob) -> Outcome:
+        if self._broadcasts is None:
+            return DeadLetter("unknown_kind", "this dispatcher does not run broadcasts",
+                              job.id, job.account)
+        try:
+            # Over AMQP nobody waits for an answer: a broadcast the account cannot pay for
+            # yet is accepted and held, like single jobs, until credits arrive.
+            await self._broadcasts.submit(job.id, job, refuse_if_short=False)
+        except DispatcherError as exc:
+            return DeadLetter(exc.code, str(exc), job.id, job.account)
+        return Done("broadcast_accepted")
+
     async def send_released(self, payload: bytes, attempt: int) -> Outcome:
         """Send a job that was held and has just been released (already reserved)."""
         job = parse_job(payload, max_bytes=self._config.max_job_bytes)
         assert isinstance(job, SmsJob | CallJob)
+        await self._limiter.acquire(_sender_of(job))
         return await self._send(job, attempt)
 
     async def _price(self, job: SmsJob | CallJob) -> NewJob:
@@ -85,14 +105,12 @@ class JobHandler:
             quote = call_quote(job.to, job.max_minutes, rates)
             units = job.max_minutes
         return NewJob(job.id, job.account, job.kind, job.priority,
-                      json.loads(encode_job(job)), quote.credits, quote.country,
-                      units, quote.credits // max(units, 1))
+                      json.loads(encode_job(job)), max(quote.credits, 1), quote.country,
+                      units, quote.rate)
 
     async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
-        await self._limiter.acquire(job.from_ or job.messaging_service_sid or ""
-                                   if isinstance(job, SmsJob) else job.from_)
         started = time.perf_counter()
         result = await self._call_provider(job, callback)
         self._metrics.send_seconds.labels(kind=job.kind).observe(time.perf_counter() - started)
@@ -123,3 +141,10 @@ class JobHandler:
                 job.to, job.body, job.from_, job.messaging_service_sid, callback))
         return await self._sender.send_call(CallRequest(
             job.to, job.from_, job.twiml, job.url, job.max_minutes * 60, callback))
+
+
+def _sender_of(job: SmsJob | CallJob) -> str:
+    """The rate-limit key: the sending number or Messaging Service."""
+    if isinstance(job, SmsJob):
+        return job.from_ or job.messaging_service_sid or ""
+    return job.from_

@@ -88,5 +88,6 @@ class OutboxRelay:
 
     async def _update_backlog(self) -> None:
         row = await self._pool.fetchrow(q("outbox_backlog"))
+        assert row is not None
         self._metrics.outbox_backlog.set(row["backlog"])
         self._metrics.outbox_lag_seconds.set(row["lag_seconds"])

@@ -43,8 +43,8 @@ class Resumer:
             self._queued.add(account_id)
             self._queue.put_nowait(account_id)
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self.wake(payload)
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self.wake(str(payload))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve wake-ups until ``stop``; every paused account gets one pass at start."""
@@ -106,6 +106,7 @@ async def sweep_holds(pool: asyncpg.Pool, metrics: Metrics, expiry_seconds: floa
         metrics.jobs.labels(kind="sms", outcome="expired").inc(expired)
         log.warning("held_jobs_expired", jobs=expired)
     stats = await pool.fetchrow(q("held_stats"))
+    assert stats is not None
     metrics.paused_accounts.set(stats["paused_accounts"])
     metrics.held_jobs.set(stats["held_jobs"])
     metrics.oldest_held_job_age_seconds.set(stats["oldest_age_seconds"])

@@ -46,3 +46,8 @@ RETURNING id;
 
 -- name: broadcast_cancel
 SELECT cancel_broadcast($1);
+
+-- name: preflight_account
+SELECT sub_available + purchased_available - debt AS available, auto_recharge_enabled,
+       auto_recharge_threshold, auto_recharge_amount
+  FROM accounts WHERE id = $1;

@@ -89,7 +89,7 @@ async def test_the_same_job_id_twice_sends_once_and_charges_once(
     (b'{"schema_version": 1, "id": "p2", "kind": "fax", "account": "a"}', "unknown_kind"),
     (json.dumps({"schema_version": 1, "id": "p3", "kind": "sms", "account": "a",
                  "to": "+1555", "from": "+14155550199", "body": "x"}).encode(),
-     "invalid_field"),
+     "invalid_recipient"),
     (json.dumps({"schema_version": 1, "id": "p4", "kind": "call", "account": "a",
                  "to": "+14155550100", "from": "+14155550199", "max_minutes": 0,
                  "twiml": "<Response/>"}).encode(), "invalid_field"),
