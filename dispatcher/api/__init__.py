@@ -1,0 +1,46 @@
+"""The account HTTP API (``/v1``), its OpenAPI document and the Twilio inbound webhook.
+
+``add_api_routes`` adds the routes and two middlewares to an app: JSON errors with stable
+codes, and bearer-token authentication with per-route roles.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+
+from dispatcher.api.accounts import AccountsApi
+from dispatcher.api.auth import add_route, auth_middleware
+from dispatcher.api.errors import Handler, error_middleware
+from dispatcher.api.openapi import OPERATIONS, serve_openapi
+from dispatcher.api.optouts import InboundWebhook, OptOutsApi, is_opted_out, record_opt_out
+
+__all__ = ["add_api_routes", "is_opted_out", "record_opt_out"]
+
+
+def _handlers(pool: asyncpg.Pool) -> dict[str, Handler]:
+    accounts, optouts = AccountsApi(pool), OptOutsApi(pool)
+    return {
+        "getBalance": accounts.get_balance,
+        "listLedger": accounts.get_ledger,
+        "getAutoRecharge": accounts.get_auto_recharge,
+        "putAutoRecharge": accounts.put_auto_recharge,
+        "addCredits": accounts.post_credits,
+        "refundCredits": accounts.post_refund,
+        "listOptOuts": optouts.list_opt_outs,
+        "putOptOut": optouts.put_opt_out,
+        "deleteOptOut": optouts.delete_opt_out,
+    }
+
+
+def add_api_routes(app: web.Application, pool: asyncpg.Pool, *, twilio_auth_token: str,
+                   public_base_url: str) -> None:
+    """Add ``/v1`` routes, ``/openapi.json`` and ``POST /twilio/inbound/{account}`` to ``app``."""
+    app.middlewares.append(error_middleware)
+    app.middlewares.append(auth_middleware(pool))
+    handlers = _handlers(pool)
+    for op in OPERATIONS:
+        add_route(app, op.method, op.path, handlers[op.operation_id], op.permission)
+    app.router.add_get("/openapi.json", serve_openapi)
+    inbound = InboundWebhook(pool, twilio_auth_token, public_base_url)
+    app.router.add_post("/twilio/inbound/{account}", inbound.handle)

@@ -1,0 +1,185 @@
+"""JSON error responses with stable codes: ``{"error": {"code", "message", "details"}}``.
+
+Handlers raise an ``ApiError`` (or a domain ``DispatcherError``, mapped here); the middleware
+turns it, aiohttp's own HTTP errors and anything unexpected into that shape. Bad input never
+becomes a 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from dispatcher.errors import DispatcherError
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+API_PREFIXES = ("/v1/", "/twilio/inbound/")
+
+
+class ApiError(DispatcherError):
+    """The request failed."""
+
+    status = 400
+    code = "bad_request"
+
+
+class Unauthenticated(ApiError):
+    """A valid bearer token is required."""
+
+    status, code = 401, "unauthenticated"
+
+
+class Forbidden(ApiError):
+    """This token's role may not do this."""
+
+    status, code = 403, "forbidden"
+
+
+class InvalidSignature(ApiError):
+    """The X-Twilio-Signature header does not match the request."""
+
+    status, code = 403, "invalid_signature"
+
+
+class NotFound(ApiError):
+    """Not found."""
+
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    """This method is not allowed here."""
+
+    status, code = 405, "method_not_allowed"
+
+
+class InvalidJson(ApiError):
+    """The request body is not valid JSON."""
+
+    status, code = 400, "invalid_json"
+
+
+class InvalidForm(ApiError):
+    """The request body is not a valid application/x-www-form-urlencoded form."""
+
+    status, code = 400, "invalid_form"
+
+
+class IdempotencyKeyRequired(ApiError):
+    """This request needs an Idempotency-Key header."""
+
+    status, code = 400, "idempotency_key_required"
+
+
+class InvalidIdempotencyKey(ApiError):
+    """The Idempotency-Key must be 1 to 255 visible ASCII characters."""
+
+    status, code = 400, "invalid_idempotency_key"
+
+
+class IdempotencyConflict(ApiError):
+    """This Idempotency-Key was already used for a different request."""
+
+    status, code = 409, "idempotency_conflict"
+
+
+class UnknownPurchase(ApiError):
+    """This account has no refundable purchase with that reference."""
+
+    status, code = 422, "unknown_purchase"
+
+
+class PayloadTooLarge(ApiError):
+    """The request body is too large."""
+
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    """This route takes application/x-www-form-urlencoded bodies only."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidRequest(ApiError):
+    """The request is not valid."""
+
+    status, code = 422, "invalid_request"
+
+
+class InternalError(ApiError):
+    """Internal error."""
+
+    status, code = 500, "internal_error"
+
+
+# Domain errors of the credit ledger: code -> (HTTP status, API code).
+DOMAIN_ERRORS: dict[str, tuple[int, str]] = {
+    "unknown_account": (404, "not_found"),
+    "invalid_amount": (422, "invalid_request"),
+    "invalid_grant": (422, "invalid_request"),
+    "invalid_recipient": (422, "invalid_request"),
+    "insufficient_credits": (409, "insufficient_credits"),
+    "refund_too_large": (409, "refund_too_large"),
+    "service_unavailable": (503, "service_unavailable"),
+}
+
+# aiohttp's own HTTP errors (routing, body size): status -> API error.
+HTTP_ERRORS: dict[int, type[ApiError]] = {
+    404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge,
+}
+
+
+def error_body(code: str, message: str, details: dict[str, object]) -> dict[str, object]:
+    """The JSON body of every error response."""
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def error_response(exc: DispatcherError) -> web.Response:
+    """The JSON response for an API or domain error."""
+    if isinstance(exc, ApiError):
+        status, code = exc.status, exc.code
+    else:
+        status, code = DOMAIN_ERRORS.get(exc.code, (500, "internal_error"))
+    details = exc.details if status < 500 else {}
+    message = str(exc) if status < 500 else "internal error"
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response(error_body(code, message, dict(details)), status=status,
+                             headers=headers)
+
+
+def _from_http(exc: web.HTTPException) -> ApiError:
+    kind = HTTP_ERRORS.get(exc.status)
+    if kind is not None:
+        return kind()
+    error = ApiError(exc.reason)
+    error.status, error.code = exc.status, exc.reason.lower().replace(" ", "_")
+    return error
+
+
+def _route_name(request: web.Request) -> str:
+    """The route template (never the raw path, which may hold a phone number)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure under the API's prefixes becomes a JSON error with a stable code."""
+    if not request.path.startswith(API_PREFIXES):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except DispatcherError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http(exc))
+    except Exception:
+        log.exception("api_internal_error", route=_route_name(request), method=request.method)
+        return error_response(InternalError())

@@ -1,0 +1,191 @@
+"""Request and response bodies of the HTTP API; the OpenAPI document is generated from these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_CREDITS = 10**12
+ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+
+
+def _plain_text(value: str) -> str:
+    """Text PostgreSQL can store: no NUL characters, no lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text") from exc
+    return value
+
+
+Credits = Annotated[int, Field(ge=0, le=MAX_CREDITS)]
+PositiveCredits = Annotated[int, Field(ge=1, le=MAX_CREDITS)]
+Note = Annotated[str, Field(max_length=500, pattern=r"^[^\x00]*$"), AfterValidator(_plain_text)]
+Reference = Annotated[str, Field(min_length=1, max_length=400, pattern=r"^[^\x00]+$"),
+                      AfterValidator(_plain_text)]
+
+
+class RequestBody(BaseModel):
+    """Request bodies: strict types, no unknown fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ResponseBody(BaseModel):
+    """Response bodies: every field always present."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+class AutoRecharge(ResponseBody):
+    """Auto-recharge settings: below ``threshold`` available credits, buy ``amount`` more."""
+
+    enabled: bool
+    threshold: int
+    amount: int
+    topup_at_zero: bool = Field(
+        description="Request a top-up at zero credits even when auto-recharge is disabled")
+
+
+class AutoRechargeUpdate(RequestBody):
+    """New auto-recharge settings; ``topup_at_zero`` is kept when omitted."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"enabled": {"const": True}}},
+        "then": {"properties": {"amount": {"minimum": 1}}},
+    })
+
+    enabled: bool
+    threshold: Credits
+    amount: Credits
+    topup_at_zero: bool | None = None
+
+    @field_validator("amount")
+    @classmethod
+    def _amount_when_enabled(cls, amount: int, info: ValidationInfo) -> int:
+        if info.data.get("enabled") and amount <= 0:
+            raise ValueError("amount must be > 0 when auto-recharge is enabled")
+        return amount
+
+
+class Buckets(ResponseBody):
+    """Credits by bucket: subscription (reset each period), purchased (roll over), debt."""
+
+    subscription: int
+    purchased: int
+    debt: int
+
+
+class BalanceOut(ResponseBody):
+    """An account's credits: ``total`` = ``available`` + ``reserved`` (jobs in flight)."""
+
+    account: str
+    total: int
+    reserved: int
+    available: int
+    buckets: Buckets
+    paused: bool
+    paused_since: datetime | None
+    auto_recharge: AutoRecharge
+
+
+class LedgerEntry(ResponseBody):
+    """One append-only ledger row; deltas are signed credit changes per bucket."""
+
+    id: int
+    kind: str
+    reference: str
+    amount: int
+    subscription_delta: int
+    purchased_delta: int
+    debt_delta: int
+    reserved_delta: int
+    forfeited: int
+    job_id: str | None
+    created_at: datetime
+
+
+class LedgerPage(ResponseBody):
+    """A page of ledger rows, oldest first; pass ``next_cursor`` back for the next page."""
+
+    entries: list[LedgerEntry]
+    next_cursor: str | None
+
+
+class PageQuery(BaseModel):
+    """Query parameters of a paged list."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    cursor: str = Field("", max_length=200, description="next_cursor of the previous page")
+    limit: int = Field(100, ge=1, le=500)
+
+
+class CreditsIn(RequestBody):
+    """Credits to add: a purchase (refundable) or a manual adjustment."""
+
+    amount: PositiveCredits
+    kind: Literal["purchase", "adjustment"]
+    note: Note = ""
+
+
+class CreditsOut(ResponseBody):
+    """A grant; ``reference`` identifies it (a purchase's is what a refund names)."""
+
+    account: str
+    reference: str
+    amount: int
+    kind: str
+    note: str
+    balance: BalanceOut
+
+
+class RefundIn(RequestBody):
+    """Take back unspent credits of one purchase."""
+
+    purchase_reference: Reference
+    amount: PositiveCredits
+
+
+class RefundOut(ResponseBody):
+    """A refund and the balance after it."""
+
+    account: str
+    reference: str
+    purchase_reference: str
+    amount: int
+    balance: BalanceOut
+
+
+class OptOut(ResponseBody):
+    """A recipient who asked this account to stop messaging them."""
+
+    number: str
+    source: str
+    created_at: datetime
+
+
+class OptOutPage(ResponseBody):
+    """A page of the opt-out list, ordered by number."""
+
+    opt_outs: list[OptOut]
+    next_cursor: str | None
+
+
+class ErrorDetail(ResponseBody):
+    """A stable machine-readable ``code``, a human message and structured details."""
+
+    code: str
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorOut(ResponseBody):
+    """Every error response."""
+
+    error: ErrorDetail
