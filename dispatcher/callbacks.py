@@ -112,7 +112,7 @@ async def apply_status(jobs: JobStore, job_id: str, params: dict[str, str]) -> s
 
 
 async def apply_report(jobs: JobStore, job: dict[str, object], report: ProviderStatus) -> str:
-    """Settle to the real cost: units reported × the rate the job was reserved at."""
+    """Settle to the real cost: units reported x the rate the job was reserved at."""
     units = report.units if report.units is not None else int(str(job["units"]))
     cost = units * int(str(job["rate"]))
     return await jobs.provider_status(str(job["job_id"]), report.sid, report.status,

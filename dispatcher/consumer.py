@@ -9,6 +9,7 @@ dead-letters a job that keeps crashing, without stopping its neighbours.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 
@@ -47,6 +48,8 @@ class Consumer:
         self._publish_channel: AbstractChannel | None = None
         self._topology: Topology | None = None
         self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._stopping = False
 
     async def start(self) -> None:
@@ -88,11 +91,14 @@ class Consumer:
                 await message.nack(requeue=True)
                 continue
             self._in_flight += 1
+            self._idle.clear()
             self._metrics.in_flight.set(self._in_flight)
             try:
                 await self._process(message)
             finally:
                 self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
                 self._metrics.in_flight.set(self._in_flight)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
@@ -115,7 +121,8 @@ class Consumer:
         if isinstance(outcome, Done):
             await message.ack()
             return
-        assert self._topology is not None and self._publish_channel is not None
+        assert self._topology is not None
+        assert self._publish_channel is not None
         if isinstance(outcome, RetryLater):
             priority = _priority_of(message)
             delay = self._names.retry_delay(outcome.attempt)
@@ -154,9 +161,8 @@ class Consumer:
         while not self._pending.empty():
             _, _, message = self._pending.get_nowait()
             await message.nack(requeue=True)
-        deadline = asyncio.get_running_loop().time() + drain_timeout
-        while self._in_flight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), drain_timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

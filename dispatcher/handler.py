@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+
 import structlog
 
 from dispatcher.broadcasts import Broadcasts

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-from aiohttp import web
 from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
 
 from dispatcher.callbacks import StatusCallbacks
 from dispatcher.metrics import Metrics

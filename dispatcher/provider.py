@@ -10,7 +10,7 @@ from dispatcher.settings import Settings
 from dispatcher.twilio_http import SandboxAwareHttpClient
 
 SANDBOX_ACCOUNT_SID = "AC" + "0" * 32
-SANDBOX_AUTH_TOKEN = "sandbox-auth-token"
+SANDBOX_AUTH_TOKEN = "sandbox-auth-token"  # noqa: S105 - the local sandbox's, not a secret
 
 
 def credentials(settings: Settings) -> tuple[str, str]:

@@ -9,8 +9,8 @@ batches, oldest first, and sends each batch in order before taking the next, so 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import structlog

@@ -32,9 +32,10 @@ class DispatcherProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "run"], cwd=ROOT,
-                                     env=settings_env(self.settings), stdout=log, stderr=log)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "run"], cwd=ROOT,
+                                         env=settings_env(self.settings), stdout=log,
+                                         stderr=log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log_path.read_text()[-3000:]

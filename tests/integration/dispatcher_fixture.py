@@ -71,13 +71,14 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 20.0,
 
 def dispatcher_settings(settings: Settings, sandbox: SandboxHandle, **overrides: Any) -> Settings:
     port = free_port()
-    return replace(
-        settings, http_port=port, public_base_url=f"http://127.0.0.1:{port}",
-        twilio_base_url=sandbox.base_url, twilio_account_sid=sandbox.account_sid,
-        twilio_auth_token=sandbox.auth_token, twilio_timeout_seconds=2.0,
-        reconcile_grace_seconds=3.0, reconcile_interval_seconds=0.5,
-        hold_sweep_interval_seconds=0.5, shutdown_timeout_seconds=5.0, prefetch=50,
-        max_in_flight=20, sender_rate_per_second=10_000, **overrides)
+    values: dict[str, Any] = {
+        "http_port": port, "public_base_url": f"http://127.0.0.1:{port}",
+        "twilio_base_url": sandbox.base_url, "twilio_account_sid": sandbox.account_sid,
+        "twilio_auth_token": sandbox.auth_token, "twilio_timeout_seconds": 2.0,
+        "reconcile_grace_seconds": 3.0, "reconcile_interval_seconds": 0.5,
+        "hold_sweep_interval_seconds": 0.5, "shutdown_timeout_seconds": 5.0, "prefetch": 50,
+        "max_in_flight": 20, "sender_rate_per_second": 10_000}
+    return replace(settings, **{**values, **overrides})
 
 
 @pytest_asyncio.fixture

@@ -1,4 +1,4 @@
-"""Pause at zero, hold in order, resume by itself when credits arrive, expire what waits too long."""
+"""Pause at zero, hold in order, resume by itself when credits arrive, expire what waits long."""
 
 from __future__ import annotations
 
