@@ -21,6 +21,8 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from dispatcher.api.optouts import is_opted_out
+from dispatcher.broadcasts import BroadcastRunner, Broadcasts
 from dispatcher.callbacks import StatusCallbacks
 from dispatcher.consumer import Consumer
 from dispatcher.credits_listener import CreditsListener, declare_credits_queue
@@ -33,6 +35,7 @@ from dispatcher.ledger import CreditStore
 from dispatcher.lookup import TwilioLookup
 from dispatcher.metrics import Metrics
 from dispatcher.outbox import OutboxRelay
+from dispatcher.outcomes import Outcome
 from dispatcher.provider import build_twilio_client, credentials
 from dispatcher.ratelimit import SenderRateLimiter
 from dispatcher.rates import RateCache
@@ -78,10 +81,17 @@ class Service:
         self.amqp = await connect_broker(s)
         self.twilio_client = build_twilio_client(s)
         jobs = JobStore(self.pool)
+        rates = RateCache(self.pool)
+
+        async def send_released(payload: bytes, attempt: int) -> Outcome:
+            return await handler.send_released(payload, attempt)
+        # Broadcast fan-out: the runner sends through the handler, submissions wake the runner.
+        runner = BroadcastRunner(self.pool, rates, send_released)
         handler = JobHandler(
             jobs, TwilioSender(self.twilio_client, s.twilio_timeout_seconds),
-            RateCache(self.pool), SenderRateLimiter(s.sender_rate_per_second), self.metrics,
-            HandlerConfig(callback_base_url=s.public_base_url.rstrip("/")))
+            rates, SenderRateLimiter(s.sender_rate_per_second), self.metrics,
+            HandlerConfig(callback_base_url=s.public_base_url.rstrip("/")),
+            Broadcasts(self.pool, rates, is_opted_out, wake=runner.wake))
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.max_in_flight,
                                  delivery_limit=s.delivery_limit)
@@ -103,6 +113,7 @@ class Service:
             s.hold_sweep_interval_seconds,
             lambda: sweep_holds(pool, self.metrics, s.hold_expiry_seconds), stop), stop)
         self._watch("outbox-relay", relay.run(stop), stop)
+        self._watch("broadcast-runner", runner.run(stop), stop)
         self._watch("reconciler", _every(s.reconcile_interval_seconds, reconciler.run_once, stop),
                     stop)
         callbacks = StatusCallbacks(jobs, credentials(s)[1],
