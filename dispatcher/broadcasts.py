@@ -10,25 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 import structlog
 
 from dispatcher.contract import BroadcastJob
+from dispatcher.db import Connection
 from dispatcher.errors import DispatcherError, UnknownAccount
 from dispatcher.numbers import CountryResolver
 from dispatcher.outcomes import Outcome
-from dispatcher.preflight import AutoRecharge, PreflightResult, Template, preflight
+from dispatcher.preflight import AutoRecharge, PreflightResult, Recipients, gc_paused, preflight
 from dispatcher.pricing import count_segments
 from dispatcher.queries import q
 from dispatcher.rates import RateCache
+from dispatcher.templates import Template
 
 log = structlog.get_logger(__name__)
 
 SendReleased = Callable[[bytes, int], Awaitable[Outcome]]
+OptedOut = Callable[[asyncpg.Pool, str, list[str]], Awaitable[set[str]]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Progress:
     """Where a broadcast stands."""
 
     broadcast_id: str
+    account: str
     status: str
     total: int
     skipped: int
@@ -46,7 +51,10 @@ class Progress:
     failed: int
     held: int
     canceled: int
+    credits_reserved: int
     credits_spent: int
+    created_at: str
+    finished_at: str | None
 
     def as_json(self) -> dict[str, object]:
         return dict(vars(self))
@@ -58,65 +66,106 @@ class BroadcastShort(DispatcherError):
     code = "insufficient_credits"
 
 
-OptedOut = Callable[[asyncpg.Pool, str, list[str]], Awaitable[set[str]]]
+@dataclass(frozen=True)
+class BroadcastSpec:
+    """What a broadcast sends, from whom, to whom."""
+
+    account: str
+    body: str
+    footer: bool
+    priority: str
+    sender: str | None
+    messaging_service_sid: str | None
+    recipients: Recipients
+
+    @classmethod
+    def from_job(cls, job: BroadcastJob) -> BroadcastSpec:
+        """The spec of an AMQP broadcast job."""
+        return cls(job.account, job.body, job.footer, job.priority, job.from_,
+                   job.messaging_service_sid,
+                   Recipients.from_dicts([dict(r) for r in job.recipients]))
+
+
+async def account_opt_outs(pool: asyncpg.Pool, account: str, numbers: list[str]) -> set[str]:
+    """The account's opted-out numbers among ``numbers``, in one query either way.
+
+    Opt-out lists are usually far shorter than a broadcast: read the whole list then; look the
+    numbers up by index only when the list is the longer one.
+    """
+    rows = await pool.fetch(q("broadcast_account_opt_outs"), account, len(numbers) + 1)
+    if len(rows) <= len(numbers):
+        return {row["number"] for row in rows}.intersection(numbers)
+    return {row["number"] for row in await pool.fetch(q("api_opted_out_among"), account,
+                                                        numbers)}
 
 
 class Broadcasts:
     """Pre-flight and submission, shared by the HTTP API and AMQP broadcast jobs."""
 
-    def __init__(self, pool: asyncpg.Pool, rates: RateCache, opted_out: OptedOut,
+    def __init__(self, pool: asyncpg.Pool, rates: RateCache,
+                 opted_out: OptedOut = account_opt_outs,
                  wake: Callable[[], None] = lambda: None) -> None:
-        self._pool = pool
+        self.pool = pool
         self._rates = rates
         self._opted_out = opted_out
-        self._wake = wake
+        self.wake = wake
         self._resolver = CountryResolver()
 
-    async def preflight(self, account: str, body: str, footer: bool,
-                        recipients: Sequence[Mapping[str, Any]]) -> PreflightResult:
+    async def preflight(self, account: str, template: Template,
+                        recipients: Recipients) -> PreflightResult:
         """Price a broadcast without writing anything."""
-        row = await self._pool.fetchrow(q("preflight_account"), account)
+        row = await self.pool.fetchrow(q("preflight_account"), account)
         if row is None:
             raise UnknownAccount(f"no account {account!r}", account_id=account)
-        numbers = [str(r.get("to", "")) for r in recipients]
-        opted_out = await self._opted_out(self._pool, account, numbers)
+        opted_out = await self._opted_out(self.pool, account, list(recipients.numbers))
         auto = AutoRecharge(row["auto_recharge_enabled"], row["auto_recharge_threshold"],
                             row["auto_recharge_amount"])
-        return preflight(body, footer, recipients, await self._rates.get(), opted_out,
-                         row["available"], auto, self._resolver)
+        rates = await self._rates.get()
+        with gc_paused():
+            return preflight(template, recipients, rates, opted_out, row["available"], auto,
+                             self._resolver)
+
+    async def check(self, spec: BroadcastSpec, *, refuse_if_short: bool) -> PreflightResult:
+        """The pre-flight of a submission; ``BroadcastShort`` if refused for lack of credits."""
+        result = await self.preflight(spec.account, Template(spec.body, spec.footer),
+                                      spec.recipients)
+        if refuse_if_short and result.advice in ("enable_auto_recharge", "top_up"):
+            raise BroadcastShort(
+                f"{result.shortfall} more credits are needed", shortfall=result.shortfall,
+                advice=result.advice, preflight=result.as_json())
+        return result
 
     async def submit(self, broadcast_id: str, job: BroadcastJob, *,
                      refuse_if_short: bool) -> tuple[PreflightResult, bool]:
         """Pre-flight, then store and start it; (result, False) for a replayed id."""
-        result = await self.preflight(job.account, job.body, job.footer, job.recipients)
-        if refuse_if_short and result.advice in ("enable_auto_recharge", "top_up"):
-            raise BroadcastShort(
-                f"{result.shortfall} more credits are needed", shortfall=result.shortfall,
-                advice=result.advice)
-        stored = await store_broadcast(self._pool, broadcast_id, job, result)
+        spec = BroadcastSpec.from_job(job)
+        result = await self.check(spec, refuse_if_short=refuse_if_short)
+        async with self.pool.acquire() as conn, conn.transaction():
+            stored = await store_broadcast(conn, broadcast_id, spec, result)
         if stored:
-            self._wake()
+            self.wake()
         return result, stored
 
 
-async def store_broadcast(pool: asyncpg.Pool, broadcast_id: str, job: BroadcastJob,
+async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSpec,
                           result: PreflightResult) -> bool:
     """Write the broadcast and its recipients (COPY); False if that id already exists."""
-    billable = set(result.billable_indexes)
-    rows = [(broadcast_id, i, r["to"], json.dumps(r.get("vars") or {}),
-             "pending" if i in billable else "skipped", None if i in billable else "skipped")
-            for i, r in enumerate(job.recipients)]
-    async with pool.acquire() as conn, conn.transaction():
-        created = await conn.fetchval(
-            q("broadcast_insert"), broadcast_id, job.account, job.priority, job.from_,
-            job.messaging_service_sid, job.body, job.footer, result.recipients,
-            result.recipients - result.billable, result.credits)
-        if created is None:
-            return False
-        await conn.copy_records_to_table(
-            "broadcast_recipients", records=rows,
-            columns=["broadcast_id", "seq", "to_number", "vars", "status", "skip_reason"])
-    log.info("broadcast_stored", broadcast_id=broadcast_id, account_id=job.account,
+    created = await conn.fetchval(
+        q("broadcast_insert"), broadcast_id, spec.account, spec.priority, spec.sender,
+        spec.messaging_service_sid, spec.body, spec.footer, result.recipients,
+        result.recipients - result.billable, result.credits)
+    if created is None:
+        return False
+    skips = result.skip_reasons
+    encode = msgspec.json.encode
+    rows = [(broadcast_id, i, to, encode(variables).decode(),
+             "skipped" if i in skips else "pending", skips.get(i))
+            for i, (to, variables) in enumerate(zip(spec.recipients.numbers,
+                                                    spec.recipients.variables, strict=True))]
+    await conn.copy_records_to_table(
+        "broadcast_recipients", records=rows,
+        columns=["broadcast_id", "seq", "to_number", "vars", "status", "skip_reason"])
+    log.info("broadcast_stored", broadcast_id=broadcast_id, account_id=spec.account,
              recipients=result.recipients, billable=result.billable)
     return True
 
@@ -206,9 +255,12 @@ async def progress(pool: asyncpg.Pool, broadcast_id: str) -> Progress | None:
         return None
     p = await pool.fetchrow(q("broadcast_progress"), broadcast_id)
     assert p is not None
-    return Progress(broadcast_id, b["status"], b["total"], b["skipped"], p["pending"],
-                    p["sending"], p["sent"], p["delivered"], p["failed"], p["held"],
-                    p["canceled"], p["credits_spent"])
+    finished = b["finished_at"]
+    return Progress(broadcast_id, b["account_id"], b["status"], b["total"], b["skipped"],
+                    p["pending"], p["sending"], p["sent"], p["delivered"], p["failed"],
+                    p["held"], p["canceled"], p["credits_reserved"], p["credits_spent"],
+                    b["created_at"].isoformat(),
+                    finished.isoformat() if finished is not None else None)
 
 
 async def cancel(pool: asyncpg.Pool, broadcast_id: str) -> str:

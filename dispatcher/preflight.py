@@ -1,28 +1,34 @@
 """Broadcast pre-flight: what a broadcast would cost, who is skipped, and what to do about it.
 
-A pure read: it never reserves or writes. Built for 100k+ recipients: countries come from a
-resolver compiled from libphonenumber's metadata, a template without variables is counted
-once, and opted-out numbers are looked up in one query.
+A pure function of the recipients, the rates, the account's opt-outs and balance: it never
+reserves or writes. Built for 100k+ recipients: countries come from a resolver compiled from
+libphonenumber's metadata, SMS parts are counted column by column (``Template.segments``), and
+everything else is a pass of C-level builtins over index-aligned lists.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+import gc
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
-from dispatcher.contract import STOP_FOOTER
 from dispatcher.numbers import CountryResolver
-from dispatcher.pricing import RateTable, count_segments
+from dispatcher.pricing import RateTable
+from dispatcher.templates import Template
 
 Advice = Literal["ok", "ok_with_auto_recharge", "enable_auto_recharge", "top_up"]
+SkipReason = Literal["invalid", "opted_out", "duplicate", "missing_variable"]
+SKIP_REASONS: tuple[SkipReason, ...] = ("invalid", "opted_out", "duplicate", "missing_variable")
 MAX_SKIPPED_LISTED = 100
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
 
 
 @dataclass(frozen=True)
 class AutoRecharge:
+    """The account's auto-recharge settings, as the pre-flight sees them."""
+
     enabled: bool
     threshold: int
     amount: int
@@ -30,10 +36,30 @@ class AutoRecharge:
 
 @dataclass
 class CountryLine:
+    """Billable recipients of one country, their SMS parts and credits."""
+
     recipients: int = 0
     segments: int = 0
     credits: int = 0
     rate: int = 0
+
+
+@dataclass(frozen=True)
+class Recipients:
+    """A broadcast's recipients as two index-aligned columns."""
+
+    numbers: Sequence[str]
+    variables: Sequence[Mapping[str, str]]
+
+    @classmethod
+    def from_dicts(cls, rows: Sequence[Mapping[str, object]]) -> Recipients:
+        """From ``[{"to": …, "vars": {…}}]`` (the AMQP broadcast job's form)."""
+        numbers = [str(r.get("to", "")) for r in rows]
+        variables: list[Mapping[str, str]] = []
+        for r in rows:
+            found = r.get("vars")
+            variables.append(found if isinstance(found, Mapping) else {})
+        return cls(numbers, variables)
 
 
 @dataclass
@@ -52,101 +78,100 @@ class PreflightResult:
     auto_recharge: AutoRecharge
     auto_recharge_covers: bool
     advice: Advice
-    billable_indexes: list[int] = field(default_factory=list, repr=False)
-    costs: list[tuple[str, int, int, int]] = field(default_factory=list, repr=False)
+    skip_reasons: dict[int, SkipReason]
 
     def as_json(self) -> dict[str, object]:
         """The HTTP body (without per-recipient detail)."""
+        auto = self.auto_recharge
+        top_ups = -(-self.shortfall // auto.amount) if auto.enabled and auto.amount > 0 else 0
         return {
             "recipients": self.recipients, "billable": self.billable,
             "segments": self.segments, "credits": self.credits,
             "by_country": {c: vars(line) for c, line in sorted(self.by_country.items())},
             "skipped": {**self.skipped, "examples": self.skipped_examples},
             "available": self.available, "shortfall": self.shortfall,
-            "auto_recharge": {**vars(self.auto_recharge),
-                              "covers_shortfall": self.auto_recharge_covers},
+            "auto_recharge": {**vars(auto), "covers_shortfall": self.auto_recharge_covers,
+                              "top_ups_needed": top_ups},
             "advice": self.advice,
         }
 
 
-class Template:
-    """A body template split once into literal and variable parts."""
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC around CPU-bound work that allocates 100k+ acyclic objects.
 
-    def __init__(self, body: str, footer: bool) -> None:
-        self.parts: list[tuple[bool, str]] = []
-        last = 0
-        for match in _PLACEHOLDER.finditer(body):
-            self.parts.append((False, body[last:match.start()]))
-            token = match.group(0)
-            self.parts.append((False, token[0]) if token in ("{{", "}}")
-                              else (True, match.group(1)))
-            last = match.end()
-        self.parts.append((False, body[last:] + (STOP_FOOTER if footer else "")))
-        self.static = all(not is_var for is_var, _ in self.parts)
-
-    def render(self, variables: Mapping[str, str]) -> str:
-        return "".join(variables.get(text, "") if is_var else text for is_var, text in self.parts)
+    Nothing awaits inside, so no other task runs meanwhile; the collector resumes after.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def advise(shortfall: int, auto: AutoRecharge) -> tuple[Advice, bool]:
     """What to tell the sender, and whether auto-recharge would cover the shortfall."""
     if shortfall <= 0:
         return "ok", True
-    if auto.enabled:
-        # The billing service sizes one charge to close the shortfall.
+    if auto.enabled and auto.amount > 0:
+        # Each time the balance runs out the account pauses, is topped up by ``amount`` and
+        # resumes, until the broadcast is paid for.
         return "ok_with_auto_recharge", True
     return ("enable_auto_recharge" if auto.amount > 0 else "top_up"), False
 
 
-def preflight(body: str, footer: bool, recipients: Iterable[Mapping[str, object]],
-              rates: RateTable, opted_out: set[str], available: int, auto: AutoRecharge,
+def _skips(recipients: Recipients, countries: Sequence[str | None], opted_out: set[str],
+           needed: frozenset[str]) -> dict[int, SkipReason]:
+    """Why each skipped recipient is skipped (the first reason that applies)."""
+    numbers = recipients.numbers
+    skips: dict[int, SkipReason] = {
+        i: "invalid" for i, country in enumerate(countries) if country is None}
+    if opted_out:
+        for i, number in enumerate(numbers):
+            if number in opted_out:
+                skips.setdefault(i, "opted_out")
+    if len(set(numbers)) != len(numbers):
+        first = dict(zip(reversed(numbers), range(len(numbers) - 1, -1, -1), strict=True))
+        for i, number in enumerate(numbers):
+            if first[number] != i:
+                skips.setdefault(i, "duplicate")
+    for name in needed:
+        for i, variables in enumerate(recipients.variables):
+            if name not in variables:
+                skips.setdefault(i, "missing_variable")
+    return skips
+
+
+def preflight(template: Template, recipients: Recipients, rates: RateTable,
+              opted_out: set[str], available: int, auto: AutoRecharge,
               resolver: CountryResolver) -> PreflightResult:
-    """Price every recipient; skip invalid and opted-out numbers."""
-    template = Template(body, footer)
-    static_segments = count_segments(template.render({})).segments if template.static else 0
+    """Price every recipient; skip invalid, opted-out, repeated and incomplete ones."""
+    countries: list[str | None] = list(map(resolver.resolve, recipients.numbers))
+    skips = _skips(recipients, countries, opted_out, template.variables)
+    billed = list(countries)
+    for i in skips:
+        billed[i] = None
+    parts = template.segments(recipients.variables)
+    by_segments: defaultdict[str | None, int] = defaultdict(int)
+    for country, n in zip(billed, parts, strict=True):
+        by_segments[country] += n
+    counts = Counter(billed)
     by_country: dict[str, CountryLine] = {}
-    skipped = {"opted_out": 0, "invalid": 0, "duplicate": 0}
-    examples: list[dict[str, object]] = []
-    seen: set[str] = set()
-    billable_indexes: list[int] = []
-    costs: list[tuple[str, int, int, int]] = []
-    total = segments_total = credits_total = 0
-    for index, recipient in enumerate(recipients):
-        total += 1
-        to = str(recipient.get("to", ""))
-        reason = None
-        country = resolver.resolve(to)
-        if country is None:
-            reason = "invalid"
-        elif to in opted_out:
-            reason = "opted_out"
-        elif to in seen:
-            reason = "duplicate"
-        if reason is not None or country is None:
-            skipped[reason or "invalid"] += 1
-            if len(examples) < MAX_SKIPPED_LISTED:
-                examples.append({"index": index, "reason": reason})
-            continue
-        seen.add(to)
-        if template.static:
-            segments = static_segments
-        else:
-            variables = recipient.get("vars") or {}
-            assert isinstance(variables, Mapping)
-            segments = count_segments(template.render(variables)).segments
-        rate = rates.rate("sms", country)
-        line = by_country.get(country)
-        if line is None:
-            line = by_country[country] = CountryLine(rate=rate)
-        line.recipients += 1
-        line.segments += segments
-        line.credits += segments * rate
-        segments_total += segments
-        credits_total += segments * rate
-        billable_indexes.append(index)
-        costs.append((country, segments, rate, segments * rate))
-    shortfall = max(0, credits_total - available)
+    for country, segments in by_segments.items():
+        if country is not None:
+            rate = rates.rate("sms", country)
+            by_country[country] = CountryLine(counts[country], segments, segments * rate, rate)
+    credits = sum(line.credits for line in by_country.values())
+    shortfall = max(0, credits - available)
     advice, covers = advise(shortfall, auto)
-    return PreflightResult(total, len(billable_indexes), segments_total, credits_total,
-                           by_country, skipped, examples, available, shortfall, auto, covers,
-                           advice, billable_indexes, costs)
+    skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
+    for reason in skips.values():
+        skipped[reason] += 1
+    examples: list[dict[str, object]] = [
+        {"index": i, "reason": skips[i]} for i in sorted(skips)[:MAX_SKIPPED_LISTED]]
+    return PreflightResult(
+        len(countries), len(countries) - len(skips),
+        sum(line.segments for line in by_country.values()), credits, by_country, skipped,
+        examples, available, shortfall, auto, covers, advice, skips)

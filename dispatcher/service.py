@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from dispatcher.api.optouts import is_opted_out
+from dispatcher.api import add_api_routes
 from dispatcher.broadcasts import BroadcastRunner, Broadcasts
 from dispatcher.callbacks import StatusCallbacks
 from dispatcher.consumer import Consumer
@@ -87,11 +87,12 @@ class Service:
             return await handler.send_released(payload, attempt)
         # Broadcast fan-out: the runner sends through the handler, submissions wake the runner.
         runner = BroadcastRunner(self.pool, rates, send_released)
+        broadcasts = Broadcasts(self.pool, rates, wake=runner.wake)
         handler = JobHandler(
             jobs, TwilioSender(self.twilio_client, s.twilio_timeout_seconds),
             rates, SenderRateLimiter(s.sender_rate_per_second), self.metrics,
             HandlerConfig(callback_base_url=s.public_base_url.rstrip("/")),
-            Broadcasts(self.pool, rates, is_opted_out, wake=runner.wake))
+            broadcasts)
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.max_in_flight,
                                  delivery_limit=s.delivery_limit)
@@ -120,6 +121,8 @@ class Service:
                                     s.public_base_url, self.metrics)
         app = build_app(self.pool, self.metrics, callbacks, self.amqp,
                         self.consumer.consumers_attached)
+        add_api_routes(app, self.pool, twilio_auth_token=credentials(s)[1],
+                       public_base_url=s.public_base_url, broadcasts=broadcasts)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.http_host, s.http_port)

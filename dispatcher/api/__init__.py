@@ -11,15 +11,18 @@ from aiohttp import web
 
 from dispatcher.api.accounts import AccountsApi
 from dispatcher.api.auth import add_route, auth_middleware
+from dispatcher.api.broadcasts import BroadcastsApi
 from dispatcher.api.errors import Handler, error_middleware
 from dispatcher.api.openapi import OPERATIONS, serve_openapi
 from dispatcher.api.optouts import InboundWebhook, OptOutsApi, is_opted_out, record_opt_out
+from dispatcher.broadcasts import Broadcasts
+from dispatcher.rates import RateCache
 
 __all__ = ["add_api_routes", "is_opted_out", "record_opt_out"]
 
 
-def _handlers(pool: asyncpg.Pool) -> dict[str, Handler]:
-    accounts, optouts = AccountsApi(pool), OptOutsApi(pool)
+def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts) -> dict[str, Handler]:
+    accounts, optouts, sends = AccountsApi(pool), OptOutsApi(pool), BroadcastsApi(broadcasts)
     return {
         "getBalance": accounts.get_balance,
         "listLedger": accounts.get_ledger,
@@ -30,15 +33,23 @@ def _handlers(pool: asyncpg.Pool) -> dict[str, Handler]:
         "listOptOuts": optouts.list_opt_outs,
         "putOptOut": optouts.put_opt_out,
         "deleteOptOut": optouts.delete_opt_out,
+        "preflightBroadcast": sends.post_preflight,
+        "submitBroadcast": sends.post_broadcast,
+        "getBroadcast": sends.get_broadcast,
+        "cancelBroadcast": sends.post_cancel,
     }
 
 
 def add_api_routes(app: web.Application, pool: asyncpg.Pool, *, twilio_auth_token: str,
-                   public_base_url: str) -> None:
-    """Add ``/v1`` routes, ``/openapi.json`` and ``POST /twilio/inbound/{account}`` to ``app``."""
+                   public_base_url: str, broadcasts: Broadcasts | None = None) -> None:
+    """Add ``/v1`` routes, ``/openapi.json`` and ``POST /twilio/inbound/{account}`` to ``app``.
+
+    ``broadcasts`` is the service's (its runner sends what is submitted); without one,
+    broadcasts are stored and priced but only a runner elsewhere sends them.
+    """
     app.middlewares.append(error_middleware)
     app.middlewares.append(auth_middleware(pool))
-    handlers = _handlers(pool)
+    handlers = _handlers(pool, broadcasts or Broadcasts(pool, RateCache(pool)))
     for op in OPERATIONS:
         add_route(app, op.method, op.path, handlers[op.operation_id], op.permission)
     app.router.add_get("/openapi.json", serve_openapi)

@@ -26,12 +26,15 @@ class Permission(StrEnum):
     READ = "read"
     BILLING = "billing"
     OPT_OUT_WRITE = "opt_out_write"
+    BROADCAST = "broadcast"
 
 
 ALLOWED_ROLES: dict[Permission, frozenset[str]] = {
     Permission.READ: frozenset({"owner", "admin", "member", "service"}),
     Permission.BILLING: frozenset({"owner", "admin"}),
     Permission.OPT_OUT_WRITE: frozenset({"owner", "admin", "service"}),
+    # Sending and canceling spend credits: members only read (balances, pre-flights, progress).
+    Permission.BROADCAST: frozenset({"owner", "admin", "service"}),
 }
 
 PREFIX = "/v1/"

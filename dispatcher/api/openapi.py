@@ -14,17 +14,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from dispatcher.api.auth import Permission
+from dispatcher.api.broadcast_bodies import BroadcastIn, PreflightIn, schema_components
 from dispatcher.api.schemas import (
     ACCOUNT_PATTERN,
     E164_PATTERN,
     AutoRecharge,
     AutoRechargeUpdate,
     BalanceOut,
+    BroadcastAccepted,
+    BroadcastProgress,
     CreditsIn,
     CreditsOut,
     ErrorOut,
@@ -32,11 +36,13 @@ from dispatcher.api.schemas import (
     OptOut,
     OptOutPage,
     PageQuery,
+    PreflightOut,
     RefundIn,
     RefundOut,
 )
 
 ACCOUNT = "/v1/accounts/{account}"
+BROADCAST_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 DOCUMENT_FILE = "openapi.json"
 
 
@@ -50,7 +56,7 @@ class Operation:
     summary: str
     permission: Permission
     responses: Mapping[int, type[BaseModel] | None]
-    body: type[BaseModel] | None = None
+    body: type[BaseModel] | type[msgspec.Struct] | None = None
     paged: bool = False
     idempotent: bool = False
     errors: tuple[int, ...] = field(default=())
@@ -81,6 +87,19 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("deleteOptOut", "DELETE", f"{ACCOUNT}/opt-outs/{{number}}",
               "Take a number off the opt-out list (owner, admin, service)",
               Permission.OPT_OUT_WRITE, {204: None}, errors=(422,)),
+    Operation("preflightBroadcast", "POST", f"{ACCOUNT}/broadcasts/preflight",
+              "Price a broadcast: credits, segments, countries, skipped recipients, advice "
+              "(a pure read; body up to 32 MiB)", Permission.READ, {200: PreflightOut},
+              body=PreflightIn),
+    Operation("submitBroadcast", "POST", f"{ACCOUNT}/broadcasts",
+              "Send a broadcast once per Idempotency-Key after its pre-flight; refused with "
+              "insufficient_credits when short and auto-recharge is off (owner, admin, service)",
+              Permission.BROADCAST, {202: BroadcastAccepted}, body=BroadcastIn, idempotent=True),
+    Operation("getBroadcast", "GET", f"{ACCOUNT}/broadcasts/{{broadcast}}",
+              "A broadcast's progress", Permission.READ, {200: BroadcastProgress}),
+    Operation("cancelBroadcast", "POST", f"{ACCOUNT}/broadcasts/{{broadcast}}/cancel",
+              "Cancel a broadcast: unsent recipients are dropped and never charged "
+              "(owner, admin, service)", Permission.BROADCAST, {200: BroadcastProgress}),
 )
 
 ERRORS: dict[int, tuple[str, str]] = {
@@ -88,7 +107,8 @@ ERRORS: dict[int, tuple[str, str]] = {
     401: ("Unauthenticated", "unauthenticated: missing, unknown or revoked bearer token"),
     403: ("Forbidden", "forbidden: the token's role may not do this"),
     404: ("NotFound", "not_found: no such account (or not the token's account)"),
-    409: ("Conflict", "idempotency_conflict, refund_too_large (details.refundable)"),
+    409: ("Conflict", "idempotency_conflict, refund_too_large (details.refundable), "
+                      "insufficient_credits (details: shortfall, advice, preflight)"),
     413: ("PayloadTooLarge", "payload_too_large"),
     422: ("InvalidRequest", "invalid_request (details.errors: location, field, message, type),"
                             " unknown_purchase"),
@@ -98,15 +118,15 @@ ERRORS: dict[int, tuple[str, str]] = {
 def _component_schemas() -> dict[str, Any]:
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [(ErrorOut, "serialization")]
     for op in OPERATIONS:
-        if op.body is not None:
+        if op.body is not None and issubclass(op.body, BaseModel):
             models.append((op.body, "validation"))
         models += [(m, "serialization") for m in op.responses.values() if m is not None]
     _, schemas = models_json_schema(list(dict.fromkeys(models)),
                                     ref_template="#/components/schemas/{model}")
-    return dict(sorted(schemas["$defs"].items()))
+    return dict(sorted({**schemas["$defs"], **schema_components()}.items()))
 
 
-def _ref(model: type[BaseModel]) -> dict[str, str]:
+def _ref(model: type[BaseModel] | type[msgspec.Struct]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
@@ -117,6 +137,10 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
         params.append({"name": "number", "in": "path", "required": True,
                        "description": "E.164 phone number",
                        "schema": {"type": "string", "pattern": E164_PATTERN}})
+    if "{broadcast}" in op.path:
+        params.append({"name": "broadcast", "in": "path", "required": True,
+                       "description": "broadcast id",
+                       "schema": {"type": "string", "pattern": BROADCAST_PATTERN}})
     if op.paged:
         props = PageQuery.model_json_schema()["properties"]
         params += [{"name": name, "in": "query", "required": False,
@@ -193,8 +217,9 @@ def build_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "dispatcher API", "version": "1.0.0",
-                 "description": "Balances, ledger, billing settings, credits, refunds and "
-                                "opt-outs per account. Errors are JSON with a stable code."},
+                 "description": "Balances, ledger, billing settings, credits, refunds, "
+                                "opt-outs and broadcasts (pre-flight, submission, progress, "
+                                "cancel) per account. Errors are JSON with a stable code."},
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {

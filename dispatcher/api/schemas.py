@@ -189,3 +189,83 @@ class ErrorOut(ResponseBody):
     """Every error response."""
 
     error: ErrorDetail
+
+
+class CountryLineOut(ResponseBody):
+    """Billable recipients of one country: SMS parts, credits, credits per part."""
+
+    recipients: int
+    segments: int
+    credits: int
+    rate: int
+
+
+class SkippedExample(ResponseBody):
+    """One skipped recipient: its index in ``recipients`` and why."""
+
+    index: int
+    reason: Literal["invalid", "opted_out", "duplicate", "missing_variable"]
+
+
+class SkippedOut(ResponseBody):
+    """Recipients that would not be sent to, by reason; the first 100 listed."""
+
+    invalid: int = Field(description="not a valid phone number in E.164 form")
+    opted_out: int = Field(description="on the account's opt-out list")
+    duplicate: int = Field(description="the same number earlier in the list")
+    missing_variable: int = Field(description="vars lacks a variable the body uses")
+    examples: list[SkippedExample]
+
+
+class PreflightAutoRecharge(ResponseBody):
+    """The account's auto-recharge settings and what they would do for this broadcast."""
+
+    enabled: bool
+    threshold: int
+    amount: int
+    covers_shortfall: bool
+    top_ups_needed: int = Field(description="top-ups of ``amount`` the shortfall would take")
+
+
+class PreflightOut(ResponseBody):
+    """What a broadcast would cost now, who would be skipped, and what to do."""
+
+    recipients: int
+    billable: int
+    segments: int
+    credits: int
+    by_country: dict[str, CountryLineOut]
+    skipped: SkippedOut
+    available: int
+    shortfall: int
+    auto_recharge: PreflightAutoRecharge
+    advice: Literal["ok", "ok_with_auto_recharge", "enable_auto_recharge", "top_up"]
+
+
+class BroadcastAccepted(ResponseBody):
+    """A broadcast accepted for sending, and the pre-flight it passed."""
+
+    broadcast_id: str
+    status: str
+    preflight: PreflightOut
+
+
+class BroadcastProgress(ResponseBody):
+    """Where a broadcast stands; recipients move pending -> sending -> sent -> delivered."""
+
+    broadcast_id: str
+    account: str
+    status: Literal["running", "completed", "canceled"]
+    total: int
+    skipped: int
+    pending: int = Field(description="not yet reserved")
+    sending: int
+    sent: int
+    delivered: int
+    failed: int
+    held: int = Field(description="waiting for credits (the account is paused)")
+    canceled: int
+    credits_reserved: int
+    credits_spent: int
+    created_at: datetime
+    finished_at: datetime | None

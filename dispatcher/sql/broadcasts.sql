@@ -23,6 +23,7 @@ SELECT id, account_id, status, priority, total, skipped, estimate, created_at, f
   FROM broadcasts WHERE id = $1;
 
 -- name: broadcast_progress
+-- Recipients not yet turned into jobs are counted from broadcast_recipients, the rest from jobs.
 SELECT
     (SELECT count(*) FROM broadcast_recipients WHERE broadcast_id = $1 AND status = 'pending')
         AS pending,
@@ -31,7 +32,11 @@ SELECT
     count(*) FILTER (WHERE status = 'delivered') AS delivered,
     count(*) FILTER (WHERE status IN ('failed', 'undelivered', 'expired')) AS failed,
     count(*) FILTER (WHERE status = 'held') AS held,
-    count(*) FILTER (WHERE status = 'canceled') AS canceled,
+    count(*) FILTER (WHERE status = 'canceled')
+        + (SELECT count(*) FROM broadcast_recipients
+            WHERE broadcast_id = $1 AND status = 'canceled') AS canceled,
+    coalesce(sum(estimate) FILTER (WHERE status IN ('sending', 'retry_wait', 'unknown', 'sent')
+                                     AND final_cost IS NULL), 0) AS credits_reserved,
     coalesce(sum(final_cost), 0) AS credits_spent
   FROM jobs WHERE broadcast_id = $1;
 
@@ -51,3 +56,6 @@ SELECT cancel_broadcast($1);
 SELECT sub_available + purchased_available - debt AS available, auto_recharge_enabled,
        auto_recharge_threshold, auto_recharge_amount
   FROM accounts WHERE id = $1;
+
+-- name: broadcast_account_opt_outs
+SELECT number FROM opt_outs WHERE account_id = $1 LIMIT $2;

@@ -1,0 +1,111 @@
+"""Broadcast body templates: ``{name}`` placeholders, rendering, and SMS parts for many at once.
+
+``Template.segments`` gives, for every recipient, exactly what ``count_segments(render(vars))``
+would, without rendering or counting each message in Python: the literal text is classified
+once, each variable's values are scanned as one joined string, and lengths are summed column by
+column. Only recipients whose values hold a character that changes the encoding or takes two
+units (GSM-7 extension characters, characters outside the BMP) are counted one by one.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from bisect import bisect_right
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import accumulate
+from typing import Literal
+
+from dispatcher.contract import STOP_FOOTER
+from dispatcher.pricing import GSM7_BASIC, GSM7_EXTENDED, LIMITS, Encoding, count_segments
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
+_NOT_BASIC = re.compile(f"[^{re.escape(GSM7_BASIC)}]")
+_NOT_GSM = re.compile(f"[^{re.escape(GSM7_BASIC + GSM7_EXTENDED)}]")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_ASCII_BASIC = bytes(c for c in range(128) if chr(c) in GSM7_BASIC)
+_SEPARATOR = "\n"  # any character: rows are found by offsets, never by splitting
+Literals = Literal["basic", "extended", "ucs2", "astral"]
+
+
+def _literal_class(text: str) -> Literals:
+    """How the fixed text of a template constrains every message made from it."""
+    if _NOT_BASIC.search(text) is None:
+        return "basic"
+    if _NOT_GSM.search(text) is None:
+        return "extended"
+    return "astral" if _ASTRAL.search(text) else "ucs2"
+
+
+def _parts(encoding: Encoding, units: int) -> int:
+    single, per_part = LIMITS[encoding]
+    return 1 if units <= single else -(-units // per_part)
+
+
+def _flagged_rows(column: Sequence[str], pattern: re.Pattern[str]) -> Iterator[int]:
+    """Indexes of the values in which ``pattern`` finds a character."""
+    joined = _SEPARATOR.join(column)
+    if (pattern is _NOT_BASIC and joined.isascii()
+            and not joined.encode("ascii").translate(None, _ASCII_BASIC)):
+        return
+    ends = list(accumulate(len(value) + 1 for value in column))
+    last = -1
+    for match in pattern.finditer(joined):
+        row = bisect_right(ends, match.start())
+        if row != last:
+            last = row
+            yield row
+
+
+class Template:
+    """A body template, split once into literal text and variable names."""
+
+    def __init__(self, body: str, footer: bool) -> None:
+        literals: list[str] = []
+        names: list[str] = []
+        text, last = "", 0
+        for match in _PLACEHOLDER.finditer(body):
+            text += body[last:match.start()]
+            last = match.end()
+            if match.group(1) is None:
+                text += match.group(0)[0]  # '{{' or '}}': a literal brace
+            else:
+                literals.append(text)
+                names.append(match.group(1))
+                text = ""
+        literals.append(text + body[last:] + (STOP_FOOTER if footer else ""))
+        self.literals = tuple(literals)
+        self.names = tuple(names)
+        self.variables = frozenset(names)
+        self.static = not names
+
+    def render(self, variables: Mapping[str, str]) -> str:
+        """The message for one recipient; a missing variable renders as nothing."""
+        out = [self.literals[0]]
+        for name, literal in zip(self.names, self.literals[1:], strict=True):
+            out += (variables.get(name, ""), literal)
+        return "".join(out)
+
+    def segments(self, variables: Sequence[Mapping[str, str]]) -> list[int]:
+        """SMS parts of each recipient's message, as ``count_segments`` counts them."""
+        fixed = "".join(self.literals)
+        if self.static:
+            return [count_segments(fixed).segments] * len(variables)
+        kind = _literal_class(fixed)
+        if kind in ("extended", "astral"):
+            return [count_segments(self.render(v)).segments for v in variables]
+        encoding: Encoding = "GSM-7" if kind == "basic" else "UCS-2"
+        odd = _NOT_BASIC if kind == "basic" else _ASTRAL
+        units = [len(fixed)] * len(variables)
+        flagged: set[int] = set()
+        for name in dict.fromkeys(self.names):
+            column = [v.get(name, "") for v in variables]
+            lengths = list(map(len, column))
+            for _ in range(self.names.count(name)):
+                units = list(map(operator.add, units, lengths))
+            flagged.update(_flagged_rows(column, odd))
+        table = [_parts(encoding, n) for n in range(max(units, default=0) + 1)]
+        parts = list(map(table.__getitem__, units))
+        for row in flagged:
+            parts[row] = count_segments(self.render(variables[row])).segments
+        return parts
