@@ -1,9 +1,10 @@
 """The credit ledger: reserve before send, settle after, grants, refunds and plan changes.
 
-Every operation is one call to a plpgsql function (see ``sql/migrations/0001_ledger.sql``) that
-locks the account row first, so concurrent dispatchers can never overspend and no read-then-write
-happens in Python. Each change appends a ledger row with a unique reference; replays of the same
-job id or payment reference change nothing.
+Every operation is one call to a plpgsql function (see ``sql/migrations/0001_ledger.sql``, and
+0006 for ``reserve_batch``) that locks the account row first, so concurrent dispatchers can never
+overspend and no read-then-write happens in Python. Each change appends a ledger row with a unique
+reference; replays of the same job id or payment reference change nothing. Over a pool,
+concurrent ``reserve_many`` calls for one account share round trips (``dispatcher.coalesce``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 import asyncpg
 
+from dispatcher.coalesce import reserve_coalesced
 from dispatcher.errors import (
     AlreadySettled,
     InsufficientCredits,
@@ -101,10 +103,16 @@ def check_amount(amount: object, *, allow_zero: bool = False) -> int:
 
 
 class CreditStore:
-    """The ledger operations over a pool or a connection."""
+    """The ledger operations over a pool or a connection.
 
-    def __init__(self, db: Executor) -> None:
+    ``coalesce``: concurrent ``reserve_many`` calls for one account share one ``reserve_batch``
+    in flight at a time (each caller still gets exactly its own outcome). The default is on for
+    a pool and off for a connection, whose caller may be inside a transaction of its own.
+    """
+
+    def __init__(self, db: Executor, *, coalesce: bool | None = None) -> None:
         self._db = db
+        self._coalesce = isinstance(db, asyncpg.Pool) if coalesce is None else coalesce
 
     async def reserve(self, job_id: str, account_id: str, amount: int) -> Reservation:
         """Reserve ``amount`` for a job, atomically; the same job id twice reserves once."""
@@ -128,7 +136,14 @@ class CreditStore:
             raise InvalidAmount("reserve_many needs at least one job")
         ids = [job_id for job_id, _ in jobs]
         amounts = [check_amount(amount) for _, amount in jobs]
-        rows = await self._fetch_batch(account_id, ids, amounts)
+        if self._coalesce:
+            try:
+                rows = await reserve_coalesced(self._db, account_id, ids, amounts,
+                                               self._fetch_raw)
+            except asyncpg.UniqueViolationError as exc:
+                raise ReservationConflict(job_ids=ids) from exc
+        else:
+            rows = await self._fetch_batch(account_id, ids, amounts)
         if rows[0]["status"] == "unknown_account":
             raise UnknownAccount(f"no account {account_id!r}", account_id=account_id)
         by_status: dict[str, list[str]] = {
@@ -140,10 +155,13 @@ class CreditStore:
             insufficient=by_status["insufficient"], conflicts=by_status["conflict"],
             available=rows[-1]["available"])
 
+    async def _fetch_raw(self, account_id: str, ids: list[str], amounts: list[int]) -> list[Any]:
+        return await self._db.fetch(q("reserve_batch"), account_id, ids, amounts)
+
     async def _fetch_batch(self, account_id: str, ids: list[str],
                            amounts: list[int]) -> list[Any]:
         try:
-            return await self._db.fetch(q("reserve_batch"), account_id, ids, amounts)
+            return await self._fetch_raw(account_id, ids, amounts)
         except asyncpg.UniqueViolationError as exc:
             # Two accounts raced to reserve under one job id; the other one won.
             raise ReservationConflict(job_ids=ids) from exc
