@@ -13,6 +13,7 @@ import asyncpg
 
 from dispatcher.audit import format_report, run_audit
 from dispatcher.db import connect
+from dispatcher.demo_options import DemoOptions
 from dispatcher.errors import DispatcherError
 from dispatcher.ledger import CreditStore
 from dispatcher.logs import configure_logging
@@ -131,6 +132,18 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_jobs_unresolved(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC, datetime, timedelta
+async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.demo import run_demo
+
+    configure_logging(settings.log_format, "warning")
+    options = DemoOptions(recipients=args.recipients, balance=args.balance,
+                          threshold=args.threshold, amount=args.amount,
+                          latency_ms=args.latency_ms, rate_per_second=args.rate,
+                          database=args.database, timeout_seconds=args.timeout,
+                          to=tuple(args.to))
+    return await run_demo(settings, options, sys.stdout)
+
+
 
     from dispatcher.jobstore import JobStore
 
@@ -220,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="inspect and resolve jobs").add_subparsers(
         dest="jobs_command", required=True)
+    _add_demo(sub)
+
     unresolved = jobs.add_parser("unresolved", help="jobs whose provider outcome is unknown")
     unresolved.add_argument("--older-than", type=float, default=0.0, help="seconds")
     unresolved.add_argument("--limit", type=int, default=500)
@@ -248,6 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+def _add_demo(sub: Any) -> None:
+    d = DemoOptions()
+    demo = sub.add_parser("demo", help="run the whole flow end to end on this machine, then stop")
+    demo.add_argument("--recipients", type=_positive, default=d.recipients,
+                      help="broadcast size (sandbox)")
+    demo.add_argument("--balance", type=_non_negative, default=d.balance,
+                      help="starting credits")
+    demo.add_argument("--threshold", type=_non_negative, default=d.threshold,
+                      help="auto-recharge threshold")
+    demo.add_argument("--amount", type=_positive, default=d.amount, help="auto-recharge amount")
+    demo.add_argument("--latency-ms", type=_non_negative, default=d.latency_ms,
+                      help="sandbox latency per create")
+    demo.add_argument("--rate", type=float, default=d.rate_per_second,
+                      help="sends per second for the sending number")
+    demo.add_argument("--database", default=d.database, help="demo database (created if missing)")
+    demo.add_argument("--timeout", type=float, default=d.timeout_seconds,
+                      help="give up after this many seconds of broadcast")
+    demo.add_argument("--to", action="append", default=[],
+                      help="a real recipient (required with real Twilio credentials)")
+    demo.set_defaults(func=cmd_demo)
+
+
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
     func: Command = args.func

@@ -73,9 +73,11 @@ class Service:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     twilio_client: object | None = None
     http_port: int | None = None
+    stop: asyncio.Event | None = None
 
     async def start(self, stop: asyncio.Event) -> None:
         """Open everything; background tasks watch ``stop``."""
+        self.stop = stop
         s = self.settings
         self.pool = await create_pool(s)
         self.amqp = await connect_broker(s)
@@ -143,10 +145,17 @@ class Service:
 
     async def close(self) -> None:
         """Drain, then close in reverse order of opening."""
+        if self.stop is not None:
+            self.stop.set()
         if self.consumer is not None:
             await self.consumer.stop(self.settings.shutdown_timeout_seconds)
-        for task in self.tasks:
-            task.cancel()
+        if self.tasks:
+            # Background tasks see the stop event and finish the step they are in (a broadcast
+            # batch being sent, held jobs being released), so no job is left `sending`.
+            _, unfinished = await asyncio.wait(self.tasks,
+                                               timeout=self.settings.shutdown_timeout_seconds)
+            for task in unfinished:
+                task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()
