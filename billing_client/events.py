@@ -99,7 +99,12 @@ class AutoRecharge(BaseModel):
 
 
 class BalanceLow(_Event):
-    """Available credits fell below the threshold (once per episode)."""
+    """Available credits fell below the threshold, or to zero or below (once per episode).
+
+    ``shortfall`` is what it takes to reach the threshold again (threshold - available).
+    ``topup_requested_even_if_disabled``: auto-recharge is off but the balance is at zero or
+    below and the account did not opt out, so a top-up with the saved settings is wanted.
+    """
 
     type: Literal["balance.low"] = "balance.low"
     available: int
@@ -107,6 +112,7 @@ class BalanceLow(_Event):
     auto_recharge: AutoRecharge
     episode: Episode
     shortfall: Credits | None = None
+    topup_requested_even_if_disabled: bool = False
 
 
 class BalanceDepleted(_Event):

@@ -2,6 +2,7 @@
 
 The payment reference is the grant's ledger reference, so a redelivered or duplicated event
 changes nothing. Granting credits to a paused account wakes the resumer through PostgreSQL.
+``topup.failed`` is logged: the account stays paused with its jobs held until credits arrive.
 """
 
 from __future__ import annotations
@@ -12,23 +13,29 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from billing_client.events import InvalidEvent, decode_event
+from billing_client.events import CreditsGranted, InvalidEvent, TopupFailed, decode_event
 from dispatcher.errors import DispatcherError
 from dispatcher.ledger import CreditStore
 from dispatcher.topology import Names, Topology
 
 log = structlog.get_logger(__name__)
 
+LISTENED = ("credits.granted", "topup.failed")
+RETRY_DELAY_SECONDS = 1.0
+PREFETCH = 32
+
 
 async def declare_credits_queue(channel: AbstractChannel, names: Names,
                                 topology: Topology) -> AbstractQueue:
-    """The dispatcher's queue of grants coming back from billing."""
+    """The dispatcher's queue of billing replies; bounds the channel's unacked messages."""
+    await channel.set_qos(prefetch_count=PREFETCH)
     queue = await channel.declare_queue(
         f"{names.prefix}.credits", durable=True, arguments={
             "x-queue-type": "quorum", "x-delivery-limit": 10,
             "x-dead-letter-exchange": names.dead_exchange,
             "x-dead-letter-routing-key": "delivery_limit"})
-    await queue.bind(topology.billing, routing_key="credits.granted")
+    for routing_key in LISTENED:
+        await queue.bind(topology.billing, routing_key=routing_key)
     return queue
 
 
@@ -40,15 +47,28 @@ class CreditsListener:
         self._topology = topology
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Apply one event; a database outage requeues it (the delivery limit ends a loop)."""
         try:
-            event = decode_event(message.body)
-            if event.type != "credits.granted":
-                raise InvalidEvent(f"unexpected event type {event.type!r} on the credits queue")
-            new = await self._store.grant(event.account, event.amount, event.kind,
-                                          event.payment_reference)
+            await self._apply(message)
         except (InvalidEvent, DispatcherError) as exc:
             await self._reject(message, exc)
+        except Exception:
+            log.exception("credits_event_failed", message_id=message.message_id)
+            await asyncio.sleep(RETRY_DELAY_SECONDS)
+            await message.nack(requeue=True)
+
+    async def _apply(self, message: AbstractIncomingMessage) -> None:
+        event = decode_event(message.body)
+        if isinstance(event, TopupFailed):
+            # The account stays paused and its jobs held; billing retries or gave up.
+            await message.ack()
+            log.warning("topup_failed", account_id=event.account, reason=event.reason,
+                        attempts=event.attempts, gave_up=event.next_attempt_at is None)
             return
+        if not isinstance(event, CreditsGranted):
+            raise InvalidEvent(f"unexpected event type {event.type!r} on the credits queue")
+        new = await self._store.grant(event.account, event.amount, event.kind,
+                                      event.payment_reference)
         await message.ack()
         log.info("credits_granted", account_id=event.account, amount=event.amount,
                  duplicate=not new)

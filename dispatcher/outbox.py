@@ -11,9 +11,11 @@ import asyncio
 import json
 
 import aio_pika
+import aio_pika.exceptions
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractExchange
+from asyncpg.pool import PoolConnectionProxy
 
 from dispatcher.metrics import Metrics
 from dispatcher.queries import q
@@ -25,6 +27,10 @@ BATCH = 200
 # A safety net for a notification missed while the listening connection was down.
 SWEEP_SECONDS = 15.0
 PUBLISH_TIMEOUT_SECONDS = 10.0
+RETRY_SECONDS = 1.0
+RELAY_ERRORS = (TimeoutError, OSError, aio_pika.exceptions.AMQPError,
+                aio_pika.exceptions.ChannelInvalidStateError, asyncpg.PostgresError,
+                asyncpg.InterfaceError)
 
 
 class OutboxRelay:
@@ -38,24 +44,32 @@ class OutboxRelay:
         self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Relay until ``stop`` is set."""
+        """Relay until ``stop`` is set; a broker or database hiccup is retried, not fatal."""
         listener = await self._pool.acquire()
         await listener.add_listener(NOTIFY_CHANNEL, self._notified)
         try:
             while not stop.is_set():
                 self._wake.clear()
-                while await self.relay_once():
-                    pass
-                await self._update_backlog()
-                waiters = [asyncio.create_task(self._wake.wait()),
-                           asyncio.create_task(stop.wait())]
-                await asyncio.wait(waiters, timeout=SWEEP_SECONDS,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                for waiter in waiters:
-                    waiter.cancel()
+                pause = SWEEP_SECONDS
+                try:
+                    while await self.relay_once():
+                        pass
+                    await self._update_backlog()
+                except RELAY_ERRORS as exc:
+                    # Nothing was marked: the rows are published again on the next pass.
+                    log.warning("outbox_relay_failed", error=type(exc).__name__)
+                    pause = RETRY_SECONDS
+                await self._sleep(stop, pause)
         finally:
             await listener.remove_listener(NOTIFY_CHANNEL, self._notified)
             await self._pool.release(listener)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        """Until a NOTIFY, a stop, or ``seconds``."""
+        waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
 
     def _notified(self, *_: object) -> None:
         self._wake.set()
@@ -68,9 +82,13 @@ class OutboxRelay:
                 return 0
             for row in rows:
                 await self._publish(row)
-            await conn.execute(q("outbox_mark_published"), [row["id"] for row in rows])
+            await self._mark(conn, [row["id"] for row in rows])
         log.debug("outbox_relayed", events=len(rows))
         return len(rows)
+
+    async def _mark(self, conn: PoolConnectionProxy[asyncpg.Record], ids: list[int]) -> None:
+        """Mark confirmed rows published (a crash before this commit republishes them)."""
+        await conn.execute(q("outbox_mark_published"), ids)
 
     async def _publish(self, row: asyncpg.Record) -> None:
         body = row["body"] if isinstance(row["body"], str) else json.dumps(row["body"])

@@ -38,10 +38,8 @@ class Verdict:
 
 
 def wants_topup(event: TriggerEvent) -> bool:
-    """Low asks only with auto-recharge on; depleted also when the dispatcher insists."""
-    if isinstance(event, BalanceDepleted):
-        return event.auto_recharge.enabled or event.topup_requested_even_if_disabled
-    return event.auto_recharge.enabled
+    """With auto-recharge on, or off when the dispatcher insists (at zero, no opt-out)."""
+    return event.auto_recharge.enabled or event.topup_requested_even_if_disabled
 
 
 def shortfall(event: TriggerEvent) -> int:

@@ -93,12 +93,13 @@ async def test_held_jobs_past_the_limit_expire_and_release_nothing(
                          "WHERE job_id = $1", job_id)
 
     async def expired() -> bool:
-        return (await statuses(d, account)).get(job_id) == "expired"
+        return (await statuses(d, account)).get(job_id) == "failed"
     await wait_for(expired)
     [event] = [e for e in await d.pool.fetch(
-        "SELECT body FROM outbox WHERE body->>'job_id' = $1 AND body->>'status' = 'expired'",
+        "SELECT body FROM outbox WHERE body->>'job_id' = $1 AND body->>'status' = 'failed'",
         job_id)]
     assert json.loads(event["body"])["reason"] == "insufficient_credits"
+    assert (await d.job(job_id) or {})["reason"] == "insufficient_credits"
     assert await run_audit(d.pool) == []
 
 

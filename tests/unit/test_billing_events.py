@@ -107,6 +107,13 @@ def test_not_json_and_too_large() -> None:
     assert refused(b" " * (64 * 1024 + 1)).reason == "too_large"
 
 
+def test_balance_low_from_an_older_dispatcher_does_not_insist_on_a_top_up() -> None:
+    event = decode_event(wire(EVENTS[0], topup_requested_even_if_disabled=...))
+    assert isinstance(event, BalanceLow) and not event.topup_requested_even_if_disabled
+    insisting = decode_event(wire(EVENTS[1], topup_requested_even_if_disabled=True))
+    assert isinstance(insisting, BalanceLow) and insisting.topup_requested_even_if_disabled
+
+
 def test_new_optional_fields_are_ignored() -> None:
     """Within version 1 producers may add optional fields; older consumers must keep working."""
     decoded = decode_event(wire(EVENTS[3], currency="EUR", invoice={"id": "in_1"}))

@@ -35,6 +35,13 @@ def test_enabled_low_starts_and_disabled_low_does_not() -> None:
     assert decide(low(amount=0), IDLE).decision == "nothing_to_charge"
 
 
+def test_low_at_zero_tops_up_with_the_saved_settings_even_if_disabled() -> None:
+    below_zero = low(enabled=False, amount=20, shortfall=6).model_copy(
+        update={"available": -1, "topup_requested_even_if_disabled": True})
+    verdict = decide(below_zero, IDLE)
+    assert (verdict.decision, verdict.amount) == ("start_topup", 20)
+
+
 def test_depleted_tops_up_even_if_disabled_when_the_dispatcher_insists() -> None:
     assert decide(depleted(enabled=False, insist=True), IDLE).amount == 1000
     assert not decide(depleted(enabled=False, insist=False), IDLE).starts_topup
