@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
 from dispatcher.broadcasts import Broadcasts
 from dispatcher.contract import BroadcastJob, CallJob, InvalidJob, SmsJob, encode_job, parse_job
 from dispatcher.errors import DispatcherError
-from dispatcher.jobstore import JobStore, NewJob
+from dispatcher.group_commit import GroupCommit
+from dispatcher.jobstore import Begin, JobStore, NewJob
 from dispatcher.metrics import Metrics
 from dispatcher.ordering import AccountTurns
 from dispatcher.outcomes import DeadLetter, Done, Outcome, RetryLater
@@ -34,6 +36,9 @@ class HandlerConfig:
 
     callback_base_url: str
     max_job_bytes: int = 256 * 1024
+    # Begins and acceptances of concurrent jobs share round trips (see group_commit).
+    max_batch: int = 200
+    batch_concurrency: int = 2
 
 
 class JobHandler:
@@ -50,6 +55,30 @@ class JobHandler:
         self._limiter = limiter
         self._metrics = metrics
         self._config = config
+        self._begins: GroupCommit[NewJob, Begin] = GroupCommit(
+            self._begin_batch, jobs.begin, max_batch=config.max_batch,
+            concurrency=config.batch_concurrency)
+        self._accepts: GroupCommit[tuple[str, str], str] = GroupCommit(
+            self._accepted_batch, lambda pair: jobs.accepted(*pair),
+            max_batch=config.max_batch, concurrency=config.batch_concurrency)
+
+    async def _begin_batch(self, batch: list[NewJob]) -> list[Begin]:
+        # Account rows are locked in account order (arrival order within an account), so
+        # concurrent batches cannot deadlock on them.
+        order = sorted(range(len(batch)), key=lambda i: batch[i].account_id)
+        begun = await self._jobs.begin_many([batch[i] for i in order])
+        results: list[Begin] = [begun[0]] * len(batch)
+        for position, i in enumerate(order):
+            results[i] = begun[position]
+        return results
+
+    async def _accepted_batch(self, batch: list[tuple[str, str]]) -> list[str]:
+        order = sorted(range(len(batch)), key=lambda i: batch[i][0])
+        statuses = await self._jobs.accepted_many([batch[i] for i in order])
+        results = [""] * len(batch)
+        for position, i in enumerate(order):
+            results[i] = statuses[position]
+        return results
 
     async def handle(self, raw: bytes) -> Outcome:
         """Validate, begin and send one job."""
@@ -64,7 +93,9 @@ class JobHandler:
                 new_job = await self._price(job)
             except DispatcherError as exc:
                 return DeadLetter(exc.code, str(exc), job.id, job.account)
-            begin = await self._jobs.begin(new_job)
+            reserving = time.perf_counter()
+            begin = await self._begins.submit(new_job)
+            self._metrics.reservation_seconds.observe(time.perf_counter() - reserving)
             if begin.outcome == "send":
                 await self._limiter.acquire(_sender_of(job))
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
@@ -75,6 +106,7 @@ class JobHandler:
                               job.id, job.account)
         if begin.outcome in ("held", "duplicate"):
             bound.info("job_" + begin.outcome, status=begin.status)
+            self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()
             return Done(begin.outcome)
         return await self._send(job, begin.attempts)
 
@@ -116,9 +148,12 @@ class JobHandler:
         result = await self._call_provider(job, callback)
         self._metrics.send_seconds.labels(kind=job.kind).observe(time.perf_counter() - started)
         if isinstance(result, Accepted):
-            await self._jobs.accepted(job.id, result.sid)
+            await self._accepts.submit((job.id, result.sid))
             bound.info("job_sent", attempt=attempt)
             self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
+            if job.created_at is not None:
+                self._metrics.end_to_end_seconds.labels(kind=job.kind).observe(
+                    max(0.0, (datetime.now(UTC) - job.created_at).total_seconds()))
             return Done("sent")
         self._metrics.twilio_errors.labels(code_class=result.code_class).inc()
         bound = bound.bind(reason=result.reason, code=result.code, attempt=attempt)

@@ -72,6 +72,25 @@ class JobStore:
             job.broadcast_id)
         return Begin(row["outcome"], row["status"], row["attempts"])
 
+    async def begin_many(self, jobs: list[NewJob]) -> list[Begin]:
+        """``begin`` for several jobs in one round trip and one transaction, in the given order.
+
+        Callers order the jobs by account so that account rows are locked in a consistent order.
+        """
+        rows = await self._db.fetch(
+            q("begin_jobs"), [j.job_id for j in jobs], [j.account_id for j in jobs],
+            [j.kind for j in jobs], [j.priority for j in jobs],
+            [json.dumps(j.payload) for j in jobs], [j.estimate for j in jobs],
+            [j.country for j in jobs], [j.units for j in jobs], [j.rate for j in jobs],
+            [j.broadcast_id for j in jobs])
+        return [Begin(r["outcome"], r["status"], r["attempts"]) for r in rows]
+
+    async def accepted_many(self, accepted: list[tuple[str, str]]) -> list[str]:
+        """``accepted`` for several (job id, SID) pairs in one round trip, in the given order."""
+        rows = await self._db.fetch(q("jobs_accepted"), [j for j, _ in accepted],
+                                    [sid for _, sid in accepted])
+        return [str(r["status"]) for r in rows]
+
     async def accepted(self, job_id: str, sid: str) -> str:
         """The provider accepted the create: bind its SID, status ``sent``."""
         return str(await self._scalar("job_accepted", job_id, sid))

@@ -3,10 +3,12 @@
 Jobs go to the topic exchange ``<prefix>.jobs`` with routing key ``<kind>.<priority>``:
 ``sms.transactional``, ``sms.bulk``, ``call.transactional``, ``call.bulk``,
 ``broadcast.transactional``, ``broadcast.bulk``. Each job is validated locally with the same
-models and size limits the dispatcher applies, published persistent with ``message_id`` = job id
-and ``type`` = kind, and the call returns only once the broker has confirmed it. An unroutable
-job (no queue bound) raises instead of vanishing. After a timeout the outcome is unknown:
-publish the same job again — the job id is the idempotency key, so it is sent at most once.
+models and size limits the dispatcher applies, stamped with ``created_at`` (the publish time,
+unless the job has one: the dispatcher measures end-to-end latency from it), published
+persistent with ``message_id`` = job id and ``type`` = kind, and the call returns only once
+the broker has confirmed it. An unroutable job (no queue bound) raises instead of vanishing.
+After a timeout the outcome is unknown: publish the same job again — the job id is the
+idempotency key, so it is sent at most once.
 """
 # ``timeout`` parameters with defaults on purpose: publishes are bounded even if callers forget.
 # ruff: noqa: ASYNC109
@@ -64,13 +66,14 @@ class JobPublisher:
     async def publish(self, job: Job | Mapping[str, Any], *,
                       timeout: float | None = None) -> Job:
         """Validate, publish and await the confirm; raises InvalidJob or JobNotPublished."""
-        body = encode_job(job)
+        now = datetime.now(UTC)
+        body = encode_job(_stamped(job, now))
         # Exactly the bytes the dispatcher will parse, checked the way it checks them.
         parsed = parse_job(body, **self._limits)
         try:
             await self._publisher.publish(
                 body, routing_key=routing_key(parsed), message_id=parsed.id, type_=parsed.kind,
-                timeout=timeout, timestamp=datetime.now(UTC))
+                timeout=timeout, timestamp=now)
         except PublishFailed as exc:
             raise JobNotPublished(exc.reason, exc.detail, job_id=parsed.id) from exc
         return parsed
@@ -85,3 +88,10 @@ class JobPublisher:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
+
+
+def _stamped(job: Job | Mapping[str, Any], now: datetime) -> Job | Mapping[str, Any]:
+    """The job with ``created_at`` set to ``now`` unless it has one (end-to-end latency)."""
+    if isinstance(job, Mapping):
+        return job if job.get("created_at") else {**job, "created_at": now.isoformat()}
+    return job if job.created_at is not None else job.model_copy(update={"created_at": now})

@@ -25,6 +25,7 @@ from dispatcher.api import add_api_routes
 from dispatcher.broadcasts import BroadcastRunner, Broadcasts
 from dispatcher.callbacks import StatusCallbacks
 from dispatcher.consumer import Consumer
+from dispatcher.credit_flow import CreditFlowSampler
 from dispatcher.credits_listener import CreditsListener, declare_credits_queue
 from dispatcher.db import create_pool
 from dispatcher.errors import ServiceUnavailable
@@ -119,6 +120,8 @@ class Service:
         self._watch("broadcast-runner", runner.run(stop), stop)
         self._watch("reconciler", _every(s.reconcile_interval_seconds, reconciler.run_once, stop),
                     stop)
+        self._watch("credit-flow", CreditFlowSampler(self.pool, self.metrics).run(
+            s.metrics_interval_seconds, stop), stop)
         callbacks = StatusCallbacks(jobs, credentials(s)[1],
                                     s.public_base_url, self.metrics)
         app = build_app(self.pool, self.metrics, callbacks, self.amqp,

@@ -68,3 +68,22 @@ SELECT (SELECT count(*) FROM accounts WHERE paused_at IS NOT NULL) AS paused_acc
 
 -- name: sid_is_bound
 SELECT EXISTS (SELECT 1 FROM jobs WHERE provider_sid = $1);
+
+-- name: begin_jobs
+-- begin_job for a batch in one round trip and one transaction. The caller orders the rows by
+-- account (then arrival), so account rows are always locked in the same order.
+SELECT t.i, b.outcome, b.status, b.attempts
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bigint[],
+              $7::text[], $8::integer[], $9::bigint[], $10::text[])
+       WITH ORDINALITY AS t(job_id, account_id, kind, priority, payload, estimate, country,
+                            units, rate, broadcast_id, i)
+ CROSS JOIN LATERAL begin_job(t.job_id, t.account_id, t.kind, t.priority, t.payload,
+                              t.estimate, t.country, t.units, t.rate, t.broadcast_id) b
+ ORDER BY t.i;
+
+-- name: jobs_accepted
+-- job_accepted for a batch in one round trip; the caller orders the rows by job id.
+SELECT t.i, a.status
+  FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(job_id, sid, i)
+ CROSS JOIN LATERAL job_accepted(t.job_id, t.sid) AS a(status)
+ ORDER BY t.i;

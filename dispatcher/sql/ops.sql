@@ -14,8 +14,13 @@ SELECT amount, reference FROM ledger
 SELECT coalesce(max(id), 0) FROM ledger;
 
 -- name: ledger_flow
--- Credits moved by ledger rows in (after, upto], by kind; the sampler lags one interval behind
--- the newest row so transactions still committing below it are counted.
-SELECT kind, coalesce(sum(abs(amount)), 0)::bigint AS credits
-  FROM ledger WHERE id > $1 AND id <= $2
- GROUP BY kind;
+-- Credits moved by the ledger rows in (after, upto], by metric operation. A release row's
+-- amount is 0; what went back is its reserved_delta, as for the unused part of a capture.
+SELECT coalesce(sum(amount) FILTER (WHERE kind = 'reserve'), 0)::bigint AS reserved,
+       coalesce(sum(amount) FILTER (WHERE kind = 'capture'), 0)::bigint AS captured,
+       coalesce(sum(greatest(0, -reserved_delta - amount))
+                FILTER (WHERE kind IN ('capture', 'release')), 0)::bigint AS released,
+       coalesce(sum(amount) FILTER (WHERE kind LIKE 'grant\_%'
+                OR kind IN ('subscription_allocation', 'plan_upgrade')), 0)::bigint AS granted,
+       coalesce(sum(forfeited), 0)::bigint AS forfeited
+  FROM ledger WHERE id > $1 AND id <= $2;

@@ -1,0 +1,334 @@
+"""Jobs per second through the whole pipeline, beside the broker's own ceiling (issue 3).
+
+Run as ``python -m bench.pipeline [--runs 3] [--jobs 20000] [--rss-jobs 200000] [--record]``.
+
+Everything is real and in its own process: ``python -m dispatcher run`` configured by
+``DISPATCHER_*`` variables, the Twilio sandbox (``python -m dispatcher.sandbox``), RabbitMQ and
+PostgreSQL; this process only publishes and watches. It creates a throw-away database and a
+unique AMQP prefix, and removes both at the end.
+
+Each measurement publishes a backlog of one-segment SMS jobs (confirmed, persistent, as
+``JobPublisher`` sends them) while no dispatcher runs, then starts the dispatcher and waits until
+every job is ``sent``; the rate is jobs / (last ``sent_at`` - first ``created_at``), read from the
+job rows. Measured:
+
+1. **zero latency**: the sandbox answers at once; beside it, in the same run, the same backlog is
+   drained by a bare aio-pika consume-and-ack loop (``bench.pipeline_raw``, its own process, same
+   queue and prefetch) — the broker ceiling. The order alternates between runs.
+2. **100 ms latency**: every create takes 100 ms at the sandbox; the bound is jobs in flight /
+   latency.
+3. **memory and priority**: one ``--rss-jobs`` bulk backlog drained while the dispatcher's RSS is
+   sampled; while at least ``--backlog`` bulk jobs are still queued, transactional jobs are
+   published one at a time and their publish → sent latency is measured.
+
+``--record`` replaces this benchmark's section of ``bench/RESULTS.md``, keeping the hand-written
+findings between its ``<!-- findings -->`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from bench import pipeline_report as report
+from bench.ledger_reserve import create_database, drop_database, run_loop, with_database
+from bench.pipeline_jobs import (
+    Batch,
+    make_batch,
+    message,
+    publish,
+    queue_depth,
+    sent_count,
+    sent_times,
+    span,
+)
+from bench.pipeline_procs import Dispatcher, Sandbox, run_raw_consumer
+from dispatcher.db import create_pool
+from dispatcher.ledger import CreditStore
+from dispatcher.migrate import migrate
+from dispatcher.settings import Settings
+from dispatcher.subscriptions import create_account
+from dispatcher.topology import Names, declare, delete_all
+
+LATENCY_MS = 100
+TX_ACCOUNT = "bench-tx"
+STALL_SECONDS = 60.0  # no job sent for this long: the measurement failed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    """Everything one benchmark run holds."""
+
+    args: argparse.Namespace
+    settings: Settings
+    pool: asyncpg.Pool
+    channel: AbstractChannel
+    sandbox: Sandbox
+    logs: Path
+    accounts: list[str]
+    runs: int = 0
+    figures: report.Figures = field(default_factory=report.Figures)
+
+    @property
+    def names(self) -> Names:
+        return Names(self.settings.amqp_prefix)
+
+    def tag(self, what: str) -> str:
+        self.runs += 1
+        return f"{what}{self.runs:02d}"
+
+    async def ours(self, batch: Batch, *, rss: bool = False,
+                   during: Coroutine[Any, Any, None] | None = None) -> report.Drained:
+        """Publish the backlog, start the dispatcher, wait until every job is sent."""
+        seconds = await publish(self.channel, self.names, batch)
+        log(f"  published {batch.size:,} in {seconds:.1f}s")
+        dispatcher = Dispatcher(self.settings, self.logs / "dispatcher.log")
+        dispatcher.start()
+        side = asyncio.create_task(during) if during is not None else None
+        try:
+            await self._wait_sent(batch, dispatcher, rss)
+            cpu = dispatcher.cpu_since_start()
+        finally:
+            if side is not None:
+                await side
+            await asyncio.to_thread(dispatcher.stop)
+        result = await span(self.pool, batch.tag)
+        if result.sent != batch.size:
+            raise RuntimeError(f"{batch.tag}: {result.sent} sent, {result.other} not")
+        return report.Drained(result.rate, cpu / batch.size * 1e6, dispatcher.samples)
+
+    async def _wait_sent(self, batch: Batch, dispatcher: Dispatcher, rss: bool) -> None:
+        last_count, last_progress, polled = -1, time.monotonic(), 0.0
+        while True:
+            if rss:
+                dispatcher.sample()
+            now = time.monotonic()
+            if now - polled >= 0.5:
+                polled = now
+                count = await sent_count(self.pool, batch.tag)
+                if count >= batch.size:
+                    return
+                if count != last_count:
+                    last_count, last_progress = count, now
+                elif now - last_progress > STALL_SECONDS:
+                    raise RuntimeError(f"{batch.tag}: stalled at {count:,} sent")
+            await asyncio.sleep(0.25)
+
+    async def raw(self, batch: Batch) -> float:
+        """Publish the same backlog and let the bare consume-and-ack loop drain it."""
+        await publish(self.channel, self.names, batch)
+        result = await asyncio.to_thread(
+            run_raw_consumer, self.settings.amqp_url, self.names.work_queue(batch.priority),
+            batch.size, self.settings.prefetch, self.logs / "raw.log")
+        return result["rate"]
+
+    async def probes(self, started: asyncio.Event) -> None:
+        """Transactional jobs, one at a time, while the bulk backlog is still deep."""
+        await started.wait()
+        exchange = await self.channel.get_exchange(self.names.jobs_exchange)
+        batch = make_batch(self.tag("tx"), self.args.probes, [TX_ACCOUNT], "transactional")
+        published: dict[str, tuple[float, int]] = {}
+        for job_id, body in batch.bodies:
+            depth = await queue_depth(self.channel, self.names.work_queue("bulk"))
+            if depth < self.args.backlog:
+                break
+            at = time.time()
+            await exchange.publish(message(job_id, body), routing_key="sms.transactional",
+                                   timeout=30)
+            published[job_id] = (at, depth)
+            await asyncio.sleep(self.args.probe_interval)
+        deadline = time.monotonic() + 30
+        sent: dict[str, float] = {}
+        while time.monotonic() < deadline and len(sent) < len(published):
+            sent = await sent_times(self.pool, list(published))
+            await asyncio.sleep(0.2)
+        self.figures.probes = [sent[j] - at if j in sent else float("inf")
+                               for j, (at, _) in published.items()]
+        self.figures.probe_depths = [depth for _, depth in published.values()]
+
+
+async def watch_first_sent(pool: asyncpg.Pool, tag: str, started: asyncio.Event) -> None:
+    """Set ``started`` once the first job of the batch is sent."""
+    while await sent_count(pool, tag) == 0:
+        await asyncio.sleep(0.2)
+    started.set()
+
+
+async def zero_latency(b: Bench) -> None:
+    b.sandbox.configure(report.scenario(0, b.args.callbacks))
+    for run in range(b.args.runs):
+        for side in (("ours", "raw") if run % 2 == 0 else ("raw", "ours")):
+            batch = make_batch(b.tag("z"), b.args.jobs, b.accounts)
+            if side == "ours":
+                drained = await b.ours(batch)
+                b.figures.zero.append(drained.rate)
+                b.figures.zero_cpu.append(drained.cpu_us)
+                log(f"run {run + 1} zero latency  ours {drained.rate:8,.0f} jobs/s "
+                    f"({drained.cpu_us:.0f} µs CPU/job in the dispatcher)")
+            else:
+                rate = await b.raw(batch)
+                b.figures.raw.append(rate)
+                log(f"run {run + 1} zero latency  raw  {rate:8,.0f} msg/s")
+            b.sandbox.configure(report.scenario(0, b.args.callbacks))
+
+
+async def with_latency(b: Bench) -> None:
+    for run in range(b.args.runs):
+        b.sandbox.configure(report.scenario(LATENCY_MS, b.args.callbacks))
+        drained = await b.ours(make_batch(b.tag("l"), b.args.latency_jobs, b.accounts))
+        b.figures.latency.append(drained.rate)
+        log(f"run {run + 1} {LATENCY_MS} ms latency ours {drained.rate:8,.0f} jobs/s")
+
+
+async def memory_and_priority(b: Bench) -> None:
+    b.sandbox.configure(report.scenario(0, b.args.callbacks))
+    batch = make_batch(b.tag("m"), b.args.rss_jobs, b.accounts)
+    started = asyncio.Event()
+    watcher = asyncio.create_task(watch_first_sent(b.pool, batch.tag, started))
+    try:
+        drained = await b.ours(batch, rss=True, during=b.probes(started))
+    finally:
+        watcher.cancel()
+    b.figures.rss_rate = drained.rate
+    b.figures.rss = drained.samples
+    first, last = report.quarter_peaks(drained.samples)
+    log(f"{batch.size:,} jobs at {drained.rate:,.0f} jobs/s; peak RSS first quarter "
+        f"{first / 2**20:.1f} MiB, last quarter {last / 2**20:.1f} MiB")
+    log(f"transactional probes: {report.latency_summary(b.figures.probes)}")
+
+
+@contextlib.asynccontextmanager
+async def environment(args: argparse.Namespace) -> AsyncIterator[Bench]:
+    """Database, accounts, topology, sandbox; all removed afterwards."""
+    token = secrets.token_hex(4)
+    db_name = f"dispatcher_bench_pipeline_{token}"
+    dsn = with_database(args.dsn, db_name)
+    await create_database(args.dsn, db_name)
+    connection: AbstractRobustConnection | None = None
+    sandbox: Sandbox | None = None
+    pool: asyncpg.Pool | None = None
+    settings = Settings(database_url=dsn, amqp_prefix=f"bench_pipeline_{token}")
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
+            pool = await create_pool(settings, min_size=1, max_size=4)
+            accounts = await fund_accounts(pool, args.accounts, args.rss_jobs + args.jobs * 10)
+            sandbox = Sandbox(free_port(), "AC" + secrets.token_hex(16), secrets.token_hex(16),
+                              Path(tmp) / "sandbox.log")
+            sandbox.start(report.scenario(0, args.callbacks))
+            settings = dispatcher_settings(settings, sandbox, args)
+            connection = await aio_pika.connect_robust(settings.amqp_url)
+            channel = await connection.channel(publisher_confirms=True)
+            await declare(channel, Names(settings.amqp_prefix), settings.delivery_limit)
+            yield Bench(args, settings, pool, channel, sandbox, Path(tmp), accounts)
+        finally:
+            if args.keep_logs and Path(tmp, "dispatcher.log").exists():
+                os.replace(Path(tmp, "dispatcher.log"), args.keep_logs)
+            if sandbox is not None:
+                sandbox.stop()
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    channel = await connection.channel()
+                    await delete_all(channel, Names(settings.amqp_prefix))
+                    await channel.queue_delete(f"{settings.amqp_prefix}.credits")
+                await connection.close()
+            if pool is not None:
+                await pool.close()
+            await drop_database(args.dsn, db_name)
+
+
+def dispatcher_settings(base: Settings, sandbox: Sandbox, args: argparse.Namespace) -> Settings:
+    port = free_port()
+    return Settings(
+        database_url=base.database_url, amqp_prefix=base.amqp_prefix, http_port=port,
+        public_base_url=f"http://127.0.0.1:{port}", twilio_base_url=sandbox.base_url,
+        twilio_account_sid=sandbox.account_sid, twilio_auth_token=sandbox.auth_token,
+        # One sending number for every job: the per-sender limit would otherwise be the figure.
+        sender_rate_per_second=1e9, prefetch=args.prefetch, max_in_flight=args.in_flight,
+        log_format="json", log_level=args.log_level, shutdown_timeout_seconds=10.0)
+
+
+async def fund_accounts(pool: asyncpg.Pool, n: int, credits: int) -> list[str]:
+    accounts = [f"bench-{i:04d}" for i in range(n)]
+    store = CreditStore(pool)
+    for account in [*accounts, TX_ACCOUNT]:
+        await create_account(pool, account)
+        await store.grant(account, credits, "purchase", f"{account}-seed")
+    return accounts
+
+
+async def bench(args: argparse.Namespace) -> report.Figures:
+    async with environment(args) as b:
+        server_version = str(await b.pool.fetchval("SHOW server_version"))
+        if not args.skip_throughput:
+            await zero_latency(b)
+            await with_latency(b)
+        if args.rss_jobs:
+            await memory_and_priority(b)
+        figures = b.figures
+    text = report.section(figures, args, server_version)
+    print(text)
+    if args.record:
+        report.record(text)
+        log(f"recorded in {report.RESULTS}")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=20_000, help="zero-latency backlog")
+    parser.add_argument("--latency-jobs", type=int, default=10_000, help="100 ms backlog")
+    parser.add_argument("--rss-jobs", type=int, default=200_000,
+                        help="memory/priority backlog (0 skips it)")
+    parser.add_argument("--backlog", type=int, default=100_000,
+                        help="probe only while at least this many bulk jobs are queued")
+    parser.add_argument("--probes", type=int, default=100)
+    parser.add_argument("--probe-interval", type=float, default=0.05)
+    parser.add_argument("--accounts", type=int, default=100)
+    parser.add_argument("--prefetch", type=int, default=200)
+    parser.add_argument("--in-flight", type=int, default=200)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--callbacks", action="store_true",
+                        help="let the sandbox POST status callbacks to the dispatcher")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--keep-logs", type=Path, default=None,
+                        help="keep the dispatcher's log at this path")
+    parser.add_argument("--dsn", default=os.environ.get(
+        "BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args(argv)
+    run_loop(bench(args))
+
+
+if __name__ == "__main__":
+    main()

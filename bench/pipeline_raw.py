@@ -1,0 +1,70 @@
+"""The broker ceiling: a bare aio-pika consume-and-ack loop, run as its own process.
+
+``python -m bench.pipeline_raw --queue Q --count N --prefetch P`` consumes N messages from an
+existing queue with the given prefetch, acks each one as it arrives (no ``multiple``), and prints
+one JSON line: messages, seconds from the first delivery to the last ack, rate and CPU seconds.
+It runs on uvloop when installed, the best case for any Python consumer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+
+async def consume(amqp_url: str, queue_name: str, count: int, prefetch: int) -> dict[str, float]:
+    """Consume and ack ``count`` messages; time from the first delivery to the last ack."""
+    connection = await aio_pika.connect(amqp_url)
+    done = asyncio.Event()
+    seen = 0
+    first = last = 0.0
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(queue_name)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            nonlocal seen, first, last
+            if not seen:
+                first = time.perf_counter()
+            await message.ack()
+            seen += 1
+            if seen >= count:
+                last = time.perf_counter()
+                done.set()
+
+        await queue.consume(on_message)
+        await done.wait()
+    seconds = last - first
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"messages": float(seen), "seconds": seconds,
+            "rate": (seen - 1) / seconds if seconds > 0 else 0.0,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one JSON report on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline_raw")
+    parser.add_argument("--amqp-url", required=True)
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--prefetch", type=int, default=200)
+    args = parser.parse_args(argv)
+    work = consume(args.amqp_url, args.queue, args.count, args.prefetch)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        report = asyncio.run(work)
+    else:
+        report = uvloop.run(work)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""GroupCommit: concurrent submits share round trips, results go back to their own callers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dispatcher.group_commit import GroupCommit
+
+
+class Recorder:
+    """A fake batch store: records each round trip; items equal to ``bad`` make a batch fail."""
+
+    def __init__(self, bad: int | None = None, delay: float = 0.01) -> None:
+        self.batches: list[list[int]] = []
+        self.singles: list[int] = []
+        self.bad = bad
+        self.delay = delay
+
+    async def run_batch(self, items: list[int]) -> list[int]:
+        await asyncio.sleep(self.delay)
+        if self.bad in items:
+            raise RuntimeError("batch refused")
+        self.batches.append(items)
+        return [i * 10 for i in items]
+
+    async def run_one(self, item: int) -> int:
+        await asyncio.sleep(self.delay)
+        if item == self.bad:
+            raise ValueError(f"bad item {item}")
+        self.singles.append(item)
+        return item * 10
+
+
+async def test_an_idle_submit_goes_out_alone_and_at_once() -> None:
+    store = Recorder()
+    commit = GroupCommit(store.run_batch, store.run_one, concurrency=1)
+    assert await commit.submit(7) == 70
+    assert store.singles == [7] and store.batches == []
+
+
+async def test_submits_made_while_a_batch_is_in_flight_share_the_next_round_trip() -> None:
+    store = Recorder()
+    commit = GroupCommit(store.run_batch, store.run_one, max_batch=50, concurrency=1)
+    first = asyncio.create_task(commit.submit(0))
+    await asyncio.sleep(0.001)  # its round trip is in flight now
+    results = await asyncio.gather(*(commit.submit(i) for i in range(1, 101)))
+    assert await first == 0
+    assert results == [i * 10 for i in range(1, 101)]
+    # The first went alone; the other 100 waited for it and went in two full batches.
+    assert store.singles == [0]
+    assert store.batches == [list(range(1, 51)), list(range(51, 101))]
+    assert commit.batches == 3
+
+
+async def test_a_failing_batch_is_retried_one_by_one_so_only_the_bad_item_fails() -> None:
+    store = Recorder(bad=3)
+    commit = GroupCommit(store.run_batch, store.run_one, concurrency=1)
+    outcomes = await asyncio.gather(*(commit.submit(i) for i in range(6)),
+                                    return_exceptions=True)
+    assert outcomes[3].__class__ is ValueError
+    assert [o for i, o in enumerate(outcomes) if i != 3] == [0, 10, 20, 40, 50]
+    assert sorted(store.singles) == [0, 1, 2, 4, 5]
+
+
+async def test_concurrency_bounds_round_trips_in_flight() -> None:
+    in_flight = peak = 0
+
+    async def run_batch(items: list[int]) -> list[int]:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return items
+
+    async def run_one(item: int) -> int:
+        return (await run_batch([item]))[0]
+
+    commit = GroupCommit(run_batch, run_one, max_batch=5, concurrency=2)
+    assert await asyncio.gather(*(commit.submit(i) for i in range(40))) == list(range(40))
+    assert peak == 2
+
+
+async def test_a_caller_that_gives_up_does_not_break_the_batch() -> None:
+    store = Recorder(delay=0.05)
+    commit = GroupCommit(store.run_batch, store.run_one, concurrency=1)
+    first = asyncio.create_task(commit.submit(1))
+    await asyncio.sleep(0)
+    quitter = asyncio.create_task(commit.submit(2))
+    stayer = asyncio.create_task(commit.submit(3))
+    await asyncio.sleep(0.01)
+    quitter.cancel()
+    assert await first == 10
+    assert await stayer == 30
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+
+
+def test_sizes_must_be_positive() -> None:
+    async def never(items: list[int]) -> list[int]:
+        raise AssertionError
+
+    async def never_one(item: int) -> int:
+        raise AssertionError
+
+    with pytest.raises(ValueError, match="positive"):
+        GroupCommit(never, never_one, max_batch=0)
