@@ -132,8 +132,6 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return await run(settings)
 
 
-async def cmd_jobs_unresolved(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import UTC, datetime, timedelta
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.demo import run_demo
 
@@ -146,6 +144,8 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return await run_demo(settings, options, sys.stdout)
 
 
+async def cmd_jobs_unresolved(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime, timedelta
 
     from dispatcher.jobstore import JobStore
 
@@ -233,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--migrate", action="store_true", help="apply migrations first")
     run.set_defaults(func=cmd_run)
 
-    jobs = sub.add_parser("jobs", help="inspect and resolve jobs").add_subparsers(
-        dest="jobs_command", required=True)
     _add_demo(sub)
 
+    jobs = sub.add_parser("jobs", help="inspect and resolve jobs").add_subparsers(
+        dest="jobs_command", required=True)
     unresolved = jobs.add_parser("unresolved", help="jobs whose provider outcome is unknown")
     unresolved.add_argument("--older-than", type=float, default=0.0, help="seconds")
     unresolved.add_argument("--limit", type=int, default=500)
@@ -263,8 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
 def _add_demo(sub: Any) -> None:
     d = DemoOptions()
     demo = sub.add_parser("demo", help="run the whole flow end to end on this machine, then stop")
@@ -287,6 +285,8 @@ def _add_demo(sub: Any) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
     func: Command = args.func
