@@ -120,7 +120,8 @@ async def _run(stack: Stack) -> int:
         await _publish(stack, account, broadcast_id, recipients)
         report = DemoReport(stack.say, pool, account, broadcast_id, stack.children, stack.out)
         completed = await report.follow(stack.options.timeout_seconds)
-        metrics_text = await _metrics_snapshot(stack)
+        spent = report.last.credits_spent if report.last else 0
+        metrics_text = await _metrics_snapshot(stack, spent)
         audit_ok = await print_summary(report, result, metrics_text, stack.base_url,
                                        stack.log_dir, time.monotonic() - started)
     finally:
@@ -209,13 +210,19 @@ async def _publish(stack: Stack, account: str, broadcast_id: str,
               f"to {Names(stack.prefix).jobs_exchange}")
 
 
-async def _metrics_snapshot(stack: Stack) -> str:
-    try:
-        async with aiohttp.ClientSession() as session, session.get(
-                f"{stack.base_url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
-            text = await r.text()
-    except (aiohttp.ClientError, TimeoutError):
-        return ""
+async def _metrics_snapshot(stack: Stack, captured: int) -> str:
+    """``/metrics`` once the ledger sampler (a second behind) has counted what was captured."""
+    text, deadline = "", time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"{stack.base_url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                text = await r.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return ""
+        if f'dispatcher_credits_total{{operation="captured"}} {captured:.1f}' in text:
+            break
+        await asyncio.sleep(0.25)
     (stack.log_dir / "metrics.txt").write_text(text)
     return text
 
