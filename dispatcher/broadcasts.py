@@ -21,7 +21,7 @@ import structlog
 from dispatcher.contract import BroadcastJob
 from dispatcher.db import Connection
 from dispatcher.errors import DispatcherError, UnknownAccount
-from dispatcher.numbers import CountryResolver
+from dispatcher.numbers import default_resolver
 from dispatcher.outcomes import Outcome
 from dispatcher.preflight import AutoRecharge, PreflightResult, Recipients, gc_paused, preflight
 from dispatcher.pricing import count_segments
@@ -109,7 +109,7 @@ class Broadcasts:
         self._rates = rates
         self._opted_out = opted_out
         self.wake = wake
-        self._resolver = CountryResolver()
+        self._resolver = default_resolver()
 
     async def preflight(self, account: str, template: Template,
                         recipients: Recipients) -> PreflightResult:
@@ -171,16 +171,24 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
 
 
 class BroadcastRunner:
-    """Fans running broadcasts out, batch by batch, sending each reserved job once."""
+    """Fans running broadcasts out, batch by batch, sending each reserved job once.
+
+    Sends run as tasks in a bounded window: the next batch is reserved while the previous one
+    is still being sent, but never more than ``window`` recipients are reserved and unsent, so
+    a crash leaves at most that many for the reconciler.
+    """
 
     def __init__(self, pool: asyncpg.Pool, rates: RateCache, send: SendReleased, *,
-                 batch: int = 100, concurrency: int = 50) -> None:
+                 batch: int = 100, window: int = 200) -> None:
+        if window < batch:
+            raise ValueError("the window must hold at least one batch")
         self._pool = pool
         self._rates = rates
         self._send = send
         self._batch = batch
-        self._concurrency = asyncio.Semaphore(concurrency)
-        self._resolver = CountryResolver()
+        self._slots = asyncio.Semaphore(window)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._resolver = default_resolver()
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -189,35 +197,66 @@ class BroadcastRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work through running broadcasts until ``stop``; sleep until woken when idle."""
-        while not stop.is_set():
-            self._wake.clear()
-            worked = False
-            for row in await self._pool.fetch(q("running_broadcasts")):
-                worked |= await self.step(row)
-            if not worked:
-                waiters = [asyncio.create_task(self._wake.wait()),
-                           asyncio.create_task(stop.wait())]
-                await asyncio.wait(waiters, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
-                for waiter in waiters:
-                    waiter.cancel()
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                worked = False
+                for row in await self._pool.fetch(q("running_broadcasts")):
+                    worked |= await self.step(row)
+                if not worked:
+                    await self._idle(stop)
+        finally:
+            await self.drain(5.0)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for a submission or a stop; while sends are in flight, only until they end."""
+        waiters: list[asyncio.Task[object]] = [asyncio.create_task(self._wake.wait()),
+                                               asyncio.create_task(stop.wait())]
+        timeout = 5.0
+        if self._in_flight:
+            waiters.append(asyncio.create_task(self.drain(1.0)))
+            timeout = 1.0
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the sends in flight."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=seconds)
 
     async def step(self, broadcast: asyncpg.Record) -> bool:
-        """Reserve and send one batch of a broadcast; False when it had nothing pending."""
+        """Reserve one batch of a broadcast and start sending it; False when none was pending."""
         pending = await self._pool.fetch(q("broadcast_pending_batch"), broadcast["id"],
                                          self._batch)
         if not pending:
             await self._pool.fetchval(q("broadcast_finish_if_done"), broadcast["id"])
             return False
-        args = await self._batch_args(broadcast, pending)
-        to_send = [r["job_id"] for r in await self._pool.fetch(q("begin_broadcast_batch"),
-                                                                broadcast["id"], *args)]
+        for _ in pending:
+            await self._slots.acquire()
+        to_send: list[str] = []
+        try:
+            args = await self._batch_args(broadcast, pending)
+            to_send = [r["job_id"] for r in await self._pool.fetch(
+                q("begin_broadcast_batch"), broadcast["id"], *args)]
+        finally:
+            for _ in range(len(pending) - len(to_send)):  # held, canceled or failed: no send
+                self._slots.release()
         payloads = dict(zip(args[1], args[2], strict=True))
-        await asyncio.gather(*(self._send_one(payloads[job_id]) for job_id in to_send))
+        for job_id in to_send:
+            task = asyncio.create_task(self._send_one(payloads[job_id]), name="broadcast-send")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
         return bool(to_send)
 
     async def _send_one(self, payload: str) -> None:
-        async with self._concurrency:
+        try:
             await self._send(payload.encode(), 1)
+        except Exception:
+            # The job stays 'sending' with its credits reserved; the reconciler resolves it.
+            log.exception("broadcast_send_failed")
+        finally:
+            self._slots.release()
 
     async def _batch_args(self, b: asyncpg.Record,
                           pending: Sequence[asyncpg.Record]) -> list[Any]:

@@ -46,15 +46,11 @@ class Recipient(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 class PreflightIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A broadcast to price: the template, the recipients, the STOP footer setting."""
+    """A broadcast to price: the template, the recipients, the STOP footer setting.
 
-    body: BodyText
-    recipients: Annotated[list[Recipient], msgspec.Meta(min_length=1, max_length=MAX_RECIPIENTS)]
-    footer: bool = msgspec.field(default=False)
-
-
-class BroadcastIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A broadcast to send: a pre-flight body plus the sender (exactly one of the two)."""
+    The sender fields may be given (so one body serves the pre-flight and the submission) but
+    are not needed here.
+    """
 
     body: BodyText
     recipients: Annotated[list[Recipient], msgspec.Meta(min_length=1, max_length=MAX_RECIPIENTS)]
@@ -62,6 +58,10 @@ class BroadcastIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     from_: SenderText | None = msgspec.field(default=None, name="from")
     messaging_service_sid: ServiceSid | None = None
     priority: Literal["transactional", "bulk"] = "bulk"
+
+
+class BroadcastIn(PreflightIn, forbid_unknown_fields=True, gc=False):
+    """A broadcast to send: the pre-flight body with exactly one of the two sender fields."""
 
 
 Body = TypeVar("Body", PreflightIn, BroadcastIn)

@@ -36,8 +36,8 @@ SELECT
         + (SELECT count(*) FROM broadcast_recipients
             WHERE broadcast_id = $1 AND status = 'canceled') AS canceled,
     coalesce(sum(estimate) FILTER (WHERE status IN ('sending', 'retry_wait', 'unknown', 'sent')
-                                     AND final_cost IS NULL), 0) AS credits_reserved,
-    coalesce(sum(final_cost), 0) AS credits_spent
+                                     AND final_cost IS NULL), 0)::bigint AS credits_reserved,
+    coalesce(sum(final_cost), 0)::bigint AS credits_spent
   FROM jobs WHERE broadcast_id = $1;
 
 -- name: broadcast_finish_if_done

@@ -92,6 +92,36 @@ async def test_real_responses_match_the_documented_schemas(api: Api) -> None:
             _validator(document, path, method, status).validate(await resp.json())
 
 
+async def test_broadcast_responses_match_the_documented_schemas(api: Api) -> None:
+    document = json.loads(DOCUMENT_PATH.read_text(encoding="utf-8"))
+    account, owner = api.a.account, bearer(api.a.tokens["owner"])
+    base = "/v1/accounts/{account}/broadcasts"
+    people = [{"to": "+447400123456", "vars": {"n": "Ann"}}, {"to": "+1555", "vars": {}}]
+    body = {"body": "Hi {n}", "recipients": people, "from": "+14155550199"}
+
+    async def check(method: str, path: str, url: str, status: int, data: Any = None,
+                    key: str | None = None) -> Any:
+        headers = {**owner, **({"Idempotency-Key": key} if key else {})}
+        async with api.client.request(method, url, json=data, headers=headers) as resp:
+            assert resp.status == status
+            found = await resp.json()
+        _validator(document, path, method, status).validate(found)
+        return found
+
+    url = f"/v1/accounts/{account}/broadcasts"
+    await check("post", f"{base}/preflight", f"{url}/preflight", 200, body)
+    await check("post", f"{base}/preflight", f"{url}/preflight", 422, {"body": 1})
+    accepted = await check("post", base, url, 202, body, key="b-1")
+    await check("post", base, url, 409, {**body, "recipients": people[:1]}, key="b-1")
+    await check("post", base, url, 409, {**body, "recipients": [
+        {"to": f"+4474001234{i:02d}", "vars": {"n": "x"}} for i in range(60)]}, key="b-2")
+    one = f"{base}/{{broadcast}}"
+    broadcast = accepted["broadcast_id"]
+    await check("get", one, f"{url}/{broadcast}", 200)
+    await check("post", f"{one}/cancel", f"{url}/{broadcast}/cancel", 200)
+    await check("get", one, f"{url}/nope", 404)
+
+
 @dataclass(frozen=True)
 class Live:
     """A server on a real port, in its own thread and event loop, for the synchronous fuzzer."""
