@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from billing_client.events import CreditsGranted, InvalidEvent, TopupFailed, decode_event
 from dispatcher.errors import DispatcherError
 from dispatcher.ledger import CreditStore
+from dispatcher.metrics import Metrics
 from dispatcher.topology import Names, Topology
 
 log = structlog.get_logger(__name__)
@@ -42,9 +43,11 @@ async def declare_credits_queue(channel: AbstractChannel, names: Names,
 class CreditsListener:
     """Consumes grants and writes them to the ledger (idempotent by payment reference)."""
 
-    def __init__(self, store: CreditStore, topology: Topology) -> None:
+    def __init__(self, store: CreditStore, topology: Topology,
+                 metrics: Metrics | None = None) -> None:
         self._store = store
         self._topology = topology
+        self._metrics = metrics
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Apply one event; a database outage requeues it (the delivery limit ends a loop)."""
@@ -70,6 +73,8 @@ class CreditsListener:
         new = await self._store.grant(event.account, event.amount, event.kind,
                                       event.payment_reference)
         await message.ack()
+        if self._metrics is not None:
+            self._metrics.topups.labels(result="applied" if new else "duplicate").inc()
         log.info("credits_granted", account_id=event.account, amount=event.amount,
                  duplicate=not new)
 
@@ -82,4 +87,6 @@ class CreditsListener:
                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                 routing_key=str(code))
         await message.ack()
+        if self._metrics is not None:
+            self._metrics.topups.labels(result="rejected").inc()
         log.warning("credits_event_rejected", reason=code)

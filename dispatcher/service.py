@@ -109,7 +109,8 @@ class Service:
         credits_channel = await self.amqp.channel()
         credits_queue = await declare_credits_queue(credits_channel, Names(s.amqp_prefix),
                                                     topology)
-        await credits_queue.consume(CreditsListener(CreditStore(self.pool), topology).on_message)
+        await credits_queue.consume(
+            CreditsListener(CreditStore(self.pool), topology, self.metrics).on_message)
         resumer = Resumer(self.pool, handler.send_released, self.metrics)
         self._watch("resumer", resumer.run(stop), stop)
         pool = self.pool

@@ -5,10 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
+import aio_pika
 import aiohttp
 
+from billing_client.events import CreditsGranted, encode_event
 from dispatcher.ledger import CreditStore
 from dispatcher.sandbox import NumberRule
+from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
 from tests.integration.ops_fixture import Samples, ops_dispatcher, scrape, value
 
@@ -108,3 +111,25 @@ async def test_readyz_is_503_once_consumers_are_detached(
     assert body == {"ready": False, "checks": {"database": True, "broker": True,
                                                "consumers": False}}
     assert value(await scrape(d.settings.public_base_url), "dispatcher_consumers_attached") == 0
+
+
+async def test_credits_granted_events_count_as_applied_duplicate_or_rejected(
+        ops_dispatcher: RunningDispatcher) -> None:
+    d = ops_dispatcher
+    account = await d.funded_account(uid("t"), 0)
+    grant = CreditsGranted(account=account, amount=25, kind="auto_recharge",
+                           payment_reference=uid("pay"))
+    connection = await aio_pika.connect(d.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        billing = await channel.get_exchange(Names(d.settings.amqp_prefix).billing_exchange)
+        for body in (encode_event(grant), encode_event(grant), b'{"type": "credits.granted"}'):
+            await billing.publish(aio_pika.Message(body), routing_key="credits.granted")
+
+    def counted(m: Samples) -> bool:
+        return (value(m, "dispatcher_topups_total", result="applied") == 1
+                and value(m, "dispatcher_topups_total", result="duplicate") == 1
+                and value(m, "dispatcher_topups_total", result="rejected") == 1
+                and value(m, "dispatcher_credits_total", operation="granted") == 25)
+    await settle(d, counted)
+    assert (await CreditStore(d.pool).balance(account)).available == 25
