@@ -80,7 +80,9 @@ class Metrics:
         self.end_to_end_seconds = Histogram(
             "dispatcher_end_to_end_seconds", "From the job's publish time to provider acceptance.",
             ["kind"], buckets=END_TO_END_BUCKETS, registry=registry)
-        self.credits = Counter("dispatcher_credits_total", "Credits moved, by ledger operation.",
+        # Sampled from the ledger (credit_flow.py): database-wide, aggregate replicas with max.
+        self.credits = Counter("dispatcher_credits_total",
+                               "Credits moved, by ledger operation (database-wide).",
                                ["operation"], registry=registry)
         self._init_gauges(registry)
         self.low_balance_events = Counter("dispatcher_low_balance_events_total",

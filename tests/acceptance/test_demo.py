@@ -1,6 +1,6 @@
 """``python -m dispatcher demo`` in a subprocess: the whole flow, then nothing left running.
 
-Run smaller than the default (1,000 recipients, top-ups of 700) to keep the suite quick; the
+Run smaller than the default (600 recipients, top-ups of 300) to keep the suite quick; the
 shape is the same: a top-up on the low-balance event, a pause at zero, a second top-up on the
 depletion, resume, completion, a clean audit.
 """
@@ -25,7 +25,7 @@ import pytest
 from dispatcher.settings import Settings
 from tests.acceptance.process import ROOT
 
-SMALL = ["--recipients", "1000", "--amount", "700", "--timeout", "90"]
+SMALL = ["--recipients", "600", "--amount", "300", "--timeout", "90"]
 
 
 @pytest.fixture
@@ -105,13 +105,13 @@ def test_the_demo_runs_the_whole_flow_and_leaves_nothing_running(
             os.killpg(proc.pid, signal.SIGKILL)
     text = out.read_text()
     assert code == 0, text
-    for expected in ("pre-flight:", "1000 billable, skipped 2 invalid, 1 opted out, 1 duplicate",
-                     "advice: ok_with_auto_recharge", "auto top-up granted: +700 credits",
+    for expected in ("pre-flight:", "600 billable, skipped 2 invalid, 1 opted out, 1 duplicate",
+                     "advice: ok_with_auto_recharge", "auto top-up granted: +300 credits",
                      "paused at zero", "resumed: releasing held recipients",
-                     "broadcast completed", "sent             1000 of 1000 billable "
-                     "(1000 delivered, 0 failed)", "credits spent    1000",
-                     "top-ups charged  2: +700, +700", "ledger audit     OK",
-                     'dispatcher_credits_total{operation="captured"} 1000',
+                     "broadcast completed", "sent             600 of 600 billable "
+                     "(600 delivered, 0 failed)", "credits spent    600",
+                     "top-ups charged  2: +300, +300", "ledger audit     OK",
+                     'dispatcher_credits_total{operation="captured"} 600',
                      "/metrics", "nothing left running"):
         assert expected in text, f"{expected!r} missing from:\n{text}"
     assert_nothing_left(proc, text)
