@@ -9,10 +9,12 @@ everything else is a pass of C-level builtins over index-aligned lists.
 from __future__ import annotations
 
 import gc
+import operator
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Literal
 
 from dispatcher.numbers import CountryResolver
@@ -124,11 +126,16 @@ def advise(shortfall: int, auto: AutoRecharge) -> tuple[Advice, bool]:
 
 def _skips(recipients: Recipients, countries: Sequence[str | None], opted_out: set[str],
            needed: frozenset[str]) -> dict[int, SkipReason]:
-    """Why each skipped recipient is skipped (the first reason that applies)."""
-    numbers = recipients.numbers
-    skips: dict[int, SkipReason] = {
-        i: "invalid" for i, country in enumerate(countries) if country is None}
-    if opted_out:
+    """Why each skipped recipient is skipped (the first reason that applies).
+
+    Each check first asks a C-level question of the whole column (``None in``, ``isdisjoint``,
+    ``len(set(…))``, ``all(map(…))``) and walks the rows only when some row is affected.
+    """
+    numbers, variables = recipients.numbers, recipients.variables
+    skips: dict[int, SkipReason] = {}
+    if None in countries:
+        skips = {i: "invalid" for i, country in enumerate(countries) if country is None}
+    if not opted_out.isdisjoint(numbers):
         for i, number in enumerate(numbers):
             if number in opted_out:
                 skips.setdefault(i, "opted_out")
@@ -138,9 +145,10 @@ def _skips(recipients: Recipients, countries: Sequence[str | None], opted_out: s
             if first[number] != i:
                 skips.setdefault(i, "duplicate")
     for name in needed:
-        for i, variables in enumerate(recipients.variables):
-            if name not in variables:
-                skips.setdefault(i, "missing_variable")
+        if not all(map(operator.contains, variables, repeat(name))):
+            for i, values in enumerate(variables):
+                if name not in values:
+                    skips.setdefault(i, "missing_variable")
     return skips
 
 

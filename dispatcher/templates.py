@@ -13,7 +13,7 @@ import operator
 import re
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import accumulate
+from itertools import accumulate, chain
 from typing import Literal
 
 from dispatcher.contract import STOP_FOOTER
@@ -42,15 +42,20 @@ def _parts(encoding: Encoding, units: int) -> int:
     return 1 if units <= single else -(-units // per_part)
 
 
-def _flagged_rows(column: Sequence[str], pattern: re.Pattern[str]) -> Iterator[int]:
+def _flagged_rows(column: Sequence[str], lengths: Sequence[int],
+                  pattern: re.Pattern[str]) -> Iterator[int]:
     """Indexes of the values in which ``pattern`` finds a character."""
     joined = _SEPARATOR.join(column)
     if (pattern is _NOT_BASIC and joined.isascii()
             and not joined.encode("ascii").translate(None, _ASCII_BASIC)):
         return
-    ends = list(accumulate(len(value) + 1 for value in column))
+    matches = pattern.finditer(joined)
+    first = next(matches, None)
+    if first is None:
+        return
+    ends = list(accumulate(map((1).__add__, lengths)))  # where each value's separator sits
     last = -1
-    for match in pattern.finditer(joined):
+    for match in chain((first,), matches):
         row = bisect_right(ends, match.start())
         if row != last:
             last = row
@@ -103,7 +108,7 @@ class Template:
             lengths = list(map(len, column))
             for _ in range(self.names.count(name)):
                 units = list(map(operator.add, units, lengths))
-            flagged.update(_flagged_rows(column, odd))
+            flagged.update(_flagged_rows(column, lengths, odd))
         table = [_parts(encoding, n) for n in range(max(units, default=0) + 1)]
         parts = list(map(table.__getitem__, units))
         for row in flagged:
