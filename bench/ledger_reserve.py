@@ -18,10 +18,12 @@ measurement the reservation, ledger and outbox tables are truncated, a checkpoin
 database is vacuumed and analysed, so runs do not grow the tables or inherit each other's dead rows.
 The order (ours first or pgbench first) alternates between runs. Medians over the runs are reported.
 
-``--what-if`` adds a pgbench-only row: scenario 3 against a set-based prototype of ``reserve_batch``
-(``PROTOTYPE_SQL``, created in the throw-away database only), to size the change proposed in
-``bench/RESULTS.md``. ``--record`` replaces this benchmark's section of ``bench/RESULTS.md``,
-keeping the hand-written findings between its ``<!-- findings -->`` markers.
+``--what-if`` adds rows of our side only: scenario 2 over a pool without asyncpg's reset on release,
+and scenario 3 without the client-side coalescing of ``reserve_many`` (``dispatcher.coalesce``).
+``--hot-index`` swaps the bucket index for one without a predicate on ``remaining`` (and a lower
+fillfactor) in the throw-away database, so bucket updates can be HOT; ``--coalesce-limit`` sets
+the most jobs one shared batch may carry. ``--record`` replaces this benchmark's section of
+``bench/RESULTS.md``, keeping the hand-written findings between its ``<!-- findings -->`` markers.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
+from dispatcher.coalesce import MAX_JOBS
 from dispatcher.db import create_pool
 from dispatcher.ledger import CreditStore
 from dispatcher.migrate import migrate
@@ -103,6 +106,7 @@ class Scenario:
     ours: bool = True  # False: a what-if measured with pgbench only
     pgbench: bool = True  # False: a what-if of our side only
     pool_reset: bool = True  # False: our side over a pool that skips asyncpg's reset on release
+    coalesce: bool = True  # False: our side with reserve_many's coalescing switched off
 
     @property
     def batch(self) -> bool:
@@ -141,111 +145,15 @@ SCENARIOS = [
 WHAT_IFS = [Scenario(
     "noreset", "2'. what-if: scenario 2, pool without asyncpg's per-release reset (ours only)",
     True, SCENARIOS[1].pgbench_script, pgbench=False, pool_reset=False), Scenario(
-    "proto", "3'. what-if: scenario 3 with a set-based `reserve_batch` (prototype, pgbench only)",
-    False, _batch_script("bench_reserve_batch_set"), ours=False)]
+    "nocoal", "3'. what-if: scenario 3 without coalescing `reserve_many` calls (ours only)",
+    False, SCENARIOS[2].pgbench_script, pgbench=False, coalesce=False)]
 
-# A set-based rewrite of reserve_batch (same arguments, results and rows written), installed only
-# in the throw-away database by --what-if to estimate what the change proposed in RESULTS.md buys.
-# One statement: existence check by join, cumulative sums decide what fits, ONE update per bucket
-# per batch (instead of one per job), multi-row inserts into reservations and ledger.
-PROTOTYPE_SQL = """
-CREATE FUNCTION bench_reserve_batch_set(p_account text, p_job_ids text[],
-                                        p_amounts bigint[])
-RETURNS TABLE (job_id text, status text, amount bigint, available bigint)
-LANGUAGE plpgsql AS $$
-DECLARE
-    acct accounts%ROWTYPE;
-    avail bigint;
-BEGIN
-    IF coalesce(array_length(p_job_ids, 1), 0) <> coalesce(array_length(p_amounts, 1), 0) THEN
-        RAISE EXCEPTION 'reserve_batch: % job ids but % amounts',
-            array_length(p_job_ids, 1), array_length(p_amounts, 1);
-    END IF;
-    IF EXISTS (SELECT 1 FROM unnest(p_amounts) AS x WHERE x IS NULL OR x <= 0) THEN
-        RAISE EXCEPTION 'reserve_batch: amounts must be positive';
-    END IF;
-    SELECT * INTO acct FROM accounts WHERE id = p_account FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT u, 'unknown_account'::text, 0::bigint, 0::bigint
-                       FROM unnest(p_job_ids) AS u;
-        RETURN;
-    END IF;
-    avail := acct.sub_available + acct.purchased_available - acct.debt;
-    RETURN QUERY
-    WITH input AS (
-        SELECT u.jid, u.amt, u.ord
-          FROM unnest(p_job_ids, p_amounts) WITH ORDINALITY AS u(jid, amt, ord)
-    ), firsts AS (
-        SELECT DISTINCT ON (i.jid) i.jid, i.amt, i.ord FROM input i ORDER BY i.jid, i.ord
-    ), prior AS (
-        SELECT f.ord, r.account_id AS acc, r.amount AS amt
-          FROM firsts f JOIN reservations r ON r.job_id = f.jid
-    ), fresh AS (
-        SELECT f.jid, f.amt, f.ord, (sum(f.amt) OVER (ORDER BY f.ord))::bigint AS cum
-          FROM firsts f WHERE NOT EXISTS (SELECT 1 FROM prior p WHERE p.ord = f.ord)
-    ), ok AS (
-        SELECT * FROM fresh WHERE fresh.cum <= avail
-    ), buckets AS (
-        SELECT b.id, b.remaining,
-               acct.sub_available + (sum(b.remaining) OVER (ORDER BY b.id))::bigint AS hi
-          FROM credit_buckets b
-         WHERE b.account_id = p_account AND b.remaining > 0
-           AND EXISTS (SELECT 1 FROM ok WHERE ok.cum > acct.sub_available)
-    ), parts AS (
-        SELECT o.ord, bk.id AS bucket_id,
-               LEAST(o.cum, bk.hi) - GREATEST(o.cum - o.amt, bk.hi - bk.remaining) AS part
-          FROM ok o JOIN buckets bk ON bk.hi - bk.remaining < o.cum AND bk.hi > o.cum - o.amt
-    ), bucket_upd AS (
-        UPDATE credit_buckets b SET remaining = b.remaining - s.taken
-          FROM (SELECT p.bucket_id, sum(p.part)::bigint AS taken
-                  FROM parts p GROUP BY p.bucket_id) s
-         WHERE b.id = s.bucket_id
-    ), per_job AS (
-        SELECT o.jid, o.amt, o.ord,
-               GREATEST(0, LEAST(o.cum, acct.sub_available) - (o.cum - o.amt)) AS sub_part,
-               coalesce(array_agg(p.bucket_id ORDER BY p.bucket_id)
-                        FILTER (WHERE p.bucket_id IS NOT NULL), '{}') AS bids,
-               coalesce(array_agg(p.part ORDER BY p.bucket_id)
-                        FILTER (WHERE p.bucket_id IS NOT NULL), '{}') AS bparts,
-               coalesce(array_agg(-p.part ORDER BY p.bucket_id)
-                        FILTER (WHERE p.bucket_id IS NOT NULL), '{}') AS bnegs
-          FROM ok o LEFT JOIN parts p ON p.ord = o.ord
-         GROUP BY o.jid, o.amt, o.ord, o.cum
-    ), ins_res AS (
-        INSERT INTO reservations (job_id, account_id, amount, sub_part, period_seq,
-                                  bucket_ids, bucket_parts)
-        SELECT j.jid, p_account, j.amt, j.sub_part, acct.period_seq, j.bids, j.bparts
-          FROM per_job j
-    ), ins_led AS (
-        INSERT INTO ledger (account_id, kind, reference, sub_delta, purchased_delta,
-                            reserved_delta, bucket_ids, bucket_deltas, amount, job_id)
-        SELECT p_account, 'reserve', 'reserve:' || j.jid, -j.sub_part, -(j.amt - j.sub_part),
-               j.amt, j.bids, j.bnegs, j.amt, j.jid
-          FROM per_job j ORDER BY j.ord
-    ), acc_upd AS (
-        UPDATE accounts a
-           SET sub_available = a.sub_available - t.sub_total,
-               purchased_available = a.purchased_available - (t.total - t.sub_total),
-               reserved = a.reserved + t.total
-          FROM (SELECT sum(j.sub_part)::bigint AS sub_total, sum(j.amt)::bigint AS total
-                  FROM per_job j) t
-         WHERE a.id = p_account AND t.total > 0
-    )
-    SELECT i.jid,
-           (CASE WHEN p.ord IS NOT NULL THEN
-                     CASE WHEN p.acc = p_account THEN 'existing' ELSE 'conflict' END
-                 WHEN o.ord IS NULL THEN 'insufficient'
-                 WHEN o.ord = i.ord THEN 'reserved'
-                 ELSE 'existing' END)::text,
-           coalesce(p.amt, o.amt, i.amt),
-           avail - (sum(CASE WHEN o.ord = i.ord THEN o.amt ELSE 0 END)
-                        OVER (ORDER BY i.ord))::bigint
-      FROM input i
-      JOIN firsts f ON f.jid = i.jid
-      LEFT JOIN prior p ON p.ord = f.ord
-      LEFT JOIN ok o ON o.ord = f.ord
-     ORDER BY i.ord;
-END $$;
+# --hot-index: no index mentions ``remaining`` (0001's partial index does, in its predicate, which
+# rules out HOT updates) and pages keep room for new versions. Applied before any bucket exists.
+HOT_INDEX_SQL = """
+DROP INDEX credit_buckets_spendable;
+CREATE INDEX credit_buckets_account ON credit_buckets (account_id, id);
+ALTER TABLE credit_buckets SET (fillfactor = 50);
 """
 
 
@@ -418,8 +326,9 @@ async def no_reset_pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
-async def run_ours(pool: asyncpg.Pool, scenario: Scenario, tag: str, seconds: float) -> Measure:
-    store = CreditStore(pool)
+async def run_ours(pool: asyncpg.Pool, scenario: Scenario, tag: str, seconds: float,
+                   coalesce_limit: int = MAX_JOBS) -> Measure:
+    store = CreditStore(pool, coalesce=scenario.coalesce, coalesce_limit=coalesce_limit)
     rng = random.Random(tag)
     counts = [[0, 0] for _ in range(CONCURRENCY)]
 
@@ -498,7 +407,9 @@ def fmt(rate: float) -> str:
 def verdicts(figures: dict[str, Figures]) -> list[tuple[str, bool]]:
     out: list[tuple[str, bool]] = []
     for scenario in SCENARIOS:
-        f = figures[scenario.key]
+        f = figures.get(scenario.key)
+        if f is None:
+            continue
         if scenario.single_job:
             out.append((f"{scenario.title}: ours/pgbench ≥ {SINGLE_RATIO_TARGET} "
                         f"(measured {f.ratio:.2f})", f.ratio >= SINGLE_RATIO_TARGET))
@@ -556,33 +467,40 @@ def versions(server_version: str) -> str:
 
 def section(figures: dict[str, Figures], scenarios: list[Scenario], args: argparse.Namespace,
             server_version: str, settings: str, findings: str) -> str:
-    what_if = " --what-if" if args.what_if else ""
+    flags = "".join([" --what-if" if args.what_if else "", " --hot-index" if args.hot_index else "",
+                     f" --coalesce-limit {args.coalesce_limit}"
+                     if args.coalesce_limit != MAX_JOBS else ""])
     proto_note = ("""
-- What-if rows: (2') scenario 2 through `CreditStore` over a pool with the same settings but
-  `reset=` a no-op coroutine instead of asyncpg's default `pg_advisory_unlock_all(); CLOSE ALL;
-  UNLISTEN *; RESET ALL` round trip on every release; (3') `PROTOTYPE_SQL` in
-  `bench/ledger_reserve.py`, a set-based `reserve_batch` installed only in the throw-away
-  database, driven by pgbench like scenario 3.""" if args.what_if else "")
+- What-if rows (our side only): (2') scenario 2 through `CreditStore` over a pool with the same
+  settings but `reset=` a no-op coroutine instead of asyncpg's default `pg_advisory_unlock_all();
+  CLOSE ALL; UNLISTEN *; RESET ALL` round trip on every release; (3') scenario 3 with
+  `CreditStore(pool, coalesce=False)`: every `reserve_many` call its own round trip, as pgbench
+  does.""" if args.what_if else "")
+    hot_note = ("""
+- `--hot-index`: `HOT_INDEX_SQL` in `bench/ledger_reserve.py` (bucket index without a predicate
+  on `remaining`, fillfactor 50) applied to the throw-away database.""" if args.hot_index else "")
     targets = "\n".join(f"- {'met' if ok else '**missed**'}: {text}"
                         for text, ok in verdicts(figures))
     return f"""{SECTION}
 
 Recorded {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with
-`python -m bench.ledger_reserve --runs {args.runs} --seconds {args.seconds}{what_if} --record`.
+`python -m bench.ledger_reserve --runs {args.runs} --seconds {args.seconds}{flags} --record`.
 
 - Machine: {machine()} — shared and noisy: compare ratios measured in the same run.
 - Versions: {versions(server_version)}.
 - Server settings: {settings}.
 - Method: concurrency 32 everywhere. *ours* = `CreditStore(pool).reserve` / `.reserve_many` over
   the project's pool (`dispatcher.db.create_pool`, 32 connections), 32 asyncio tasks, one process;
-  only rows returned `reserved` count. *pgbench* = `pgbench -M prepared -c 32 -j 2 -T
-  {args.seconds} -n` running the same `reserve_batch` statement (batch ids built server-side with
-  `generate_series`); reservations counted from the `reservations` table (tps x reservations per
-  transaction). Accounts funded with purchased credits (one bucket each), 1 credit per job, unique
-  job ids. Before each measurement: `TRUNCATE reservations, ledger, outbox`, reinsert
+  only rows returned `reserved` count. `reserve_many` coalesces concurrent calls for one account
+  (at most {args.coalesce_limit} jobs per round trip); pgbench cannot, so scenario 3's ratio is
+  not a ceiling ratio. *pgbench* = `pgbench -M prepared -c 32 -j 2 -T {args.seconds} -n`
+  running the same `reserve_batch` statement (batch ids built server-side with
+  `generate_series`); reservations counted from the `reservations` table (tps x reservations
+  per transaction). Accounts funded with purchased credits (one bucket each), 1 credit per job,
+  unique job ids. Before each measurement: `TRUNCATE reservations, ledger, outbox`, reinsert
   {SEED_ROWS:,} settled reservations and ledger rows of an idle account (so the tables are not
   analysed empty), `CHECKPOINT`, `VACUUM ANALYZE`. Medians of {args.runs} runs x {args.seconds} s;
-  the order (ours or pgbench first) alternates per run.{proto_note}
+  the order (ours or pgbench first) alternates per run.{proto_note}{hot_note}
 
 {table(figures, scenarios)}
 
@@ -628,6 +546,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Figures]:
     if shutil.which("pgbench") is None:
         raise SystemExit("pgbench is not installed")
     scenarios = [*SCENARIOS, *WHAT_IFS] if args.what_if else list(SCENARIOS)
+    if args.only:
+        keys = set(args.only.split(","))
+        scenarios = [s for s in scenarios if s.key in keys]
     name = f"dispatcher_bench_{secrets.token_hex(4)}"
     dsn = with_database(args.dsn, name)
     await create_database(args.dsn, name)
@@ -636,6 +557,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Figures]:
         conn = await asyncpg.connect(dsn, timeout=10)
         try:
             await migrate(conn)
+            if args.hot_index:
+                await conn.execute(HOT_INDEX_SQL)
             server_version: str = await conn.fetchval("SHOW server_version")
             settings = ", ".join([
                 f"{k}={await conn.fetchval(f'SHOW {k}')}"
@@ -648,8 +571,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Figures]:
             t0 = time.perf_counter()
             await setup(pool)
             print(f"setup {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-            if args.what_if:
-                await pool.execute(PROTOTYPE_SQL)
             for scenario in SCENARIOS:  # warm the pool's statement caches and the server
                 await run_ours(pool, scenario, f"w{scenario.key}", 1.0)
             figures = {s.key: Figures() for s in scenarios}
@@ -666,7 +587,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Figures]:
                                 figures[scenario.key].ours.append(m.rate)
                                 figures[scenario.key].ours_cpu.append(m)
                             elif side == "ours":
-                                m = await run_ours(pool, scenario, tag, args.seconds)
+                                m = await run_ours(pool, scenario, tag, args.seconds,
+                                                   args.coalesce_limit)
                                 figures[scenario.key].ours.append(m.rate)
                                 figures[scenario.key].ours_cpu.append(m)
                             else:
@@ -712,7 +634,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record", action="store_true",
                         help=f"replace the section {SECTION!r} in {RESULTS.name}")
     parser.add_argument("--what-if", action="store_true",
-                        help="also measure (pgbench only) a set-based reserve_batch prototype")
+                        help="also measure our side without pool reset / without coalescing")
+    parser.add_argument("--hot-index", action="store_true",
+                        help="bucket index without a predicate on remaining, fillfactor 50")
+    parser.add_argument("--coalesce-limit", type=int, default=MAX_JOBS,
+                        help="most jobs in one shared reserve_many batch (default: %(default)s)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated scenario keys to measure (hot, spread, batch, "
+                             "noreset, nocoal); default all")
     args = parser.parse_args(argv)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     run_loop(bench(args))

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 import asyncpg
 
-from dispatcher.coalesce import reserve_coalesced
+from dispatcher.coalesce import MAX_JOBS, reserve_coalesced
 from dispatcher.errors import (
     AlreadySettled,
     InsufficientCredits,
@@ -108,11 +108,14 @@ class CreditStore:
     ``coalesce``: concurrent ``reserve_many`` calls for one account share one ``reserve_batch``
     in flight at a time (each caller still gets exactly its own outcome). The default is on for
     a pool and off for a connection, whose caller may be inside a transaction of its own.
+    ``coalesce_limit`` caps the jobs of one shared batch.
     """
 
-    def __init__(self, db: Executor, *, coalesce: bool | None = None) -> None:
+    def __init__(self, db: Executor, *, coalesce: bool | None = None,
+                 coalesce_limit: int = MAX_JOBS) -> None:
         self._db = db
         self._coalesce = isinstance(db, asyncpg.Pool) if coalesce is None else coalesce
+        self._coalesce_limit = coalesce_limit
 
     async def reserve(self, job_id: str, account_id: str, amount: int) -> Reservation:
         """Reserve ``amount`` for a job, atomically; the same job id twice reserves once."""
@@ -139,7 +142,7 @@ class CreditStore:
         if self._coalesce:
             try:
                 rows = await reserve_coalesced(self._db, account_id, ids, amounts,
-                                               self._fetch_raw)
+                                               self._fetch_raw, max_jobs=self._coalesce_limit)
             except asyncpg.UniqueViolationError as exc:
                 raise ReservationConflict(job_ids=ids) from exc
         else:
