@@ -21,5 +21,5 @@ class DemoOptions:
     latency_ms: int = 5
     rate_per_second: float = 600.0
     database: str = "dispatcher_demo"
-    timeout_seconds: float = 90.0
+    timeout_seconds: float = 240.0  # a safety net: a quiet machine needs ~20 s
     to: tuple[str, ...] = ()  # real recipients, required with real Twilio credentials

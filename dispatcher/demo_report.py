@@ -76,6 +76,7 @@ class DemoReport:
                 await asyncio.sleep(TICK_SECONDS)
         finally:
             self.view.finish()
+        self.elapsed = time.monotonic() - started
         self.say(f"timed out after {seconds:.0f}s")
         return False
 
