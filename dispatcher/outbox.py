@@ -56,6 +56,8 @@ class OutboxRelay:
                         pass
                     await self._update_backlog()
                 except RELAY_ERRORS as exc:
+                    if stop.is_set():  # the channel closed under us while shutting down
+                        break
                     # Nothing was marked: the rows are published again on the next pass.
                     log.warning("outbox_relay_failed", error=type(exc).__name__)
                     pause = RETRY_SECONDS

@@ -22,26 +22,35 @@ from dispatcher.queries import q
 log = structlog.get_logger(__name__)
 
 NOTIFY_CHANNEL = "dispatcher_resume"
+RETRY_SECONDS = 1.0
 SendReleased = Callable[[bytes, int], Awaitable[Outcome]]
 
 
 class Resumer:
-    """Listens for credits reaching paused accounts and drains their held jobs."""
+    """Listens for credits reaching paused accounts and drains their held jobs.
+
+    Accounts drain side by side (a few at a time), so one account's long backlog never delays
+    another's resume; within an account the held jobs are sent one after the other, in order.
+    """
 
     def __init__(self, pool: asyncpg.Pool, send_released: SendReleased, metrics: Metrics,
-                 batch: int = 100) -> None:
+                 batch: int = 100, max_accounts: int = 4) -> None:
         self._pool = pool
         self._send = send_released
         self._metrics = metrics
         self._batch = batch
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._queued: set[str] = set()
+        self._slots = asyncio.Semaphore(max_accounts)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        # Woken while draining: credits may have arrived after its last release, go again.
+        self._again: set[str] = set()
 
     def wake(self, account_id: str) -> None:
-        """Ask for one pass over this account (duplicates collapse)."""
-        if account_id not in self._queued:
-            self._queued.add(account_id)
-            self._queue.put_nowait(account_id)
+        """Ask for one pass over this account (wake-ups while it drains collapse into one)."""
+        if account_id in self._running:
+            self._again.add(account_id)
+            return
+        task = asyncio.create_task(self._passes(account_id), name=f"resume-{account_id}")
+        self._running[account_id] = task
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         self.wake(str(payload))
@@ -53,21 +62,32 @@ class Resumer:
         try:
             for row in await self._pool.fetch(q("paused_accounts")):
                 self.wake(row["id"])
-            while not stop.is_set():
-                getter = asyncio.create_task(self._queue.get())
-                stopper = asyncio.create_task(stop.wait())
-                done, _ = await asyncio.wait({getter, stopper},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                if getter not in done:
-                    getter.cancel()
-                    break
-                account_id = getter.result()
-                self._queued.discard(account_id)
-                await self.resume(account_id)
+            await stop.wait()
         finally:
             await listener.remove_listener(NOTIFY_CHANNEL, self._notified)
             await self._pool.release(listener)
+            drains = list(self._running.values())
+            for task in drains:
+                task.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+
+    async def _passes(self, account_id: str) -> None:
+        """Drain the account, again as long as wake-ups arrived meanwhile."""
+        try:
+            while True:
+                self._again.discard(account_id)
+                async with self._slots:
+                    try:
+                        await self.resume(account_id)
+                    except Exception:
+                        # The jobs stay held (or `sending`, for the reconciler): try again soon.
+                        log.exception("account_resume_failed", account_id=account_id)
+                        await asyncio.sleep(RETRY_SECONDS)
+                        self._again.add(account_id)
+                if account_id not in self._again:
+                    return
+        finally:
+            del self._running[account_id]
 
     async def resume(self, account_id: str) -> str:
         """Release and send held jobs until none is left or credits run out."""
@@ -86,7 +106,7 @@ class Resumer:
         while True:
             rows = await self._pool.fetch(q("release_held"), account_id, self._batch)
             released = [r for r in rows if r["outcome"] == "released"]
-            for row in released:
+            for row in released:  # one after the other: held jobs go out in arrival order
                 await self._send(row["payload"].encode(), row["attempts"])
             sent += len(released)
             state = next((r["outcome"] for r in rows if r["outcome"] != "released"), None)

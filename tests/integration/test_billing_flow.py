@@ -305,3 +305,44 @@ async def test_relay_killed_between_publish_and_mark_still_charges_once(
         await connection.close()
         await drop_topology(settings)
         await drop_billing_queues(billing.settings)
+
+
+async def lows(pool: asyncpg.Pool, account: str) -> list[int]:
+    rows = await pool.fetch("SELECT body FROM outbox WHERE routing_key = 'balance.low' "
+                            "AND body->>'account' = $1 ORDER BY id", account)
+    return [json.loads(r["body"])["episode"] for r in rows]
+
+
+async def test_balance_low_once_per_episode_and_never_for_a_rolled_back_crossing(
+        pool: asyncpg.Pool) -> None:
+    account = uid("acct")
+    await create_account(pool, account, auto_recharge=(True, 5, 20))
+    store = CreditStore(pool)
+    await store.grant(account, 10, "purchase", uid("seed"))
+
+    class RolledBack(Exception):
+        pass
+
+    async def cross_then_roll_back() -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await CreditStore(conn).reserve(uid("job"), account, 6)  # crosses below 5 ...
+            assert await conn.fetchval("SELECT count(*) FROM outbox WHERE body->>'account' = $1",
+                                       account) == 1
+            raise RolledBack()  # ... and is rolled back: no event, no episode
+    with pytest.raises(RolledBack):
+        await cross_then_roll_back()
+    assert await lows(pool, account) == []
+    assert await pool.fetchval("SELECT low_balance_episode FROM accounts WHERE id = $1",
+                               account) == 0
+
+    first = uid("job")
+    await store.reserve(first, account, 6)
+    assert await lows(pool, account) == [1]
+    await store.release(first)  # a failed send gives credits back: still the same episode
+    await store.reserve(uid("job"), account, 7)
+    await store.reserve(uid("job"), account, 1)
+    assert await lows(pool, account) == [1]
+    await store.grant(account, 20, "auto_recharge", uid("pay"))  # 22: the episode ends
+    await store.reserve(uid("job"), account, 18)
+    assert await lows(pool, account) == [1, 2]
+    assert await run_audit(pool) == []
