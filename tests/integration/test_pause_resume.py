@@ -161,3 +161,34 @@ async def test_another_account_flows_while_one_is_paused_with_10000_held_jobs(
     # Each held job costs one short transaction and an ack, nothing more: no added delay
     # beyond handling the paused account's own messages (a generous bound for a noisy box).
     assert beside < 2 * baseline + 1.0
+
+
+async def test_a_long_resume_does_not_hold_up_another_accounts_resume(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    big, small = await d.funded_account(uid("big"), 0), await d.funded_account(uid("small"), 0)
+    big_ids = [f"{big}-{i:03d}" for i in range(150)]
+    for job_id in big_ids:
+        await d.publish_sms(job_id, big, body=job_id)
+    for i in range(3):
+        await d.publish_sms(f"{small}-{i}", small)
+
+    async def all_held() -> bool:
+        return [len(await statuses(d, a)) for a in (big, small)] == [150, 3] and {
+            v for a in (big, small) for v in (await statuses(d, a)).values()} == {"held"}
+    await wait_for(all_held, timeout=30)
+    store = CreditStore(d.pool)
+    await store.grant(big, 150, "purchase", uid("pay"))
+    await store.grant(small, 3, "purchase", uid("pay"))
+
+    async def small_sent() -> bool:
+        return all(v in ("sent", "delivered") for v in (await statuses(d, small)).values())
+    await wait_for(small_sent)
+    big_held = sum(v == "held" for v in (await statuses(d, big)).values())
+    assert big_held > 0, "the small account waited for the big one's whole backlog"
+
+    async def big_sent() -> bool:
+        return all(v in ("sent", "delivered") for v in (await statuses(d, big)).values())
+    await wait_for(big_sent, timeout=60)
+    sent = [r.body for r in d.sandbox.state.creates(accepted=True) if r.body in big_ids]
+    assert sent == big_ids  # in arrival order, each once
