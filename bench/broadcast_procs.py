@@ -32,6 +32,13 @@ FIRST_NAMES = ("Ana", "Ben", "Chloé", "Dmitri", "Émile", "Fatima", "Gus", "Han
                "Kai", "Lena", "Mia", "Noah", "Olivia", "Pablo", "Quinn", "Rosa", "Sam", "Zoë")
 
 
+def out_dir() -> Path:
+    """``bench/out`` (git-ignored): logs and profiles of the benchmark's subprocesses."""
+    path = ROOT / "bench" / "out"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment ``dispatcher run`` reads: every field as ``DISPATCHER_<NAME>``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}

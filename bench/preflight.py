@@ -34,6 +34,7 @@ from bench.broadcast_procs import (
     dispatcher_child,
     drop_database,
     memory_kib,
+    out_dir,
     personalised,
     replace_section,
     scratch_database,
@@ -125,7 +126,7 @@ async def bench(recipients: int, runs: int) -> dict[str, Any]:
     scratch = await scratch_database(base, "preflight")
     people = personalised(recipients)
     raw = json.dumps({"body": BODY, "recipients": people, "footer": True}).encode()
-    log = ROOT / "bench" / ".preflight-dispatcher.log"
+    log = out_dir() / "preflight-dispatcher.log"
     child: Child | None = None
     try:
         pool = await asyncpg.create_pool(scratch.url, min_size=1, max_size=2)
