@@ -368,3 +368,16 @@ async def test_cli_run_stops_gracefully_on_sigterm(billing_db: str) -> None:
             for name in (settings.queue, settings.dead_queue):
                 await channel.queue_delete(name)
             await channel.exchange_delete(settings.exchange)
+
+
+async def test_auto_recharge_uses_its_own_method_not_the_subscription_one(
+        billing: Dispatcher) -> None:
+    account = new_account()
+    await set_payment_methods(billing.settings, account, primary="tok_ok",
+                              purpose="subscription")
+    await billing.methods(account, "tok_decline")
+    await billing.send(low(account))
+    [failed] = await billing.failures(account, 1)
+    assert (failed.reason, failed.payment_method) == ("declined", "primary")
+    assert [c.token for c in billing.gateway.calls_for(account)] == ["tok_decline"]
+    assert not billing.of(account, CreditsGranted)
