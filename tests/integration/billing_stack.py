@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from billing_client import decode_event
 from billing_client.reference import (
     BillingSettings,
+    ChargeResult,
     FakeGateway,
     ReferenceBillingService,
     set_payment_methods,
@@ -43,13 +44,27 @@ class Tapped:
     body: dict[str, Any]
 
 
+class GatedGateway(FakeGateway):
+    """The fake gateway, whose charges wait while ``gate`` is closed (a slow bank)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def charge(self, account: str, token: str, amount_credits: int,
+                     idempotency_key: str) -> ChargeResult:
+        await self.gate.wait()
+        return await super().charge(account, token, amount_credits, idempotency_key)
+
+
 @dataclass
 class BillingStack:
     """A running dispatcher and reference billing service, and what they published."""
 
     d: RunningDispatcher
     billing: ReferenceBillingService
-    gateway: FakeGateway
+    gateway: GatedGateway
     billing_settings: BillingSettings
     tapped: list[Tapped] = field(default_factory=list)
 
@@ -122,7 +137,7 @@ async def billing_stack_fixture(dispatcher: RunningDispatcher) -> AsyncIterator[
         database_url=s.database_url, amqp_url=s.amqp_url, amqp_prefix=s.amqp_prefix,
         backoff_base_seconds=0.5, backoff_max_seconds=2.0, max_attempts=2,
         default_primary="tok_ok", outbox_sweep_seconds=0.5, shutdown_timeout_seconds=5.0)
-    gateway = FakeGateway(timeout_delay=0.2)
+    gateway = GatedGateway(timeout_delay=0.2)
     service = ReferenceBillingService(settings, gateway)
     await service.start()
     stack = BillingStack(dispatcher, service, gateway, settings)
