@@ -107,12 +107,14 @@ class Bench:
         """Publish the backlog, start the dispatcher, wait until every job is sent."""
         seconds = await publish(self.channel, self.names, batch)
         log(f"  published {batch.size:,} in {seconds:.1f}s")
-        dispatcher = Dispatcher(self.settings, self.logs / "dispatcher.log")
+        dispatcher = Dispatcher(self.settings, self.logs / "dispatcher.log", self.args.profile)
         dispatcher.start()
+        sandbox_cpu = self.sandbox.cpu()
         side = asyncio.create_task(during) if during is not None else None
         try:
             await self._wait_sent(batch, dispatcher, rss)
             cpu = dispatcher.cpu_since_start()
+            sandbox_cpu = self.sandbox.cpu() - sandbox_cpu
         finally:
             if side is not None:
                 await side
@@ -120,7 +122,8 @@ class Bench:
         result = await span(self.pool, batch.tag)
         if result.sent != batch.size:
             raise RuntimeError(f"{batch.tag}: {result.sent} sent, {result.other} not")
-        return report.Drained(result.rate, cpu / batch.size * 1e6, dispatcher.samples)
+        return report.Drained(result.rate, cpu / batch.size * 1e6,
+                              sandbox_cpu / batch.size * 1e6, dispatcher.samples)
 
     async def _wait_sent(self, batch: Batch, dispatcher: Dispatcher, rss: bool) -> None:
         last_count, last_progress, polled = -1, time.monotonic(), 0.0
@@ -139,13 +142,13 @@ class Bench:
                     raise RuntimeError(f"{batch.tag}: stalled at {count:,} sent")
             await asyncio.sleep(0.25)
 
-    async def raw(self, batch: Batch) -> float:
+    async def raw(self, batch: Batch) -> tuple[float, float]:
         """Publish the same backlog and let the bare consume-and-ack loop drain it."""
         await publish(self.channel, self.names, batch)
         result = await asyncio.to_thread(
             run_raw_consumer, self.settings.amqp_url, self.names.work_queue(batch.priority),
             batch.size, self.settings.prefetch, self.logs / "raw.log")
-        return result["rate"]
+        return result["rate"], result["cpu_seconds"] / batch.size * 1e6
 
     async def probes(self, started: asyncio.Event) -> None:
         """Transactional jobs, one at a time, while the bulk backlog is still deep."""
@@ -188,12 +191,16 @@ async def zero_latency(b: Bench) -> None:
                 drained = await b.ours(batch)
                 b.figures.zero.append(drained.rate)
                 b.figures.zero_cpu.append(drained.cpu_us)
+                b.figures.sandbox_cpu.append(drained.sandbox_cpu_us)
                 log(f"run {run + 1} zero latency  ours {drained.rate:8,.0f} jobs/s "
-                    f"({drained.cpu_us:.0f} µs CPU/job in the dispatcher)")
+                    f"(CPU per job: dispatcher {drained.cpu_us:.0f} µs, sandbox "
+                    f"{drained.sandbox_cpu_us:.0f} µs)")
             else:
-                rate = await b.raw(batch)
+                rate, cpu_us = await b.raw(batch)
                 b.figures.raw.append(rate)
-                log(f"run {run + 1} zero latency  raw  {rate:8,.0f} msg/s")
+                b.figures.raw_cpu.append(cpu_us)
+                log(f"run {run + 1} zero latency  raw  {rate:8,.0f} msg/s "
+                    f"({cpu_us:.0f} µs CPU/message)")
             b.sandbox.configure(report.scenario(0, b.args.callbacks))
 
 
@@ -241,7 +248,7 @@ async def environment(args: argparse.Namespace) -> AsyncIterator[Bench]:
             finally:
                 await conn.close()
             pool = await create_pool(settings, min_size=1, max_size=4)
-            accounts = await fund_accounts(pool, args.accounts, args.rss_jobs + args.jobs * 10)
+            accounts = await fund_accounts(pool, args.accounts, 10**12)
             sandbox = Sandbox(free_port(), "AC" + secrets.token_hex(16), secrets.token_hex(16),
                               Path(tmp) / "sandbox.log")
             sandbox.start(report.scenario(0, args.callbacks))
@@ -323,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--keep-logs", type=Path, default=None,
                         help="keep the dispatcher's log at this path")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="run the dispatcher under cProfile, stats to this path")
     parser.add_argument("--dsn", default=os.environ.get(
         "BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--record", action="store_true")

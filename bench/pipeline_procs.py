@@ -122,6 +122,11 @@ class Sandbox:
         proc = self.child.start()
         wait_http(f"{self.base_url}/_sandbox/scenario", proc, self.log)
 
+    def cpu(self) -> float:
+        """CPU seconds the sandbox process used so far."""
+        assert self.child is not None
+        return cpu_seconds(self.child.pid)
+
     def configure(self, scenario: dict[str, object]) -> None:
         """Replace the scenario and forget every recorded create (bounds the sandbox's memory)."""
         http_json(f"{self.base_url}/_sandbox/reset", {})
@@ -138,12 +143,14 @@ class Dispatcher:
 
     settings: Settings
     log: Path
+    profile: Path | None = None  # run under cProfile, stats written here on exit
     child: Child | None = None
     started_cpu: float = 0.0
     samples: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, rss bytes)
 
     def start(self) -> None:
-        self.child = Child([sys.executable, "-m", "dispatcher", "run"],
+        profile = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
+        self.child = Child([sys.executable, *profile, "-m", "dispatcher", "run"],
                            settings_env(self.settings), self.log)
         proc = self.child.start()
         wait_http(f"{self.settings.public_base_url}/readyz", proc, self.log)

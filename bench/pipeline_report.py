@@ -36,6 +36,7 @@ class Drained:
 
     rate: float
     cpu_us: float
+    sandbox_cpu_us: float
     samples: list[tuple[float, int]]
 
 
@@ -45,7 +46,9 @@ class Figures:
 
     zero: list[float] = field(default_factory=list)
     zero_cpu: list[float] = field(default_factory=list)
+    sandbox_cpu: list[float] = field(default_factory=list)
     raw: list[float] = field(default_factory=list)
+    raw_cpu: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
     rss_rate: float = 0.0
     rss: list[tuple[float, int]] = field(default_factory=list)
@@ -122,8 +125,12 @@ def table(f: Figures, args: argparse.Namespace) -> str:
                     f"| {ratio:.2f} |")
         rows.append(f"| zero latency, raw aio-pika consume+ack (msg/s) | {median(f.raw):,.0f} "
                     f"| {fmt(f.raw)} | — | — |")
-        rows.append(f"| dispatcher CPU per job, zero latency (µs) | {median(f.zero_cpu):,.0f} "
-                    f"| {fmt(f.zero_cpu)} | — | — |")
+        rows.append(f"| CPU per job, zero latency: dispatcher process (µs) "
+                    f"| {median(f.zero_cpu):,.0f} | {fmt(f.zero_cpu)} "
+                    f"| {median(f.raw_cpu):,.0f} (raw loop, per message) "
+                    f"| {median(f.zero_cpu) / max(median(f.raw_cpu), 1):.1f} |")
+        rows.append(f"| CPU per job, zero latency: sandbox process (µs) "
+                    f"| {median(f.sandbox_cpu):,.0f} | {fmt(f.sandbox_cpu)} | — | — |")
     if f.latency:
         rows.append(f"| {LATENCY_MS} ms latency, dispatcher (jobs/s) | {median(f.latency):,.0f} "
                     f"| {fmt(f.latency)} | {bound:,.0f} (in flight / latency) "

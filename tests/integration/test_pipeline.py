@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 import uuid
 
 import aio_pika
 import aiohttp
+import asyncpg
 import pytest
 from twilio.request_validator import RequestValidator
 
 from dispatcher.audit import run_audit
 from dispatcher.ledger import CreditStore
+from dispatcher.publisher import JobPublisher
 from dispatcher.sandbox.state import NumberRule
+from dispatcher.service import Service
+from dispatcher.settings import Settings
 from dispatcher.topology import Names
-from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
+from tests.integration.dispatcher_fixture import (
+    RunningDispatcher,
+    dispatcher_settings,
+    drop_topology,
+    wait_for,
+)
+from tests.integration.sandbox_fixture import SandboxHandle
 
 
 def uid(prefix: str) -> str:
@@ -43,7 +56,7 @@ async def test_sms_is_sent_once_and_settled_to_the_real_cost(dispatcher: Running
     await d.publish_sms("sms-1-" + account, account, body=body)
     job = await wait_status(d, "sms-1-" + account, "delivered")
     assert job["final_cost"] == 2 and job["units"] == 2
-    assert job["provider_sid"].startswith("SM")
+    assert str(job["provider_sid"]).startswith("SM")
     balance = await CreditStore(d.pool).balance(account)
     assert (balance.available, balance.reserved) == (8, 0)
     assert d.sandbox.state.count(to="+14155550100", accepted=True) >= 1
@@ -114,7 +127,7 @@ async def test_poison_jobs_are_dead_lettered_with_their_reason(
             message = await dead.get(fail=False)
             if message is not None:
                 break
-            await __import__("asyncio").sleep(0.05)
+            await asyncio.sleep(0.05)
         assert message is not None, "nothing reached the dead-letter queue"
         await message.ack()
         assert message.headers["x-reason"] == reason
@@ -238,3 +251,109 @@ async def test_a_job_whose_handling_keeps_crashing_is_dead_lettered_alone(
             return cursed.encode() in message.body
         await wait_for(dead_lettered, timeout=30)
     assert await d.job(cursed) is None
+
+
+async def test_each_send_carries_a_status_callback_url_with_its_job_id(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 5)
+    job_id = uid("cb")
+    await d.publish_sms(job_id, account, to="+14155550155")
+    await wait_status(d, job_id, "sent", "delivered")
+    [create] = d.sandbox.state.creates(to="+14155550155")
+    assert create.status_callback == f"{d.settings.public_base_url}/twilio/status/{job_id}"
+
+
+async def test_a_redelivered_job_that_is_already_settled_is_acked_without_sending(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 5)
+    job_id = uid("redeliver")
+    to = "+14155550166"
+    await d.publish_sms(job_id, account, to=to)
+    await wait_status(d, job_id, "delivered")
+    before = await d.job(job_id)
+    names = Names(d.settings.amqp_prefix)
+    connection = await aio_pika.connect(d.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(names.jobs_exchange)
+        body = json.dumps({"schema_version": 1, "id": job_id, "kind": "sms", "account": account,
+                           "to": to, "from": "+14155550199", "body": "hello"}).encode()
+        # What the broker hands back after a lost ack: the same message, flagged redelivered.
+        await exchange.publish(aio_pika.Message(body, message_id=job_id, type="sms",
+                                                headers={"x-redelivered-by-test": "1"}),
+                               routing_key="sms.transactional")
+
+        async def settled_by_the_consumer() -> bool:
+            queue = await channel.declare_queue(names.work_queue("transactional"), passive=True)
+            return queue.declaration_result.message_count == 0 and not (
+                d.service.consumer and d.service.consumer._in_flight)
+        await wait_for(settled_by_the_consumer)
+        dead = await channel.get_queue(names.dead_queue)
+        assert await dead.get(fail=False) is None
+    await asyncio.sleep(0.2)
+    assert d.sandbox.state.count(to=to) == 1
+    assert await d.job(job_id) == before
+    assert (await CreditStore(d.pool).balance(account)).available == 4
+
+
+async def test_jobs_unresolved_lists_a_job_whose_outcome_is_unknown(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    to = "+14155550177"
+    d.sandbox.state.configure(callbacks_enabled=False)
+    d.sandbox.state.set_rule(to, NumberRule(accept_then_500=True))
+    account = await d.funded_account(uid("acct"), 5)
+    job_id = uid("unres")
+    await d.publish_sms(job_id, account, to=to)
+    await wait_status(d, job_id, "unknown")
+    env = {**os.environ, "DISPATCHER_DATABASE_URL": d.settings.database_url,
+           "DISPATCHER_LOG_LEVEL": "warning"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dispatcher", "jobs", "unresolved", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    [line] = [x for x in out.decode().splitlines() if x.startswith(job_id)]
+    assert line.split("\t")[1:4] == [account, "sms", "unknown"]
+    assert to not in out.decode(), "no phone numbers in operator output"
+
+
+async def test_each_sender_is_paced_by_its_own_rate_limit(
+        settings: Settings, twilio_sandbox: SandboxHandle, pool: asyncpg.Pool) -> None:
+    rate, jobs = 4.0, 10
+    s = dispatcher_settings(settings, twilio_sandbox, sender_rate_per_second=rate)
+    stop = asyncio.Event()
+    service = Service(s)
+    await service.start(stop)
+    publisher = await JobPublisher.connect(s.amqp_url, Names(s.amqp_prefix).jobs_exchange)
+    try:
+        d = RunningDispatcher(s, service, publisher, twilio_sandbox, pool, stop)
+        account = await d.funded_account(uid("acct"), 100)
+        slow, other = "+14155550198", "+14155550197"
+        for i in range(jobs):
+            await d.publisher.publish({"schema_version": 1, "id": uid(f"paced{i}"),
+                                       "kind": "sms", "account": account, "from": slow,
+                                       "to": f"+1415555{1000 + i}", "body": "paced"})
+        # Another account's sender (an account's own jobs keep their arrival order).
+        other_account = await d.funded_account(uid("acct"), 100)
+        await d.publisher.publish({"schema_version": 1, "id": uid("other"), "kind": "sms",
+                                   "account": other_account, "from": other,
+                                   "to": "+14155552000", "body": "not paced"})
+
+        async def all_sent() -> bool:
+            return twilio_sandbox.state.count() == jobs + 1
+        await wait_for(all_sent, timeout=30)
+        times = sorted(r.received_at for r in twilio_sandbox.state.creates()
+                       if r.from_ == slow)
+        # A burst of `rate`, then one every 1/rate seconds: never faster than the limit.
+        span = (times[-1] - times[0]).total_seconds()
+        assert span >= (jobs - rate - 1) / rate, span
+        [other_create] = [r for r in twilio_sandbox.state.creates() if r.from_ == other]
+        assert other_create.received_at < times[-1], "another sender waited for this one"
+    finally:
+        stop.set()
+        await publisher.close()
+        await service.close()
+        await drop_topology(s)
