@@ -34,7 +34,7 @@ class Resumer:
     """
 
     def __init__(self, pool: asyncpg.Pool, send_released: SendReleased, metrics: Metrics,
-                 batch: int = 100, max_accounts: int = 4) -> None:
+                 batch: int = 20, max_accounts: int = 4) -> None:
         self._pool = pool
         self._send = send_released
         self._metrics = metrics
@@ -106,9 +106,7 @@ class Resumer:
         while True:
             rows = await self._pool.fetch(q("release_held"), account_id, self._batch)
             released = [r for r in rows if r["outcome"] == "released"]
-            for row in released:  # one after the other: held jobs go out in arrival order
-                await self._send(row["payload"].encode(), row["attempts"])
-            sent += len(released)
+            sent += await self._send_in_order(released)
             state = next((r["outcome"] for r in rows if r["outcome"] != "released"), None)
             if state == "resumed" or not rows:
                 log.info("account_resumed", account_id=account_id, released=sent)
@@ -116,6 +114,23 @@ class Resumer:
             if state == "still_paused" and not released:
                 log.info("account_still_paused", account_id=account_id, released=sent)
                 return "still_paused"
+
+    async def _send_in_order(self, released: list[asyncpg.Record]) -> int:
+        """Send released jobs one after the other (arrival order); returns how many."""
+        if not released:
+            return 0
+        versions = {r["job_id"]: r["updated_at"] for r in await self._pool.fetch(
+            q("released_versions"), [r["job_id"] for r in released])}
+        sent = 0
+        for row in released:
+            if await self._pool.fetchval(q("claim_released_job"), row["job_id"],
+                                         versions[row["job_id"]]) is None:
+                # It waited past the reconciler's grace and the reconciler took it over.
+                log.warning("released_job_taken_over", job_id=row["job_id"])
+                continue
+            await self._send(row["payload"].encode(), row["attempts"])
+            sent += 1
+        return sent
 
 
 async def sweep_holds(pool: asyncpg.Pool, metrics: Metrics, expiry_seconds: float) -> int:

@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from prometheus_client import CollectorRegistry
 
 from dispatcher.audit import run_audit
+from dispatcher.jobstore import JobStore, NewJob
 from dispatcher.ledger import CreditStore
+from dispatcher.metrics import Metrics
+from dispatcher.outcomes import Done, Outcome
+from dispatcher.queries import q
+from dispatcher.resumer import Resumer
+from dispatcher.subscriptions import create_account
 from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
 
 
@@ -192,3 +202,29 @@ async def test_a_long_resume_does_not_hold_up_another_accounts_resume(
     await wait_for(big_sent, timeout=60)
     sent = [r.body for r in d.sandbox.state.creates(accepted=True) if r.body in big_ids]
     assert sent == big_ids  # in arrival order, each once
+
+
+async def test_a_released_job_the_reconciler_took_over_is_not_sent_twice(
+        pool: asyncpg.Pool) -> None:
+    account = uid("acct")
+    await create_account(pool, account)
+    jobs = JobStore(pool)
+    ids = [uid("job") for _ in range(3)]
+    for job_id in ids:
+        begin = await jobs.begin(NewJob(job_id, account, "sms", "bulk", {"id": job_id}, 1,
+                                        "US", 1, 1))
+        assert begin.outcome == "held"
+    await CreditStore(pool).grant(account, 3, "purchase", uid("pay"))
+    sent: list[str] = []
+
+    async def send(payload: bytes, attempt: int) -> Outcome:
+        job_id = json.loads(payload)["id"]
+        sent.append(job_id)
+        if job_id == ids[0]:
+            # Meanwhile the reconciler decides the last job waited too long and claims it.
+            far = datetime.now(UTC) + timedelta(hours=1)
+            assert await pool.fetchval(q("claim_stuck_job"), ids[2], "sending", far)
+        return Done("sent")
+
+    assert await Resumer(pool, send, Metrics(CollectorRegistry())).resume(account) == "resumed"
+    assert sent == ids[:2]  # the reconciler's now: one provider call at most
