@@ -18,8 +18,9 @@ measurement the reservation, ledger and outbox tables are truncated, a checkpoin
 database is vacuumed and analysed, so runs do not grow the tables or inherit each other's dead rows.
 The order (ours first or pgbench first) alternates between runs. Medians over the runs are reported.
 
-``--what-if`` adds rows of our side only: scenario 2 over a pool without asyncpg's reset on release,
-and scenario 3 without the client-side coalescing of ``reserve_many`` (``dispatcher.coalesce``).
+``--what-if`` adds rows: (ours only) scenario 2 over a pool without asyncpg's reset on release and
+scenario 3 without the client-side coalescing of ``reserve_many`` (``dispatcher.coalesce``);
+(pgbench only) scenario 3 against migration 0001's ``reserve_batch``, the "before" figure.
 ``--hot-index`` swaps the bucket index for one without a predicate on ``remaining`` (and a lower
 fillfactor) in the throw-away database, so bucket updates can be HOT; ``--coalesce-limit`` sets
 the most jobs one shared batch may carry. ``--record`` replaces this benchmark's section of
@@ -47,6 +48,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -91,6 +93,8 @@ SELECT '{SEED}', 'capture', 'seed:' || g, 0, 1, 'seed-' || g
 """
 
 T = TypeVar("T")
+# --what-if also installs 0001's reserve_batch under this name: "before", measured in the same run.
+OLD_FUNCTION = "reserve_batch_0001"
 
 
 def spread_account(i: int) -> str:
@@ -146,7 +150,21 @@ WHAT_IFS = [Scenario(
     "noreset", "2'. what-if: scenario 2, pool without asyncpg's per-release reset (ours only)",
     True, SCENARIOS[1].pgbench_script, pgbench=False, pool_reset=False), Scenario(
     "nocoal", "3'. what-if: scenario 3 without coalescing `reserve_many` calls (ours only)",
-    False, SCENARIOS[2].pgbench_script, pgbench=False, coalesce=False)]
+    False, SCENARIOS[2].pgbench_script, pgbench=False, coalesce=False), Scenario(
+    "old", "3''. before: scenario 3 with 0001's per-job `reserve_batch` (pgbench only)",
+    False, _batch_script(OLD_FUNCTION), ours=False)]
+
+
+
+def old_reserve_batch_sql() -> str:
+    """Migration 0001's ``reserve_batch`` (replaced by 0006), verbatim but for its name."""
+    text = resources.files("dispatcher").joinpath(
+        "sql", "migrations", "0001_ledger.sql").read_text(encoding="utf-8")
+    match = re.search(r"CREATE FUNCTION reserve_batch\(.*?\nEND \$\$;", text, re.DOTALL)
+    if match is None:
+        raise RuntimeError("reserve_batch not found in 0001_ledger.sql")
+    return match.group(0).replace("FUNCTION reserve_batch(", f"FUNCTION {OLD_FUNCTION}(", 1)
+
 
 # --hot-index: no index mentions ``remaining`` (0001's partial index does, in its predicate, which
 # rules out HOT updates) and pages keep room for new versions. Applied before any bucket exists.
@@ -309,18 +327,27 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 @contextlib.asynccontextmanager
-async def no_reset_pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    """The project's pool settings (``dispatcher.db.create_pool``) but no reset on release."""
+async def measured_pool(dsn: str, scenario: Scenario,
+                        coalesce_limit: int) -> AsyncIterator[asyncpg.Pool]:
+    """A 32-connection pool for one measurement of our side, warmed on its scenario for 1 s.
+
+    The project's pool (``dispatcher.db.create_pool``), or, for ``pool_reset=False``, the same
+    settings with a ``reset`` that sends nothing. Opened per measurement so that our 32
+    connections and pgbench's 32 are never open at once (max_connections is shared).
+    """
     settings = Settings(database_url=dsn)
-    pool = await asyncpg.create_pool(
-        dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, timeout=10,
-        command_timeout=settings.db_command_timeout_seconds, reset=_keep_session,
-        server_settings={"application_name": "dispatcher", "tcp_keepalives_idle": "30",
-                         "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3"})
+    pool: asyncpg.Pool | None
+    if scenario.pool_reset:
+        pool = await create_pool(settings, min_size=CONCURRENCY, max_size=CONCURRENCY)
+    else:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, timeout=10,
+            command_timeout=settings.db_command_timeout_seconds, reset=_keep_session,
+            server_settings={"application_name": "dispatcher", "tcp_keepalives_idle": "30",
+                             "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3"})
     assert pool is not None
     try:
-        for scenario in SCENARIOS[:2]:
-            await run_ours(pool, scenario, f"w{secrets.token_hex(3)}", 0.5)
+        await run_ours(pool, scenario, f"w{secrets.token_hex(3)}", 1.0, coalesce_limit)
         yield pool
     finally:
         await pool.close()
@@ -475,7 +502,9 @@ def section(figures: dict[str, Figures], scenarios: list[Scenario], args: argpar
   settings but `reset=` a no-op coroutine instead of asyncpg's default `pg_advisory_unlock_all();
   CLOSE ALL; UNLISTEN *; RESET ALL` round trip on every release; (3') scenario 3 with
   `CreditStore(pool, coalesce=False)`: every `reserve_many` call its own round trip, as pgbench
-  does.""" if args.what_if else "")
+  does. (3'') pgbench as in scenario 3, against migration 0001's `reserve_batch` (one
+  `credits_take` per job), installed under another name in the throw-away database: the
+  "before" figure, measured in the same run.""" if args.what_if else "")
     hot_note = ("""
 - `--hot-index`: `HOT_INDEX_SQL` in `bench/ledger_reserve.py` (bucket index without a predicate
   on `remaining`, fillfactor 50) applied to the throw-away database.""" if args.hot_index else "")
@@ -490,7 +519,8 @@ Recorded {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with
 - Versions: {versions(server_version)}.
 - Server settings: {settings}.
 - Method: concurrency 32 everywhere. *ours* = `CreditStore(pool).reserve` / `.reserve_many` over
-  the project's pool (`dispatcher.db.create_pool`, 32 connections), 32 asyncio tasks, one process;
+  the project's pool (`dispatcher.db.create_pool`, 32 connections, opened and warmed for 1 s
+  before each measurement), 32 asyncio tasks, one process;
   only rows returned `reserved` count. `reserve_many` coalesces concurrent calls for one account
   (at most {args.coalesce_limit} jobs per round trip); pgbench cannot, so scenario 3's ratio is
   not a ceiling ratio. *pgbench* = `pgbench -M prepared -c 32 -j 2 -T {args.seconds} -n`
@@ -559,39 +589,37 @@ async def bench(args: argparse.Namespace) -> dict[str, Figures]:
             await migrate(conn)
             if args.hot_index:
                 await conn.execute(HOT_INDEX_SQL)
+            if args.what_if:
+                await conn.execute(old_reserve_batch_sql())
             server_version: str = await conn.fetchval("SHOW server_version")
             settings = ", ".join([
                 f"{k}={await conn.fetchval(f'SHOW {k}')}"
                 for k in ("shared_buffers", "synchronous_commit", "fsync", "max_connections")])
         finally:
             await conn.close()
-        pool = await create_pool(Settings(database_url=dsn), min_size=CONCURRENCY,
-                                 max_size=CONCURRENCY)
+        # Setup, resets and counts only; each measurement of ours opens its own pool.
+        pool = await create_pool(Settings(database_url=dsn), min_size=1, max_size=8)
         try:
             t0 = time.perf_counter()
             await setup(pool)
             print(f"setup {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-            for scenario in SCENARIOS:  # warm the pool's statement caches and the server
-                await run_ours(pool, scenario, f"w{scenario.key}", 1.0)
             figures = {s.key: Figures() for s in scenarios}
             with tempfile.TemporaryDirectory() as tmp:
                 for run in range(args.runs):
                     for scenario in scenarios:
                         order = ("ours", "pgbench") if run % 2 == 0 else ("pgbench", "ours")
                         for side in (s for s in order if getattr(scenario, s)):
-                            await reset(pool)
                             tag = f"r{run}{scenario.key[0]}{side[0]}"
-                            if side == "ours" and not scenario.pool_reset:
-                                async with no_reset_pool(dsn) as other:
-                                    m = await run_ours(other, scenario, tag, args.seconds)
-                                figures[scenario.key].ours.append(m.rate)
-                                figures[scenario.key].ours_cpu.append(m)
-                            elif side == "ours":
-                                m = await run_ours(pool, scenario, tag, args.seconds,
-                                                   args.coalesce_limit)
+                            if side == "ours":
+                                async with measured_pool(dsn, scenario,
+                                                         args.coalesce_limit) as ours:
+                                    await reset(pool)
+                                    m = await run_ours(ours, scenario, tag, args.seconds,
+                                                       args.coalesce_limit)
                                 figures[scenario.key].ours.append(m.rate)
                                 figures[scenario.key].ours_cpu.append(m)
                             else:
+                                await reset(pool)
                                 m = await run_pgbench(pool, dsn, scenario, tag, args.seconds,
                                                       Path(tmp))
                                 figures[scenario.key].pgbench.append(m.rate)
@@ -634,14 +662,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record", action="store_true",
                         help=f"replace the section {SECTION!r} in {RESULTS.name}")
     parser.add_argument("--what-if", action="store_true",
-                        help="also measure our side without pool reset / without coalescing")
+                        help="also measure: no pool reset, no coalescing, 0001's reserve_batch")
     parser.add_argument("--hot-index", action="store_true",
                         help="bucket index without a predicate on remaining, fillfactor 50")
     parser.add_argument("--coalesce-limit", type=int, default=MAX_JOBS,
                         help="most jobs in one shared reserve_many batch (default: %(default)s)")
     parser.add_argument("--only", default="",
                         help="comma-separated scenario keys to measure (hot, spread, batch, "
-                             "noreset, nocoal); default all")
+                             "noreset, nocoal, old); default all")
     args = parser.parse_args(argv)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     run_loop(bench(args))
