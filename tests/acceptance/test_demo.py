@@ -138,3 +138,22 @@ def test_ctrl_c_mid_broadcast_stops_everything_it_started(
     assert "interrupted: stopping everything the demo started" in text
     assert "nothing left running" in text
     assert_nothing_left(proc, text)
+
+
+def test_a_child_dying_mid_broadcast_fails_the_demo_and_stops_the_rest(
+        settings: Settings, demo_database: str, tmp_path: Path) -> None:
+    out = tmp_path / "demo.txt"
+    proc = start_demo(settings, demo_database, out)
+    try:
+        text = wait_for_line(out, proc, "published broadcast")
+        dispatcher_pid = child_pids(text)[2]
+        os.kill(dispatcher_pid, signal.SIGKILL)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert code == 1, text
+    assert "demo failed: dispatcher stopped unexpectedly" in text
+    assert "dispatcher (exit -9)" in text
+    assert_nothing_left(proc, text)
