@@ -33,6 +33,7 @@ import contextlib
 import os
 import secrets
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,6 +111,7 @@ class Bench:
         dispatcher = Dispatcher(self.settings, self.logs / "dispatcher.log", self.args.profile)
         dispatcher.start()
         sandbox_cpu = self.sandbox.cpu()
+        spy = start_py_spy(self.args.py_spy, dispatcher.child_pid)
         side = asyncio.create_task(during) if during is not None else None
         try:
             await self._wait_sent(batch, dispatcher, rss)
@@ -118,6 +120,8 @@ class Bench:
         finally:
             if side is not None:
                 await side
+            if spy is not None:
+                await asyncio.to_thread(spy.wait, 120)
             await asyncio.to_thread(dispatcher.stop)
         result = await span(self.pool, batch.tag)
         if result.sent != batch.size:
@@ -175,6 +179,15 @@ class Bench:
         self.figures.probe_depths = [depth for _, depth in published.values()]
 
 
+def start_py_spy(path: Path | None, pid: int) -> subprocess.Popen[bytes] | None:
+    """Sample the dispatcher with py-spy for 15 s (raw collapsed stacks) when asked to."""
+    if path is None:
+        return None
+    return subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", "15", "-r", "250",
+                             "-f", "raw", "--nonblocking", "-o", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 async def watch_first_sent(pool: asyncpg.Pool, tag: str, started: asyncio.Event) -> None:
     """Set ``started`` once the first job of the batch is sent."""
     while await sent_count(pool, tag) == 0:
@@ -183,6 +196,8 @@ async def watch_first_sent(pool: asyncpg.Pool, tag: str, started: asyncio.Event)
 
 
 async def zero_latency(b: Bench) -> None:
+    if not b.args.jobs:
+        return
     b.sandbox.configure(report.scenario(0, b.args.callbacks))
     for run in range(b.args.runs):
         for side in (("ours", "raw") if run % 2 == 0 else ("raw", "ours")):
@@ -205,6 +220,8 @@ async def zero_latency(b: Bench) -> None:
 
 
 async def with_latency(b: Bench) -> None:
+    if not b.args.latency_jobs:
+        return
     for run in range(b.args.runs):
         b.sandbox.configure(report.scenario(LATENCY_MS, b.args.callbacks))
         drained = await b.ours(make_batch(b.tag("l"), b.args.latency_jobs, b.accounts))
@@ -330,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--keep-logs", type=Path, default=None,
                         help="keep the dispatcher's log at this path")
+    parser.add_argument("--py-spy", type=Path, default=None,
+                        help="sample each dispatcher run with py-spy, stacks to this path")
     parser.add_argument("--profile", type=Path, default=None,
                         help="run the dispatcher under cProfile, stats to this path")
     parser.add_argument("--dsn", default=os.environ.get(

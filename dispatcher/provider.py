@@ -23,6 +23,8 @@ def credentials(settings: Settings) -> tuple[str, str]:
 def build_twilio_client(settings: Settings) -> Any:
     """A ``twilio.rest.Client`` whose async HTTP goes to Twilio or to ``twilio_base_url``."""
     sid, token = credentials(settings)
+    # One connection per job in flight: a smaller pool would queue creates behind each other.
     http_client = SandboxAwareHttpClient(base_url=settings.twilio_base_url,
-                                         timeout=settings.twilio_timeout_seconds)
+                                         timeout=settings.twilio_timeout_seconds,
+                                         pool_limit=max(100, settings.max_in_flight))
     return Client(sid, token, http_client=http_client)

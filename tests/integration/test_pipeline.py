@@ -357,3 +357,33 @@ async def test_each_sender_is_paced_by_its_own_rate_limit(
         await publisher.close()
         await service.close()
         await drop_topology(s)
+
+
+async def test_status_events_reach_the_events_exchange_with_the_metadata_echoed(
+        dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    names = Names(d.settings.amqp_prefix)
+    connection = await aio_pika.connect(d.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        events = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await events.bind(names.events_exchange, routing_key="job.#")
+        account = await d.funded_account(uid("acct"), 5)
+        job_id = uid("events")
+        await d.publish_sms(job_id, account, to="+14155550188", metadata={"order": "A-1"})
+        await wait_status(d, job_id, "delivered")
+        seen: dict[str, dict[str, object]] = {}
+
+        async def sent_and_delivered_seen() -> bool:
+            message = await events.get(fail=False)
+            if message is not None:
+                await message.ack()
+                event = json.loads(message.body)
+                if event["job_id"] == job_id:
+                    seen[str(message.routing_key)] = event
+            return {"job.sent", "job.delivered"} <= set(seen)
+        await wait_for(sent_and_delivered_seen)
+    for key in ("job.sent", "job.delivered"):
+        assert seen[key]["metadata"] == {"order": "A-1"}
+        assert seen[key]["account"] == account
+        assert seen[key]["status"] == key.removeprefix("job.")
