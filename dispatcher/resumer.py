@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import Metrics, kind_label
 from dispatcher.outcomes import Outcome
 from dispatcher.queries import q
 
@@ -128,6 +128,7 @@ class Resumer:
                 # It waited past the reconciler's grace and the reconciler took it over.
                 log.warning("released_job_taken_over", job_id=row["job_id"])
                 continue
+            self._metrics.jobs.labels(kind=kind_label(row["kind"]), outcome="released").inc()
             await self._send(row["payload"].encode(), row["attempts"])
             sent += 1
         return sent

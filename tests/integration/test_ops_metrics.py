@@ -89,6 +89,7 @@ async def test_jobs_credits_latency_holds_and_errors_show_up_in_metrics(
     await CreditStore(d.pool).grant(account, 10, "purchase", uid("pay"))
     m = await settle(d, resumed)
     assert value(m, "dispatcher_jobs_total", **sms, outcome="sent") == 5
+    assert value(m, "dispatcher_jobs_total", **sms, outcome="released") >= 1
     assert value(m, "dispatcher_oldest_held_job_age_seconds") == 0
 
 
