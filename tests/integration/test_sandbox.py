@@ -175,7 +175,7 @@ async def test_hang_is_cut_by_our_timeout(twilio_sandbox: SandboxHandle) -> None
     with pytest.raises(TimeoutError):
         await twilio_sandbox.client(timeout=0.3).messages.create_async(
             to=TO, from_=SENDER, body="x")
-    assert 0.25 < time.monotonic() - started < 1.0
+    assert 0.25 < time.monotonic() - started < 5.0  # a hang would never end
     assert twilio_sandbox.state.creates(to=TO)[0].outcome == "hang"
 
 
