@@ -156,7 +156,7 @@ async def _start_sandbox(stack: Stack) -> tuple[str, SandboxCredentials]:
     sandbox = stack.children.start(
         "sandbox", "dispatcher.sandbox",
         ["--port", str(port), "--account-sid", creds.account_sid, "--auth-token",
-         creds.auth_token, "--scenario", str(scenario), "--callback-workers", "32"],
+         creds.auth_token, "--scenario", str(scenario), "--callback-workers", "12"],
         _env({}))
     base_url = f"http://127.0.0.1:{port}"
     await stack.children.wait_ready(sandbox, lambda: _http_ok(f"{base_url}/_sandbox/scenario"))

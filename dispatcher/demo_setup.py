@@ -110,7 +110,8 @@ def dispatcher_env(settings: Settings, db_url: str, prefix: str, port: int,
            "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port),
            "SENDER_RATE_PER_SECOND": str(rate_per_second), "LOG_FORMAT": "json",
            "LOG_LEVEL": "info", "SHUTDOWN_TIMEOUT_SECONDS": "10",
-           "HOLD_SWEEP_INTERVAL_SECONDS": "1", "METRICS_INTERVAL_SECONDS": "1"}
+           "HOLD_SWEEP_INTERVAL_SECONDS": "1", "METRICS_INTERVAL_SECONDS": "1",
+           "DB_POOL_MAX": "20"}
     if sandbox is None:
         # Real Twilio: its callbacks must reach us at the configured public URL.
         env |= {"PUBLIC_BASE_URL": settings.public_base_url,
