@@ -111,7 +111,7 @@ async def print_summary(report: DemoReport, pre: PreflightResult, metrics_text: 
         say(f"  credits spent    {p.credits_spent} (pre-flight estimate {pre.credits})")
     say(f"  top-ups charged  {len(topups)}: "
         + (", ".join(f"+{t['amount']}" for t in topups) or "none")
-        + f"; paused {pauses} time(s), resumed by itself")
+        + (f"; paused {pauses} time(s), resumed by itself" if pauses else "; never paused"))
     say(f"  balance now      {state['available']} available, {state['reserved']} reserved")
     say(f"  ledger audit     {'OK' if not violations else 'FAILED'}: "
         + format_report(violations, accounts).splitlines()[0])
