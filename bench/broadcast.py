@@ -47,6 +47,27 @@ from dispatcher.subscriptions import create_account
 from dispatcher.tokens import create_token
 
 HEADING = "Broadcast end to end (issue 5, `bench/broadcast.py`)"
+CAUSES = """
+Where the dispatcher's time goes (`--profile`: cProfile of `dispatcher run` over a
+3,000-recipient run; shares of its CPU): the broadcast runner itself — fetching a batch,
+rendering and pricing it, `begin_broadcast_batch` (one `reserve_batch` and one multi-row job
+insert per 100 recipients) — is about 3 %. The rest is per-message work that every send pays:
+the Twilio create through the official library (~37 % with the send path: request building,
+form encoding, response parsing, then the `accepted` update), the two signed status callbacks
+per message (`sent`, `delivered`: ~60 % with signature validation, job lookup and settlement,
+one pool round trip each), and re-validating the released payload (`parse_job` runs
+`phonenumbers.parse` again, ~18 % of the send path). asyncpg's pool also runs its reset
+statement on every release, a second round trip for each single-statement `pool.fetchrow`.
+So the end-to-end rate is bounded by a few ms of CPU per message in one process, not by
+reservation (the batched path costs ~0.5 ms a recipient) — the ceiling's raw publish/ack is
+a few µs of Python per message. Closing the gap needs work outside the broadcast code: batch
+the `accepted` updates and callback settlements, skip re-validation of payloads the runner
+built itself, a cheaper HTTP path than the twilio library's for creates, and several
+dispatcher processes (competing consumers; the database arbitrates credits). On this shared
+2-core box the same run is also CPU-starved: load average was 6-10 throughout (other
+benchmarks and test suites), so sends sometimes hit the 10 s provider timeout and became
+`unknown` until the reconciler resolved them (the `unknown` recipients delay `completed`).
+"""
 BODY = "Hi {name}, your code is {code}. Show it at the till for 20% off this week."
 ACCOUNT = "bench-broadcast"
 SANDBOX_SID = "AC" + "b" * 32
@@ -107,7 +128,7 @@ async def _progress(session: aiohttp.ClientSession, url: str,
 
 
 async def run_broadcast(base_url: str, token: str, people: list[dict[str, Any]],
-                        dispatcher_pid: int, settle_limit_s: float = 300.0) -> dict[str, Any]:
+                        dispatcher_pid: int, settle_limit_s: float = 120.0) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     raw = json.dumps({"body": BODY, "recipients": people, "from": "+14155550199"}).encode()
     cpu_before = cpu_seconds(dispatcher_pid)
@@ -182,7 +203,7 @@ def report(r: dict[str, Any], command: str) -> str:
     b, c = r["broadcast"], r["ceiling"]
     verdict = "met" if r["ratio"] >= 0.5 else "missed"
     settled = (f"{b['settled_s']:.1f} s" if b["settled_s"] is not None else
-               f"not within 300 s of completion ({b['final']['delivered']:,} delivered)")
+               f"not within 120 s of completion ({b['final']['delivered']:,} delivered)")
     rows = [
         ("broker ceiling: raw aio-pika, publish with confirms to a quorum queue, then consume "
          f"and ack ({c['publish_s']:.1f} s + {c['consume_s']:.1f} s)",
@@ -212,7 +233,7 @@ run, on the 2 shared cores.
 {table}
 
 Target: at least half the ceiling: **{verdict}**.
-"""
+{CAUSES}"""
 
 
 def main() -> None:

@@ -123,8 +123,10 @@ def dispatcher_child(settings: Settings, log: Path) -> Child:
 def sandbox_child(port: int, account_sid: str, auth_token: str, log: Path,
                   scenario: dict[str, object] | None = None) -> Child:
     """``python -m dispatcher.sandbox`` on ``port``."""
+    # 64 callback workers, as Twilio does not wait for one callback to send the next: with the
+    # default 8, the sandbox's full callback queue would hold creates back.
     argv = [sys.executable, "-m", "dispatcher.sandbox", "--port", str(port), "--account-sid",
-            account_sid, "--auth-token", auth_token]
+            account_sid, "--auth-token", auth_token, "--callback-workers", "64"]
     if scenario is not None:
         path = log.with_suffix(".scenario.json")
         path.write_text(json.dumps(scenario))

@@ -179,7 +179,7 @@ class BroadcastRunner:
     """
 
     def __init__(self, pool: asyncpg.Pool, rates: RateCache, send: SendReleased, *,
-                 batch: int = 100, window: int = 200) -> None:
+                 batch: int = 100, window: int = 150) -> None:
         if window < batch:
             raise ValueError("the window must hold at least one batch")
         self._pool = pool
