@@ -520,10 +520,10 @@ Recorded {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with
 - Server settings: {settings}.
 - Method: concurrency 32 everywhere. *ours* = `CreditStore(pool).reserve` / `.reserve_many` over
   the project's pool (`dispatcher.db.create_pool`, 32 connections, opened and warmed for 1 s
-  before each measurement), 32 asyncio tasks, one process;
-  only rows returned `reserved` count. `reserve_many` coalesces concurrent calls for one account
-  (at most {args.coalesce_limit} jobs per round trip); pgbench cannot, so scenario 3's ratio is
-  not a ceiling ratio. *pgbench* = `pgbench -M prepared -c 32 -j 2 -T {args.seconds} -n`
+  before each measurement), 32 asyncio tasks, one process; only rows returned `reserved`
+  count. `reserve_many` coalesces concurrent calls for one account (at most
+  {args.coalesce_limit} jobs per round trip); pgbench cannot, so scenario 3's ratio is not a
+  ceiling ratio. *pgbench* = `pgbench -M prepared -c 32 -j 2 -T {args.seconds} -n`
   running the same `reserve_batch` statement (batch ids built server-side with
   `generate_series`); reservations counted from the `reservations` table (tps x reservations
   per transaction). Accounts funded with purchased credits (one bucket each), 1 credit per job,

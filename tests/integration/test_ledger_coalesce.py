@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dispatcher.audit import run_audit
 from dispatcher.coalesce import reserve_coalesced
-from dispatcher.errors import ReservationConflict
+from dispatcher.errors import InvalidAmount, ReservationConflict
 from dispatcher.ledger import BatchReservation, CreditStore
 from dispatcher.queries import q
 from dispatcher.subscriptions import create_account
@@ -240,3 +240,20 @@ async def test_other_failures_reach_every_caller_of_the_batch_and_the_lane_recov
     assert [[row["job_id"] for row in r] for r in answered] == [["c", "d", "e"], ["f"]]
     later = await reserve_coalesced(owner, "acct", ["g"], [1], fetch)
     assert [r["job_id"] for r in later] == ["g"]
+
+
+async def test_bad_batches_are_refused_before_the_database(pool: asyncpg.Pool) -> None:
+    account = await funded(pool, 10)
+    store = CreditStore(pool)
+    before = await pool.fetchval("SELECT count(*) FROM ledger")
+    for jobs in ([], [(f"{account}-a", 1), (f"{account}-b", 0)], [(f"{account}-c", -2)],
+                 [(f"{account}-d", 1.5)]):
+        with pytest.raises(InvalidAmount):
+            await store.reserve_many(account, jobs)  # type: ignore[arg-type]
+    await store.reserve(f"{account}-e", account, 2)
+    with pytest.raises(InvalidAmount):
+        await store.capture(f"{account}-e", -1)
+    with pytest.raises(InvalidAmount):
+        await store.refund(account, f"{account}-pay", 0, f"{account}-r")
+    assert await pool.fetchval("SELECT count(*) FROM ledger") == before + 1  # the reserve only
+    assert (await store.balance(account)).available == 8
