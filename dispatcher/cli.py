@@ -177,6 +177,30 @@ async def cmd_jobs_resolve(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_pool(settings, work)
 
 
+async def cmd_tokens_create(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.tokens import create_token
+
+    async def work(pool: asyncpg.Pool) -> int:
+        token = await create_token(pool, args.account, args.role, operator=args.operator,
+                                   name=args.name)
+        print(token)
+        print("store it now: only its hash is kept", file=sys.stderr)
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.tokens import revoke_token
+
+    async def work(pool: asyncpg.Pool) -> int:
+        if not await revoke_token(pool, args.token_id):
+            print(f"no active token {args.token_id!r}", file=sys.stderr)
+            return 1
+        print(f"token {args.token_id} revoked")
+        return 0
+    return await _with_pool(settings, work)
+
+
 def _jsonable(value: object) -> object:
     return value if isinstance(value, int | str | bool | float | type(None)) else str(value)
 
@@ -234,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     _add_demo(sub)
+    _add_tokens(sub)
 
     jobs = sub.add_parser("jobs", help="inspect and resolve jobs").add_subparsers(
         dest="jobs_command", required=True)
@@ -261,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     rate_set.set_defaults(func=cmd_rates_set)
     rates.add_parser("list", help="list rates").set_defaults(func=cmd_rates_list)
     return parser
+
+
+def _add_tokens(sub: Any) -> None:
+    from dispatcher.tokens import ROLES
+
+    tokens = sub.add_parser("tokens", help="API bearer tokens").add_subparsers(
+        dest="tokens_command", required=True)
+    create = tokens.add_parser("create", help="create a token (printed once, stored hashed)")
+    scope = create.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--account", help="the account the token acts for")
+    scope.add_argument("--operator", action="store_true", help="cross-account operator token")
+    create.add_argument("--role", choices=ROLES, required=True)
+    create.add_argument("--name", default="", help="what the token is for")
+    create.set_defaults(func=cmd_tokens_create)
+    revoke = tokens.add_parser("revoke", help="revoke a token by its id (dsp_<id>_...)")
+    revoke.add_argument("token_id")
+    revoke.set_defaults(func=cmd_tokens_revoke)
 
 
 def _add_demo(sub: Any) -> None:
