@@ -67,8 +67,11 @@ from dispatcher.subscriptions import create_account
 from dispatcher.topology import Names, declare, delete_all
 
 LATENCY_MS = 100
-TX_ACCOUNT = "bench-tx"
+# Transactional probes round-robin over their own accounts: one account's jobs begin one at a
+# time (per-account arrival order), which would otherwise be what the probes measure.
+TX_ACCOUNTS = [f"bench-tx-{i:02d}" for i in range(20)]
 STALL_SECONDS = 60.0  # no job sent for this long: the measurement failed
+PRIORITY_MARGIN = 20_000  # bulk jobs beyond --backlog, so probing can last a while
 
 
 def free_port() -> int:
@@ -89,6 +92,9 @@ class Bench:
     settings: Settings
     pool: asyncpg.Pool
     channel: AbstractChannel
+    # Never declares anything: a robust channel answers a passive declare of a queue it declared
+    # itself from its cache, with the message count of that first declaration.
+    depth_channel: AbstractChannel
     sandbox: Sandbox
     logs: Path
     accounts: list[str]
@@ -158,11 +164,12 @@ class Bench:
         """Transactional jobs, one at a time, while the bulk backlog is still deep."""
         await started.wait()
         exchange = await self.channel.get_exchange(self.names.jobs_exchange)
-        batch = make_batch(self.tag("tx"), self.args.probes, [TX_ACCOUNT], "transactional")
+        batch = make_batch(self.tag("tx"), self.args.probes, TX_ACCOUNTS, "transactional")
         published: dict[str, tuple[float, int]] = {}
         for job_id, body in batch.bodies:
-            depth = await queue_depth(self.channel, self.names.work_queue("bulk"))
+            depth = await queue_depth(self.depth_channel, self.names.work_queue("bulk"))
             if depth < self.args.backlog:
+                log(f"  probing stopped: {depth:,} bulk jobs queued < {self.args.backlog:,}")
                 break
             at = time.time()
             await exchange.publish(message(job_id, body), routing_key="sms.transactional",
@@ -246,6 +253,24 @@ async def memory_and_priority(b: Bench) -> None:
     log(f"transactional probes: {report.latency_summary(b.figures.probes)}")
 
 
+async def priority_only(b: Bench) -> None:
+    """Probes behind a bulk backlog of at least ``--backlog`` jobs, without draining it."""
+    b.sandbox.configure(report.scenario(0, b.args.callbacks))
+    batch = make_batch(b.tag("p"), b.args.backlog + PRIORITY_MARGIN, b.accounts)
+    seconds = await publish(b.channel, b.names, batch)
+    log(f"  published {batch.size:,} in {seconds:.1f}s")
+    dispatcher = Dispatcher(b.settings, b.logs / "dispatcher.log")
+    dispatcher.start()
+    started = asyncio.Event()
+    watcher = asyncio.create_task(watch_first_sent(b.pool, batch.tag, started))
+    try:
+        await b.probes(started)
+    finally:
+        watcher.cancel()
+        await asyncio.to_thread(dispatcher.stop)
+    log(f"transactional probes: {report.latency_summary(b.figures.probes)}")
+
+
 @contextlib.asynccontextmanager
 async def environment(args: argparse.Namespace) -> AsyncIterator[Bench]:
     """Database, accounts, topology, sandbox; all removed afterwards."""
@@ -273,21 +298,30 @@ async def environment(args: argparse.Namespace) -> AsyncIterator[Bench]:
             connection = await aio_pika.connect_robust(settings.amqp_url)
             channel = await connection.channel(publisher_confirms=True)
             await declare(channel, Names(settings.amqp_prefix), settings.delivery_limit)
-            yield Bench(args, settings, pool, channel, sandbox, Path(tmp), accounts)
+            depth_channel = await connection.channel()
+            yield Bench(args, settings, pool, channel, depth_channel, sandbox, Path(tmp),
+                        accounts)
         finally:
             if args.keep_logs and Path(tmp, "dispatcher.log").exists():
                 os.replace(Path(tmp, "dispatcher.log"), args.keep_logs)
             if sandbox is not None:
                 sandbox.stop()
             if connection is not None:
-                with contextlib.suppress(Exception):
-                    channel = await connection.channel()
-                    await delete_all(channel, Names(settings.amqp_prefix))
-                    await channel.queue_delete(f"{settings.amqp_prefix}.credits")
+                await remove_topology(connection, Names(settings.amqp_prefix))
                 await connection.close()
             if pool is not None:
                 await pool.close()
             await drop_database(args.dsn, db_name)
+
+
+async def remove_topology(connection: AbstractRobustConnection, names: Names) -> None:
+    """Delete every queue and exchange of the prefix, the dispatcher's credits queue too."""
+    channel = await connection.channel()
+    try:
+        await channel.queue_delete(f"{names.prefix}.credits")
+        await delete_all(channel, names)
+    except aio_pika.exceptions.AMQPError as exc:
+        log(f"cleanup of {names.prefix} incomplete: {exc!r}")
 
 
 def dispatcher_settings(base: Settings, sandbox: Sandbox, args: argparse.Namespace) -> Settings:
@@ -304,7 +338,7 @@ def dispatcher_settings(base: Settings, sandbox: Sandbox, args: argparse.Namespa
 async def fund_accounts(pool: asyncpg.Pool, n: int, credits: int) -> list[str]:
     accounts = [f"bench-{i:04d}" for i in range(n)]
     store = CreditStore(pool)
-    for account in [*accounts, TX_ACCOUNT]:
+    for account in [*accounts, *TX_ACCOUNTS]:
         await create_account(pool, account)
         await store.grant(account, credits, "purchase", f"{account}-seed")
     return accounts
@@ -313,16 +347,19 @@ async def fund_accounts(pool: asyncpg.Pool, n: int, credits: int) -> list[str]:
 async def bench(args: argparse.Namespace) -> report.Figures:
     async with environment(args) as b:
         server_version = str(await b.pool.fetchval("SHOW server_version"))
-        if not args.skip_throughput:
+        if args.priority_only:
+            await priority_only(b)
+        elif not args.skip_throughput:
             await zero_latency(b)
             await with_latency(b)
-        if args.rss_jobs:
+        if args.rss_jobs and not args.priority_only:
             await memory_and_priority(b)
         figures = b.figures
-    text = report.section(figures, args, server_version)
+    text = (report.priority_section(figures, args, server_version) if args.priority_only
+            else report.section(figures, args, server_version))
     print(text)
     if args.record:
-        report.record(text)
+        report.record(text, report.PRIORITY_SECTION if args.priority_only else report.SECTION)
         log(f"recorded in {report.RESULTS}")
     return figures
 
@@ -345,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--callbacks", action="store_true",
                         help="let the sandbox POST status callbacks to the dispatcher")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--priority-only", action="store_true",
+                        help="only the transactional probes behind a --backlog bulk backlog "
+                             "(recorded as their own section)")
     parser.add_argument("--keep-logs", type=Path, default=None,
                         help="keep the dispatcher's log at this path")
     parser.add_argument("--py-spy", type=Path, default=None,

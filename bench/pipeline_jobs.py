@@ -61,9 +61,14 @@ async def publish(channel: AbstractChannel, names: Names, batch: Batch) -> float
 
 
 async def queue_depth(channel: AbstractChannel, name: str) -> int:
-    """Messages ready in a queue (passive declare)."""
-    queue = await channel.declare_queue(name, passive=True)
-    return int(queue.declaration_result.message_count or 0)
+    """Messages ready in a queue, asked of the broker now.
+
+    A passive declare through aio-pika's robust channel answers from its cache after the first
+    time (with the count of that first answer), so this goes to the underlying aiormq channel.
+    """
+    underlay = await channel.get_underlay_channel()
+    declared = await underlay.queue_declare(name, passive=True)
+    return int(declared.message_count or 0)
 
 
 async def sent_count(pool: asyncpg.Pool, tag: str) -> int:
