@@ -59,8 +59,8 @@ one pool round trip each), and re-validating the released payload (`parse_job` r
 `phonenumbers.parse` again, ~18 % of the send path). asyncpg's pool also runs its reset
 statement on every release, a second round trip for each single-statement `pool.fetchrow`.
 So the end-to-end rate is bounded by a few ms of CPU per message in one process, not by
-reservation (the batched path costs ~0.5 ms a recipient) — the ceiling's raw publish/ack is
-a few µs of Python per message. Closing the gap needs work outside the broadcast code: batch
+reservation (the batched path costs ~0.5 ms a recipient), while the ceiling's loop does no
+work per message at all. Closing the gap needs work outside the broadcast code: batch
 the `accepted` updates and callback settlements, skip re-validation of payloads the runner
 built itself, a cheaper HTTP path than the twilio library's for creates, and several
 dispatcher processes (competing consumers; the database arbitrates credits). On this shared

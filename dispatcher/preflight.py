@@ -152,6 +152,20 @@ def _skips(recipients: Recipients, countries: Sequence[str | None], opted_out: s
     return skips
 
 
+def _segments_by_country(billed: Sequence[str | None], parts: Sequence[int],
+                         ) -> tuple[dict[str | None, int], Counter[str | None]]:
+    """SMS parts and recipients per country: most messages have the same number of parts, so
+    count countries once (C-level) and walk only the rows that differ from the usual count."""
+    counts = Counter(billed)
+    usual = Counter(parts).most_common(1)[0][0] if parts else 0
+    by_segments: defaultdict[str | None, int] = defaultdict(int)
+    for country, n in counts.items():
+        by_segments[country] = n * usual
+    for i in [i for i, n in enumerate(parts) if n != usual]:
+        by_segments[billed[i]] += parts[i] - usual
+    return by_segments, counts
+
+
 def preflight(template: Template, recipients: Recipients, rates: RateTable,
               opted_out: set[str], available: int, auto: AutoRecharge,
               resolver: CountryResolver) -> PreflightResult:
@@ -161,11 +175,7 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
     billed = list(countries)
     for i in skips:
         billed[i] = None
-    parts = template.segments(recipients.variables)
-    by_segments: defaultdict[str | None, int] = defaultdict(int)
-    for country, n in zip(billed, parts, strict=True):
-        by_segments[country] += n
-    counts = Counter(billed)
+    by_segments, counts = _segments_by_country(billed, template.segments(recipients.variables))
     by_country: dict[str, CountryLine] = {}
     for country, segments in by_segments.items():
         if country is not None:

@@ -172,6 +172,8 @@ async def test_validation_errors_are_422_with_the_field(api: Api) -> None:
         ({"body": "x {", "recipients": [{"to": "+14155550100"}]}, "body"),
         ({"body": "x", "recipients": [{"to": "+14155550100", "extra": 1}]}, "recipients.0"),
         ({"body": "x", "recipients": []}, "recipients"),
+        ({"body": "x", "recipients": [{"to": "+14155550100", "vars": {"a": "b\x00"}}]},
+         "recipients"),
     ]
     for body, field in cases:
         status, error, _ = await call(api, "POST", path, owner, body)
