@@ -89,7 +89,7 @@ def naive(people: list[dict[str, Any]], opted_out: set[str]) -> tuple[float, int
 
 
 def in_process(raw: bytes, opted_out: set[str]) -> tuple[float, float, int]:
-    """Decode + price in this process: seconds, then tracemalloc peak MiB of the same work."""
+    """Decode + price in this process: best seconds of three, tracemalloc peak MiB of the same."""
     rates = RateTable([("sms", "*", 1)] + [("sms", r, 1 + i % 4) for i, r in enumerate(REGIONS)])
     auto, resolver = AutoRecharge(False, 0, 0), default_resolver()
 
@@ -101,9 +101,11 @@ def in_process(raw: bytes, opted_out: set[str]) -> tuple[float, float, int]:
         return result.credits
 
     work()
-    started = time.perf_counter()
-    credits = work()
-    seconds = time.perf_counter() - started
+    seconds, credits = float("inf"), 0
+    for _ in range(3):  # best of three: this figure is the code's, not the neighbours'
+        started = time.perf_counter()
+        credits = work()
+        seconds = min(seconds, time.perf_counter() - started)
     tracemalloc.start()
     work()
     peak = tracemalloc.get_traced_memory()[1] / 2**20
@@ -190,7 +192,7 @@ Every figure is from the same run; the machine's 2 cores were shared with other 
 | --- | ---: | ---: | ---: |
 {server}
 {client}
-| decode + pricing in-process (no HTTP, no database) | {r['local_ms']:.0f} ms | | |
+| decode + pricing in-process (no HTTP, no database; best of 3) | | {r['local_ms']:.0f} ms | |
 | {naive_what} | {r['naive_ms']:.0f} ms | | |
 
 Peak memory: the server's resident set grew from {r['idle_mib']:.0f} MiB idle to a peak
