@@ -93,11 +93,12 @@ class JobHandler:
                 new_job = await self._price(job)
             except DispatcherError as exc:
                 return DeadLetter(exc.code, str(exc), job.id, job.account)
+            # The sender's turn comes before the job becomes `sending`: a wait in `sending`
+            # longer than the reconciler's grace would look like a crash and be resent.
+            await self._limiter.acquire(_sender_of(job))
             reserving = time.perf_counter()
             begin = await self._begins.submit(new_job)
             self._metrics.reservation_seconds.observe(time.perf_counter() - reserving)
-            if begin.outcome == "send":
-                await self._limiter.acquire(_sender_of(job))
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         if begin.outcome == "unknown_account":
             return DeadLetter("unknown_account", f"no account {job.account!r}", job.id, job.account)
@@ -127,6 +128,9 @@ class JobHandler:
         job = parse_job(payload, max_bytes=self._config.max_job_bytes)
         assert isinstance(job, SmsJob | CallJob)
         await self._limiter.acquire(_sender_of(job))
+        if not await self._jobs.claim_for_send(job.id, attempt):
+            log.warning("released_job_taken_over", job_id=job.id, account_id=job.account)
+            return Done("taken_over")
         return await self._send(job, attempt)
 
     async def _price(self, job: SmsJob | CallJob) -> NewJob:

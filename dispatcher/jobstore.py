@@ -104,6 +104,10 @@ class JobStore:
         """The create may or may not have sent: keep the credits, wait for the provider."""
         return str(await self._scalar("job_unknown", job_id, reason))
 
+    async def claim_for_send(self, job_id: str, attempt: int) -> bool:
+        """True when the job is still ``sending`` at ``attempt``: ours to send now."""
+        return await self._db.fetchval(q("claim_for_send"), job_id, attempt) is not None
+
     async def retry_later(self, job_id: str, reason: str, error_code: int | None) -> str:
         """Refused before sending (rate limit): keep the credits and try again later."""
         return str(await self._scalar("job_retry_later", job_id, reason, error_code))

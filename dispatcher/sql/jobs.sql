@@ -44,8 +44,18 @@ SELECT job_id, kind, provider_sid, estimate, units, rate, updated_at
 SELECT status, count(*) AS jobs FROM jobs GROUP BY status;
 
 -- name: claim_stuck_job
-UPDATE jobs SET updated_at = now()
+-- Bumping attempts makes a sender that still holds the old attempt number lose claim_for_send.
+UPDATE jobs SET updated_at = now(), attempts = attempts + 1
  WHERE job_id = $1 AND status = $2 AND updated_at < $3
+RETURNING job_id;
+
+-- name: claim_for_send
+-- Compare-and-set right before the provider call of an already reserved job (released by the
+-- resumer or a broadcast batch), after it waited for its sender's rate limit: if the
+-- reconciler took it over meanwhile (attempts moved) it is not ours to send. Once claimed here,
+-- updated_at is fresh, so the reconciler's own claim cannot match before the send is over.
+UPDATE jobs SET updated_at = now()
+ WHERE job_id = $1 AND status = 'sending' AND attempts = $2
 RETURNING job_id;
 
 -- name: unknown_job_count
