@@ -34,7 +34,7 @@ RELAY_ERRORS = (TimeoutError, OSError, aio_pika.exceptions.AMQPError,
 
 
 class OutboxRelay:
-    """Wakes on NOTIFY and publishes every unpublished outbox row, oldest first."""
+    """Wakes on NOTIFY and publishes every unpublished outbox row: billing first, oldest first."""
 
     def __init__(self, pool: asyncpg.Pool, exchanges: dict[str, AbstractExchange],
                  metrics: Metrics) -> None:
@@ -79,7 +79,8 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """Publish one batch; returns how many rows were published."""
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(q("outbox_claim"), BATCH)
+            rows = (await conn.fetch(q("outbox_claim_billing"), BATCH)
+                    or await conn.fetch(q("outbox_claim"), BATCH))
             if not rows:
                 return 0
             for row in rows:

@@ -1,3 +1,12 @@
+-- name: outbox_claim_billing
+-- Billing events first: a top-up must not wait behind thousands of status events.
+SELECT id, event_id, exchange, routing_key, body
+  FROM outbox
+ WHERE published_at IS NULL AND exchange = 'billing'
+ ORDER BY id
+ LIMIT $1
+   FOR UPDATE SKIP LOCKED;
+
 -- name: outbox_claim
 SELECT id, event_id, exchange, routing_key, body
   FROM outbox

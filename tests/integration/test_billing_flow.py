@@ -83,7 +83,7 @@ async def test_auto_recharge_tops_up_at_zero_and_every_job_is_sent_once_in_order
     assert (low["available"], low["episode"], low["auto_recharge"]["amount"]) == (4, 1, 20)
     [depleted] = await stack.outbox("balance.depleted", account)
     assert depleted["available"] == 0
-    held = [e["job_id"] for e in await stack.outbox("job.held", account)]
+    held = [e["job_id"] for e in await stack.outbox("status.sms.held", account)]
     assert held == ids[10:]  # held at zero, in arrival order, then released in that order
     # 10 + 20 credits cover 25 jobs: one top-up, and 5 left is not below the threshold.
     [charge] = stack.gateway.charges_for(account)

@@ -15,6 +15,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from dispatcher.audit import run_audit
+from dispatcher.contract import StatusEvent
 from dispatcher.ledger import CreditStore
 from dispatcher.publisher import JobPublisher
 from dispatcher.sandbox.state import NumberRule
@@ -367,7 +368,7 @@ async def test_status_events_reach_the_events_exchange_with_the_metadata_echoed(
     async with connection:
         channel = await connection.channel()
         events = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await events.bind(names.events_exchange, routing_key="job.#")
+        await events.bind(names.events_exchange, routing_key="status.#")
         account = await d.funded_account(uid("acct"), 5)
         job_id = uid("events")
         await d.publish_sms(job_id, account, to="+14155550188", metadata={"order": "A-1"})
@@ -380,10 +381,14 @@ async def test_status_events_reach_the_events_exchange_with_the_metadata_echoed(
                 await message.ack()
                 event = json.loads(message.body)
                 if event["job_id"] == job_id:
+                    # The documented key, and one id to deduplicate by, whichever one reads.
+                    parsed = StatusEvent.model_validate_json(message.body)
+                    assert message.routing_key == parsed.routing_key
+                    assert message.message_id == event["event_id"]
                     seen[str(message.routing_key)] = event
-            return {"job.sent", "job.delivered"} <= set(seen)
+            return {"status.sms.sent", "status.sms.delivered"} <= set(seen)
         await wait_for(sent_and_delivered_seen)
-    for key in ("job.sent", "job.delivered"):
+    for key in ("status.sms.sent", "status.sms.delivered"):
         assert seen[key]["metadata"] == {"order": "A-1"}
         assert seen[key]["account"] == account
-        assert seen[key]["status"] == key.removeprefix("job.")
+        assert seen[key]["status"] == key.removeprefix("status.sms.")
