@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -81,21 +82,29 @@ def dispatcher_settings(settings: Settings, sandbox: SandboxHandle, **overrides:
     return replace(settings, **{**values, **overrides})
 
 
-@pytest_asyncio.fixture
-async def dispatcher(settings: Settings, twilio_sandbox: SandboxHandle,
-                     pool: asyncpg.Pool) -> AsyncIterator[RunningDispatcher]:
-    s = dispatcher_settings(settings, twilio_sandbox)
+@contextlib.asynccontextmanager
+async def running_dispatcher(settings: Settings, sandbox: SandboxHandle, pool: asyncpg.Pool,
+                             **overrides: Any) -> AsyncIterator[RunningDispatcher]:
+    """A dispatcher service started on ``dispatcher_settings(..., **overrides)``, then closed."""
+    s = dispatcher_settings(settings, sandbox, **overrides)
     stop = asyncio.Event()
     service = Service(s)
     await service.start(stop)
     publisher = await JobPublisher.connect(s.amqp_url, Names(s.amqp_prefix).jobs_exchange)
     try:
-        yield RunningDispatcher(s, service, publisher, twilio_sandbox, pool, stop)
+        yield RunningDispatcher(s, service, publisher, sandbox, pool, stop)
     finally:
         stop.set()
         await publisher.close()
         await service.close()
         await drop_topology(s)
+
+
+@pytest_asyncio.fixture
+async def dispatcher(settings: Settings, twilio_sandbox: SandboxHandle,
+                     pool: asyncpg.Pool) -> AsyncIterator[RunningDispatcher]:
+    async with running_dispatcher(settings, twilio_sandbox, pool) as d:
+        yield d
 
 
 async def drop_topology(settings: Settings) -> None:
@@ -106,4 +115,4 @@ async def drop_topology(settings: Settings) -> None:
         await channel.queue_delete(f"{settings.amqp_prefix}.credits")
 
 
-__all__ = ["RunningDispatcher", "SmsJob", "dispatcher", "wait_for"]
+__all__ = ["RunningDispatcher", "SmsJob", "dispatcher", "running_dispatcher", "wait_for"]

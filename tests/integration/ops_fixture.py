@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -10,14 +9,10 @@ import asyncpg
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.publisher import JobPublisher
-from dispatcher.service import Service
 from dispatcher.settings import Settings
-from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import (
     RunningDispatcher,
-    dispatcher_settings,
-    drop_topology,
+    running_dispatcher,
 )
 from tests.integration.sandbox_fixture import SandboxHandle
 
@@ -28,19 +23,9 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 async def ops_dispatcher(settings: Settings, twilio_sandbox: SandboxHandle,
                          pool: asyncpg.Pool) -> AsyncIterator[RunningDispatcher]:
     """Like ``dispatcher``, with the database-wide metrics sampled every 0.2 s."""
-    s = dispatcher_settings(settings, twilio_sandbox, metrics_interval_seconds=0.2,
-                            hold_sweep_interval_seconds=0.2)
-    stop = asyncio.Event()
-    service = Service(s)
-    await service.start(stop)
-    publisher = await JobPublisher.connect(s.amqp_url, Names(s.amqp_prefix).jobs_exchange)
-    try:
-        yield RunningDispatcher(s, service, publisher, twilio_sandbox, pool, stop)
-    finally:
-        stop.set()
-        await publisher.close()
-        await service.close()
-        await drop_topology(s)
+    async with running_dispatcher(settings, twilio_sandbox, pool, metrics_interval_seconds=0.2,
+                                  hold_sweep_interval_seconds=0.2) as d:
+        yield d
 
 
 async def scrape(base_url: str) -> Samples:

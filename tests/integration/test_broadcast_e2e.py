@@ -6,7 +6,6 @@ the sandbox behind the official twilio library. The ledger audit must be clean a
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import uuid
@@ -18,15 +17,11 @@ import asyncpg
 import pytest
 
 from dispatcher.audit import run_audit
-from dispatcher.publisher import JobPublisher
-from dispatcher.service import Service
 from dispatcher.settings import Settings
 from dispatcher.tokens import create_token
-from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import (
     RunningDispatcher,
-    dispatcher_settings,
-    drop_topology,
+    running_dispatcher,
     wait_for,
 )
 from tests.integration.sandbox_fixture import SandboxHandle
@@ -63,18 +58,9 @@ class Client:
 async def quiet_dispatcher(settings: Settings, twilio_sandbox: SandboxHandle,
                            pool: asyncpg.Pool) -> AsyncIterator[RunningDispatcher]:
     """The ``dispatcher`` fixture with a long reconcile grace: callbacks, not lookups, settle."""
-    s = dispatcher_settings(settings, twilio_sandbox, reconcile_grace_seconds=30.0)
-    stop = asyncio.Event()
-    service = Service(s)
-    await service.start(stop)
-    publisher = await JobPublisher.connect(s.amqp_url, Names(s.amqp_prefix).jobs_exchange)
-    try:
-        yield RunningDispatcher(s, service, publisher, twilio_sandbox, pool, stop)
-    finally:
-        stop.set()
-        await publisher.close()
-        await service.close()
-        await drop_topology(s)
+    async with running_dispatcher(settings, twilio_sandbox, pool,
+                                  reconcile_grace_seconds=30.0) as d:
+        yield d
 
 
 @pytest.fixture

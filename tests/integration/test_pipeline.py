@@ -17,15 +17,12 @@ from twilio.request_validator import RequestValidator
 from dispatcher.audit import run_audit
 from dispatcher.contract import StatusEvent
 from dispatcher.ledger import CreditStore
-from dispatcher.publisher import JobPublisher
 from dispatcher.sandbox.state import NumberRule
-from dispatcher.service import Service
 from dispatcher.settings import Settings
 from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import (
     RunningDispatcher,
-    dispatcher_settings,
-    drop_topology,
+    running_dispatcher,
     wait_for,
 )
 from tests.integration.sandbox_fixture import SandboxHandle
@@ -324,13 +321,8 @@ async def test_jobs_unresolved_lists_a_job_whose_outcome_is_unknown(
 async def test_each_sender_is_paced_by_its_own_rate_limit(
         settings: Settings, twilio_sandbox: SandboxHandle, pool: asyncpg.Pool) -> None:
     rate, jobs = 4.0, 10
-    s = dispatcher_settings(settings, twilio_sandbox, sender_rate_per_second=rate)
-    stop = asyncio.Event()
-    service = Service(s)
-    await service.start(stop)
-    publisher = await JobPublisher.connect(s.amqp_url, Names(s.amqp_prefix).jobs_exchange)
-    try:
-        d = RunningDispatcher(s, service, publisher, twilio_sandbox, pool, stop)
+    async with running_dispatcher(settings, twilio_sandbox, pool,
+                                  sender_rate_per_second=rate) as d:
         account = await d.funded_account(uid("acct"), 100)
         slow, other = "+14155550198", "+14155550197"
         for i in range(jobs):
@@ -353,11 +345,6 @@ async def test_each_sender_is_paced_by_its_own_rate_limit(
         assert span >= (jobs - rate - 1) / rate, span
         [other_create] = [r for r in twilio_sandbox.state.creates() if r.from_ == other]
         assert other_create.received_at < times[-1], "another sender waited for this one"
-    finally:
-        stop.set()
-        await publisher.close()
-        await service.close()
-        await drop_topology(s)
 
 
 async def test_status_events_reach_the_events_exchange_with_the_metadata_echoed(

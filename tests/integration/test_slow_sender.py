@@ -14,16 +14,8 @@ from collections import Counter
 import asyncpg
 
 from dispatcher.audit import run_audit
-from dispatcher.publisher import JobPublisher
-from dispatcher.service import Service
 from dispatcher.settings import Settings
-from dispatcher.topology import Names
-from tests.integration.dispatcher_fixture import (
-    RunningDispatcher,
-    dispatcher_settings,
-    drop_topology,
-    wait_for,
-)
+from tests.integration.dispatcher_fixture import running_dispatcher, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle
 
 RATE, JOBS = 2.0, 8  # the last job waits ~3 s for its turn, three times the grace
@@ -36,20 +28,15 @@ def uid(prefix: str) -> str:
 
 async def run_slow_sender(settings: Settings, sandbox: SandboxHandle, pool: asyncpg.Pool,
                           *, broadcast: bool) -> None:
-    s = dispatcher_settings(settings, sandbox, sender_rate_per_second=RATE,
-                            reconcile_grace_seconds=1.0, reconcile_interval_seconds=0.2)
-    stop = asyncio.Event()
-    service = Service(s)
-    await service.start(stop)
-    publisher = await JobPublisher.connect(s.amqp_url, Names(s.amqp_prefix).jobs_exchange)
-    try:
-        d = RunningDispatcher(s, service, publisher, sandbox, pool, stop)
+    async with running_dispatcher(settings, sandbox, pool, sender_rate_per_second=RATE,
+                                  reconcile_grace_seconds=1.0,
+                                  reconcile_interval_seconds=0.2) as d:
         bodies = [f"slow {i}" for i in range(JOBS)]
         accounts: list[str] = []
         if broadcast:
             account = await d.funded_account(uid("acct"), JOBS)
             accounts.append(account)
-            await publisher.publish({
+            await d.publisher.publish({
                 "schema_version": 1, "id": uid("bc"), "kind": "broadcast", "account": account,
                 "from": SENDER, "body": "slow {i}",
                 "recipients": [{"to": f"+1415555{2000 + i}", "vars": {"i": str(i)}}
@@ -73,11 +60,6 @@ async def run_slow_sender(settings: Settings, sandbox: SandboxHandle, pool: asyn
         creates = Counter(r.body for r in sandbox.state.creates() if r.body in bodies)
         assert creates == dict.fromkeys(bodies, 1), creates
         assert await run_audit(pool) == []
-    finally:
-        stop.set()
-        await publisher.close()
-        await service.close()
-        await drop_topology(s)
 
 
 async def test_jobs_of_many_accounts_waiting_for_one_slow_sender_are_sent_once(
