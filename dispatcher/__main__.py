@@ -1,13 +1,4 @@
-"""``python -m dispatcher``: the command line, on uvloop when it is installed (faster I/O)."""
-
-import asyncio
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-    pass
-else:
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+"""``python -m dispatcher``: the same command line as the ``dispatcher`` script (on uvloop)."""
 
 from dispatcher.cli import main
 
