@@ -80,6 +80,11 @@ BEGIN
 END $$;
 
 
+-- A resume that runs out of credits again tells billing with a new balance.depleted, once per
+-- pass of the resumer: on the call that could release nothing more (the call that released the
+-- last affordable jobs is not short yet when the credits run out exactly at a batch boundary).
+-- The resumer always ends a pass that released jobs with such a call, and a wake-up whose
+-- credits cannot pay for the next held job is one.
 CREATE OR REPLACE FUNCTION release_held(p_account text, p_limit integer)
 RETURNS TABLE (job_id text, payload jsonb, kind text, attempts integer, outcome text)
 LANGUAGE plpgsql AS $$
@@ -119,7 +124,7 @@ BEGIN
         SELECT j.job_id, j.payload, j.kind, j.attempts, 'released'::text
           FROM jobs j WHERE j.job_id = ANY(coalesce(released, '{}')) ORDER BY j.hold_seq;
     IF short THEN
-        IF released IS NOT NULL THEN
+        IF released IS NULL THEN
             PERFORM emit_still_depleted(p_account);
         END IF;
         RETURN QUERY SELECT NULL::text, NULL::jsonb, NULL::text, 0, 'still_paused'::text;
