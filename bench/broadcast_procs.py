@@ -11,15 +11,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from urllib.request import urlopen
 
 import asyncpg
 import phonenumbers
 
+from bench.pipeline_procs import wait_http
 from dispatcher.migrate import migrate
 from dispatcher.settings import Settings
 
@@ -68,22 +67,6 @@ def memory_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, seconds: float = 60) -> None:
-    """Wait until ``url`` answers 200, failing early with the log tail if the process died."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {seconds}s:\n{log.read_text()[-3000:]}")
-
-
 @dataclass
 class Child:
     """One subprocess with its log file; SIGTERM, then SIGKILL if it will not stop."""
@@ -97,7 +80,7 @@ class Child:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=out,
                                          stderr=out, stdin=subprocess.DEVNULL)
-        wait_http(ready_url, self.proc, self.log)
+        wait_http(ready_url, self.proc, self.log, seconds=60)
 
     @property
     def pid(self) -> int:
