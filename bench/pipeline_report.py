@@ -176,6 +176,8 @@ def command(args: argparse.Namespace) -> str:
              f"--latency-jobs {args.latency_jobs}", f"--rss-jobs {args.rss_jobs}"]
     if args.callbacks:
         parts.append("--callbacks")
+    if getattr(args, "dispatchers", 1) != 1:
+        parts.append(f"--dispatchers {args.dispatchers}")
     return " ".join([*parts, "--record"])
 
 
