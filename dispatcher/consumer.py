@@ -181,7 +181,7 @@ class Consumer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._acks.close()
-        log.info("consumer_stopped", unfinished=self._in_flight)
+        log.info("consumer_stopped", unfinished=self._in_flight, ack_frames=self._acks.frames)
         for channel in (self._consume_channel, self._publish_channel):
             if channel is not None and not channel.is_closed:
                 await channel.close()

@@ -62,6 +62,11 @@ class JobHandler:
             self._accepted_batch, lambda pair: jobs.accepted(*pair),
             max_batch=config.max_batch, concurrency=config.batch_concurrency)
 
+    @property
+    def round_trips(self) -> dict[str, int]:
+        """Group-commit round trips so far, by kind (for the shutdown log)."""
+        return {"begins": self._begins.batches, "accepts": self._accepts.batches}
+
     async def _begin_batch(self, batch: list[NewJob]) -> list[Begin]:
         # Account rows are locked in account order (arrival order within an account), so
         # concurrent batches cannot deadlock on them.

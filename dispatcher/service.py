@@ -73,6 +73,7 @@ class Service:
     runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     twilio_client: object | None = None
+    handler: JobHandler | None = None
     http_port: int | None = None
     stop: asyncio.Event | None = None
 
@@ -96,6 +97,7 @@ class Service:
             rates, SenderRateLimiter(s.sender_rate_per_second), self.metrics,
             HandlerConfig(callback_base_url=s.public_base_url.rstrip("/")),
             broadcasts)
+        self.handler = handler
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.max_in_flight,
                                  delivery_limit=s.delivery_limit)
@@ -176,7 +178,8 @@ class Service:
             await self.amqp.close()
         if self.pool is not None:
             await self.pool.close()
-        log.info("dispatcher_stopped")
+        log.info("dispatcher_stopped",
+                 **(self.handler.round_trips if self.handler is not None else {}))
 
 
 async def _every(seconds: float, work: Callable[[], Awaitable[object]],
