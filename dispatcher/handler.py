@@ -55,9 +55,11 @@ class JobHandler:
         self._limiter = limiter
         self._metrics = metrics
         self._config = config
+        # Keyed by account: an account's jobs begin in the order they were queued, even when
+        # they go in different batches.
         self._begins: GroupCommit[NewJob, Begin] = GroupCommit(
             self._begin_batch, jobs.begin, max_batch=config.max_batch,
-            concurrency=config.batch_concurrency)
+            concurrency=config.batch_concurrency, key=lambda job: job.account_id)
         self._accepts: GroupCommit[tuple[str, str], str] = GroupCommit(
             self._accepted_batch, lambda pair: jobs.accepted(*pair),
             max_batch=config.max_batch, concurrency=config.batch_concurrency)
@@ -102,8 +104,12 @@ class JobHandler:
             # longer than the reconciler's grace would look like a crash and be resent.
             await self._limiter.acquire(_sender_of(job))
             reserving = time.perf_counter()
-            begin = await self._begins.submit(new_job)
-            self._metrics.reservation_seconds.observe(time.perf_counter() - reserving)
+            # Queued in arrival order: the turn can go to the account's next job now, and the
+            # group commit keeps the order (see ``_begins``), so one account is not limited to
+            # one job per round trip.
+            begun = self._begins.enqueue(new_job)
+        begin = await begun
+        self._metrics.reservation_seconds.observe(time.perf_counter() - reserving)
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         if begin.outcome == "unknown_account":
             return DeadLetter("unknown_account", f"no account {job.account!r}", job.id, job.account)
