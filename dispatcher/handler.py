@@ -5,7 +5,6 @@ Knows nothing of AMQP: it returns an ``Outcome`` and the consumer acks, retries 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,7 +12,15 @@ from datetime import UTC, datetime
 import structlog
 
 from dispatcher.broadcasts import Broadcasts
-from dispatcher.contract import BroadcastJob, CallJob, InvalidJob, SmsJob, encode_job, parse_job
+from dispatcher.contract import (
+    BroadcastJob,
+    CallJob,
+    InvalidJob,
+    SmsJob,
+    decode_stored_job,
+    encode_job,
+    parse_job,
+)
 from dispatcher.errors import DispatcherError
 from dispatcher.group_commit import GroupCommit
 from dispatcher.jobstore import Begin, JobStore, NewJob
@@ -136,8 +143,7 @@ class JobHandler:
 
     async def send_released(self, payload: bytes, attempt: int) -> Outcome:
         """Send a job that was held and has just been released (already reserved)."""
-        job = parse_job(payload, max_bytes=self._config.max_job_bytes)
-        assert isinstance(job, SmsJob | CallJob)
+        job = decode_stored_job(payload)
         await self._limiter.acquire(_sender_of(job))
         if not await self._jobs.claim_for_send(job.id, attempt):
             log.warning("released_job_taken_over", job_id=job.id, account_id=job.account)
@@ -153,7 +159,7 @@ class JobHandler:
             quote = call_quote(job.to, job.max_minutes, rates)
             units = job.max_minutes
         return NewJob(job.id, job.account, job.kind, job.priority,
-                      json.loads(encode_job(job)), max(quote.credits, 1), quote.country,
+                      encode_job(job).decode(), max(quote.credits, 1), quote.country,
                       units, quote.rate)
 
     async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
