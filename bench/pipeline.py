@@ -120,13 +120,14 @@ class Bench:
         seconds = await publish(self.channel, self.names, batch)
         log(f"  published {batch.size:,} in {seconds:.1f}s")
         dispatchers = [self._dispatcher(i) for i in range(self.args.dispatchers)]
+        # Before any starts: the first one ready consumes while the others are still starting.
+        sandbox_cpu = self.sandbox.cpu()
         try:
             await asyncio.gather(*(asyncio.to_thread(d.start) for d in dispatchers))
         except BaseException:
             await asyncio.gather(*(asyncio.to_thread(d.stop) for d in dispatchers))
             raise
         first = dispatchers[0]
-        sandbox_cpu = self.sandbox.cpu()
         spy = start_py_spy(self.args.py_spy, first.child_pid)
         side = asyncio.create_task(during) if during is not None else None
         try:
