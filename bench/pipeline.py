@@ -1,6 +1,7 @@
 """Jobs per second through the whole pipeline, beside the broker's own ceiling (issue 3).
 
-Run as ``python -m bench.pipeline [--runs 3] [--jobs 20000] [--rss-jobs 200000] [--record]``.
+Run as ``python -m bench.pipeline [--runs 3] [--jobs 20000] [--rss-jobs 200000] [--dispatchers N]
+[--record]``.
 
 Everything is real and in its own process: ``python -m dispatcher run`` configured by
 ``DISPATCHER_*`` variables, the Twilio sandbox (``python -m dispatcher.sandbox``), RabbitMQ and
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,29 +112,48 @@ class Bench:
 
     async def ours(self, batch: Batch, *, rss: bool = False,
                    during: Coroutine[Any, Any, None] | None = None) -> report.Drained:
-        """Publish the backlog, start the dispatcher, wait until every job is sent."""
+        """Publish the backlog, start the dispatcher(s), wait until every job is sent.
+
+        With ``--dispatchers N`` the N processes compete for the same queues; CPU per job is
+        their sum, RSS (with ``rss``) is the first one's.
+        """
         seconds = await publish(self.channel, self.names, batch)
         log(f"  published {batch.size:,} in {seconds:.1f}s")
-        dispatcher = Dispatcher(self.settings, self.logs / "dispatcher.log", self.args.profile)
-        dispatcher.start()
+        dispatchers = [self._dispatcher(i) for i in range(self.args.dispatchers)]
+        # Before any starts: the first one ready consumes while the others are still starting.
         sandbox_cpu = self.sandbox.cpu()
-        spy = start_py_spy(self.args.py_spy, dispatcher.child_pid)
+        try:
+            await asyncio.gather(*(asyncio.to_thread(d.start) for d in dispatchers))
+        except BaseException:
+            await asyncio.gather(*(asyncio.to_thread(d.stop) for d in dispatchers))
+            raise
+        first = dispatchers[0]
+        spy = start_py_spy(self.args.py_spy, first.child_pid)
         side = asyncio.create_task(during) if during is not None else None
         try:
-            await self._wait_sent(batch, dispatcher, rss)
-            cpu = dispatcher.cpu_since_start()
+            await self._wait_sent(batch, first, rss)
+            cpu = sum(d.cpu_since_start() for d in dispatchers)
             sandbox_cpu = self.sandbox.cpu() - sandbox_cpu
         finally:
             if side is not None:
                 await side
             if spy is not None:
                 await asyncio.to_thread(spy.wait, 120)
-            await asyncio.to_thread(dispatcher.stop)
+            await asyncio.gather(*(asyncio.to_thread(d.stop) for d in dispatchers))
         result = await span(self.pool, batch.tag)
         if result.sent != batch.size:
             raise RuntimeError(f"{batch.tag}: {result.sent} sent, {result.other} not")
         return report.Drained(result.rate, cpu / batch.size * 1e6,
-                              sandbox_cpu / batch.size * 1e6, dispatcher.samples)
+                              sandbox_cpu / batch.size * 1e6, first.samples)
+
+    def _dispatcher(self, index: int) -> Dispatcher:
+        """The ``index``-th competing dispatcher: the first on the bench's settings."""
+        if index == 0:
+            return Dispatcher(self.settings, self.logs / "dispatcher.log", self.args.profile)
+        port = free_port()
+        settings = replace(self.settings, http_port=port,
+                           public_base_url=f"http://127.0.0.1:{port}")
+        return Dispatcher(settings, self.logs / f"dispatcher-{index}.log")
 
     async def _wait_sent(self, batch: Batch, dispatcher: Dispatcher, rss: bool) -> None:
         last_count, last_progress, polled = -1, time.monotonic(), 0.0
@@ -378,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--prefetch", type=int, default=200)
     parser.add_argument("--in-flight", type=int, default=200)
+    parser.add_argument("--dispatchers", type=int, default=1,
+                        help="competing `dispatcher run` processes (CPU per job summed)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--callbacks", action="store_true",
                         help="let the sandbox POST status callbacks to the dispatcher")

@@ -91,9 +91,9 @@ def verdicts(f: Figures, args: argparse.Namespace) -> list[tuple[str, bool]]:
         out.append((f"zero latency: ≥ {ZERO_RATIO_TARGET}x the broker ceiling "
                     f"(measured {ratio:.2f}x)", ratio >= ZERO_RATIO_TARGET))
     if f.latency:
-        bound = args.in_flight / (LATENCY_MS / 1000)
+        bound = in_flight(args) / (LATENCY_MS / 1000)
         share = median(f.latency) / bound
-        out.append((f"{LATENCY_MS} ms latency: ≥ {LATENCY_TARGET:.0%} of {args.in_flight} in "
+        out.append((f"{LATENCY_MS} ms latency: ≥ {LATENCY_TARGET:.0%} of {in_flight(args)} in "
                     f"flight / {LATENCY_MS} ms = {bound:,.0f} jobs/s (measured {share:.0%})",
                     share >= LATENCY_TARGET))
     if f.rss:
@@ -113,8 +113,13 @@ def fmt(values: list[float]) -> str:
     return ", ".join(f"{v:,.0f}" for v in values) or "—"
 
 
+def in_flight(args: argparse.Namespace) -> int:
+    """Jobs in flight over every competing dispatcher process."""
+    return int(args.in_flight) * int(getattr(args, "dispatchers", 1))
+
+
 def table(f: Figures, args: argparse.Namespace) -> str:
-    bound = args.in_flight / (LATENCY_MS / 1000)
+    bound = in_flight(args) / (LATENCY_MS / 1000)
     rows = [
         "| Measurement | median | per run | reference | ratio |",
         "|---|--:|---|--:|--:|",
@@ -171,6 +176,8 @@ def command(args: argparse.Namespace) -> str:
              f"--latency-jobs {args.latency_jobs}", f"--rss-jobs {args.rss_jobs}"]
     if args.callbacks:
         parts.append("--callbacks")
+    if getattr(args, "dispatchers", 1) != 1:
+        parts.append(f"--dispatchers {args.dispatchers}")
     return " ".join([*parts, "--record"])
 
 
@@ -186,8 +193,9 @@ Recorded {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command(args)
 
 - Machine: {machine()} — shared with other work: compare figures measured in the same run.
 - Versions: {versions(server_version)}.
-- Method: three processes — `python -m dispatcher run` (configured by `DISPATCHER_*`:
-  prefetch {args.prefetch}, {args.in_flight} jobs in flight, default pool, JSON logs at
+- Method: three processes — `python -m dispatcher run` ({getattr(args, "dispatchers", 1)} competing
+  process(es), CPU per job summed over them; configured by `DISPATCHER_*`:
+  prefetch {args.prefetch}, {args.in_flight} jobs in flight each, default pool, JSON logs at
   `{args.log_level}`, per-sender limit lifted because every job uses one sending number), the
   sandbox (`python -m dispatcher.sandbox`, callbacks {callbacks}), and the benchmark, which only
   publishes and watches. Fresh database and AMQP prefix, removed afterwards. Each measurement

@@ -3,7 +3,8 @@
 Messages from both work queues go into one in-process priority queue served by a fixed number
 of workers, so a bulk backlog can delay a transactional job by at most one job's handling time.
 A handler that raises gets its message requeued; the quorum queue's delivery limit then
-dead-letters a job that keeps crashing, without stopping its neighbours.
+dead-letters a job that keeps crashing, without stopping its neighbours. Acks of committed
+outcomes are coalesced into multiple-acks (see ``acks``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from dispatcher.acks import AckCoalescer
 from dispatcher.metrics import DEAD_LETTER_REASONS, Metrics
 from dispatcher.outcomes import DeadLetter, Done, Outcome, RetryLater
 from dispatcher.topology import PRIORITIES, Names, Topology, declare
@@ -51,6 +53,7 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._acks = AckCoalescer(hold_limit=max(1, prefetch // 8))
 
     async def start(self) -> None:
         """Declare the topology and start consuming."""
@@ -79,16 +82,27 @@ class Consumer:
             return 0
         return len(self._consumer_tags)
 
+    @property
+    def ack_frames(self) -> int:
+        """How many ack frames were sent (fewer than jobs when acks coalesce)."""
+        return self._acks.frames
+
     def _enqueue_for(self, rank: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def enqueue(message: AbstractIncomingMessage) -> None:
             self._pending.put_nowait((rank, next(self._order), message))
         return enqueue
 
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.nack(requeue=True)
+        finally:
+            self._acks.nacked(message)
+
     async def _work(self) -> None:
         while True:
             _, _, message = await self._pending.get()
             if self._stopping:
-                await message.nack(requeue=True)
+                await self._requeue(message)
                 continue
             self._in_flight += 1
             self._idle.clear()
@@ -109,17 +123,17 @@ class Consumer:
         except Exception:
             log.exception("job_handler_crashed", message_id=message.message_id,
                           redelivered=message.redelivered)
-            await message.nack(requeue=True)
+            await self._requeue(message)
             return
         try:
             await self._settle(message, outcome)
         except Exception:
             log.exception("job_settle_failed", message_id=message.message_id)
-            await message.nack(requeue=True)
+            await self._requeue(message)
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
-            await message.ack()
+            self._acks.ack(message)
             return
         assert self._topology is not None
         assert self._publish_channel is not None
@@ -130,7 +144,7 @@ class Consumer:
                 await self._publish_channel.default_exchange.publish(
                     _copy(message, {"x-retry-reason": outcome.reason}),
                     routing_key=self._names.retry_queue(priority, delay))
-            await message.ack()
+            self._acks.ack(message)
             return
         await self._dead_letter(message, outcome)
 
@@ -143,7 +157,7 @@ class Consumer:
             headers["x-account"] = outcome.account_id
         async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
             await self._topology.dead.publish(_copy(message, headers), routing_key=outcome.reason)
-        await message.ack()
+        self._acks.ack(message)
         self._metrics.dead_letters.labels(reason=_reason_label(outcome.reason)).inc()
         self._metrics.jobs.labels(kind=_kind_label(message.type or "unknown"),
                                   outcome="dead_lettered").inc()
@@ -160,13 +174,14 @@ class Consumer:
         self._metrics.consumers_attached.set(0)
         while not self._pending.empty():
             _, _, message = self._pending.get_nowait()
-            await message.nack(requeue=True)
+            await self._requeue(message)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        log.info("consumer_stopped", unfinished=self._in_flight)
+        await self._acks.close()
+        log.info("consumer_stopped", unfinished=self._in_flight, ack_frames=self._acks.frames)
         for channel in (self._consume_channel, self._publish_channel):
             if channel is not None and not channel.is_closed:
                 await channel.close()

@@ -1,6 +1,16 @@
-"""PostgreSQL connections: a pool whose every wait is bounded, and a clear error when it is down."""
+"""PostgreSQL connections: a pool whose every wait is bounded, and a clear error when it is down.
+
+Pooled connections are returned without asyncpg's reset query (``UNLISTEN *``, ``RESET ALL``,
+advisory unlock: one more round trip per release). That is safe because nothing leaves session
+state on a pooled connection: LISTEN runs on connections of its own (``listening``), nothing
+sets session settings, and a session advisory lock is always unlocked, or its connection
+terminated, before release. asyncpg still rolls back a transaction left open.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -16,6 +26,14 @@ START_POSTGRES_HINT = (
 )
 
 
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+Notified = Callable[[object, int, str, object], None]
+
+
+async def _no_reset(_connection: asyncpg.Connection) -> None:
+    """Pooled connections carry no session state (see the module docstring)."""
+
+
 async def create_pool(settings: Settings, *, min_size: int | None = None,
                       max_size: int | None = None) -> asyncpg.Pool:
     """Open a pool with bounded timeouts and TCP keepalives so a dead socket cannot wedge it."""
@@ -26,6 +44,7 @@ async def create_pool(settings: Settings, *, min_size: int | None = None,
             max_size=settings.db_pool_max if max_size is None else max_size,
             timeout=10,
             command_timeout=settings.db_command_timeout_seconds,
+            reset=_no_reset,
             server_settings={
                 "application_name": "dispatcher",
                 "tcp_keepalives_idle": "30",
@@ -49,3 +68,45 @@ async def connect(dsn: str) -> asyncpg.Connection:
         raise ServiceUnavailable(
             f"PostgreSQL is not reachable ({type(exc).__name__}: {exc}); {START_POSTGRES_HINT}"
         ) from exc
+
+
+@contextlib.asynccontextmanager
+async def listening(pool: asyncpg.Pool, connect: Connect | None, channel: str,
+                    callback: Notified) -> AsyncIterator[None]:
+    """LISTEN on ``channel`` while the block runs, on a connection of its own from ``connect``.
+
+    Without ``connect`` a pool connection is borrowed for the whole block; it is UNLISTENed
+    before it goes back, or terminated if that fails, so it never returns still listening.
+    """
+    if connect is None:
+        borrowed = await pool.acquire()
+        try:
+            async with _listener(borrowed, channel, callback):
+                yield
+        finally:
+            await pool.release(borrowed)
+        return
+    own = await connect()
+    try:
+        async with _listener(own, channel, callback):
+            yield
+    finally:
+        if not own.is_closed():
+            await own.close()
+
+
+@contextlib.asynccontextmanager
+async def _listener(conn: Connection, channel: str, callback: Notified) -> AsyncIterator[None]:
+    try:
+        await conn.add_listener(channel, callback)
+    except BaseException:
+        conn.terminate()  # it may be listening already: never hand it back like that
+        raise
+    try:
+        yield
+    finally:
+        try:
+            await conn.remove_listener(channel, callback)
+        except BaseException:
+            conn.terminate()
+            raise

@@ -3,12 +3,17 @@
 The first call while nothing is in flight goes out at once (no added latency when idle); calls
 made while a batch is in flight wait for it and go together in the next one. A batch that fails
 is retried one item at a time, so one bad item fails alone and never takes its neighbours with it.
+
+With a ``key``, items of one key keep their submission order across batches too: an item never
+goes out while a batch holding an earlier item of its key is in flight (with ``concurrency`` > 1
+two batches could otherwise reach the database in either order); it waits for the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 import structlog
@@ -23,20 +28,26 @@ class GroupCommit(Generic[T, R]):
 
     def __init__(self, run_batch: Callable[[list[T]], Awaitable[list[R]]],
                  run_one: Callable[[T], Awaitable[R]], *, max_batch: int = 200,
-                 concurrency: int = 2) -> None:
+                 concurrency: int = 2, key: Callable[[T], Hashable] | None = None) -> None:
         if max_batch < 1 or concurrency < 1:
             raise ValueError("max_batch and concurrency must be positive")
         self._run_batch = run_batch
         self._run_one = run_one
         self._max_batch = max_batch
         self._concurrency = concurrency
+        self._key = key
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._in_flight_keys: Counter[Hashable] = Counter()
         self._flushing = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # how many round trips were made (for tests and metrics)
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` for the next batch and wait for its own result."""
+        return await self.enqueue(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` now (its place in the order is taken); its result comes in the future."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         if self._flushing < self._concurrency:
@@ -44,16 +55,35 @@ class GroupCommit(Generic[T, R]):
             task = asyncio.create_task(self._flush(), name="group-commit")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
+        return future
 
     async def _flush(self) -> None:
         try:
-            while self._waiting:
-                batch = self._waiting[:self._max_batch]
-                del self._waiting[:self._max_batch]
-                await self._run(batch)
+            while batch := self._take():
+                keys = [self._key(item) for item, _ in batch] if self._key is not None else []
+                self._in_flight_keys.update(keys)
+                try:
+                    await self._run(batch)
+                finally:
+                    self._in_flight_keys.subtract(keys)
+                    self._in_flight_keys += Counter()  # drop the keys that reached zero
         finally:
             self._flushing -= 1
+
+    def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
+        """The next batch: the oldest waiting items whose key no batch in flight holds."""
+        if self._key is None or not self._in_flight_keys:
+            batch = self._waiting[:self._max_batch]
+            del self._waiting[:self._max_batch]
+            return batch
+        batch, left, blocked = [], [], set(self._in_flight_keys)
+        for entry in self._waiting:
+            if len(batch) < self._max_batch and self._key(entry[0]) not in blocked:
+                batch.append(entry)
+            else:
+                left.append(entry)
+        self._waiting = left
+        return batch
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         self.batches += 1

@@ -25,7 +25,7 @@ class NewJob:
     account_id: str
     kind: Literal["sms", "call"]
     priority: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] | str  # or its JSON text, when the caller has it encoded already
     estimate: int
     country: str
     units: int
@@ -68,7 +68,7 @@ class JobStore:
         """Reserve and mark ``sending``, or hold, or report a duplicate — one transaction."""
         row = await self._db.fetchrow(
             q("begin_job"), job.job_id, job.account_id, job.kind, job.priority,
-            json.dumps(job.payload), job.estimate, job.country, job.units, job.rate,
+            _json(job.payload), job.estimate, job.country, job.units, job.rate,
             job.broadcast_id)
         return Begin(row["outcome"], row["status"], row["attempts"])
 
@@ -80,7 +80,7 @@ class JobStore:
         rows = await self._db.fetch(
             q("begin_jobs"), [j.job_id for j in jobs], [j.account_id for j in jobs],
             [j.kind for j in jobs], [j.priority for j in jobs],
-            [json.dumps(j.payload) for j in jobs], [j.estimate for j in jobs],
+            [_json(j.payload) for j in jobs], [j.estimate for j in jobs],
             [j.country for j in jobs], [j.units for j in jobs], [j.rate for j in jobs],
             [j.broadcast_id for j in jobs])
         return [Begin(r["outcome"], r["status"], r["attempts"]) for r in rows]
@@ -135,3 +135,7 @@ class JobStore:
     async def _scalar(self, name: str, *args: Any) -> Any:
         row = await self._db.fetchrow(q(name), *args)
         return row[0]
+
+
+def _json(payload: dict[str, Any] | str) -> str:
+    return payload if isinstance(payload, str) else json.dumps(payload)

@@ -2,8 +2,8 @@
 
 Workers take messages in queue order and ask for their account's turn before their first
 ``await``, so the FIFO lock keeps arrival order. The turn is held through pricing and the
-database's begin (which the account row lock serialises anyway) and released just before the
-provider call, so provider calls start in arrival order while still running concurrently.
+sender's rate limit, until the job is queued for its begin in the group commit, which keeps an
+account's jobs in queue order from there (keyed batches, stable sort by account).
 """
 
 from __future__ import annotations

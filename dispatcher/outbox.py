@@ -17,6 +17,7 @@ import structlog
 from aio_pika.abc import AbstractExchange
 from asyncpg.pool import PoolConnectionProxy
 
+from dispatcher.db import Connect, listening
 from dispatcher.metrics import Metrics
 from dispatcher.queries import q
 
@@ -37,17 +38,16 @@ class OutboxRelay:
     """Wakes on NOTIFY and publishes every unpublished outbox row: billing first, oldest first."""
 
     def __init__(self, pool: asyncpg.Pool, exchanges: dict[str, AbstractExchange],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, listen_connect: Connect | None = None) -> None:
         self._pool = pool
+        self._listen_connect = listen_connect
         self._exchanges = exchanges
         self._metrics = metrics
         self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; a broker or database hiccup is retried, not fatal."""
-        listener = await self._pool.acquire()
-        await listener.add_listener(NOTIFY_CHANNEL, self._notified)
-        try:
+        async with listening(self._pool, self._listen_connect, NOTIFY_CHANNEL, self._notified):
             while not stop.is_set():
                 self._wake.clear()
                 pause = SWEEP_SECONDS
@@ -62,9 +62,6 @@ class OutboxRelay:
                     log.warning("outbox_relay_failed", error=type(exc).__name__)
                     pause = RETRY_SECONDS
                 await self._sleep(stop, pause)
-        finally:
-            await listener.remove_listener(NOTIFY_CHANNEL, self._notified)
-            await self._pool.release(listener)
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         """Until a NOTIFY, a stop, or ``seconds``."""

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
+from dispatcher.db import Connect, listening
 from dispatcher.metrics import Metrics, kind_label
 from dispatcher.outcomes import Outcome
 from dispatcher.queries import q
@@ -34,8 +35,10 @@ class Resumer:
     """
 
     def __init__(self, pool: asyncpg.Pool, send_released: SendReleased, metrics: Metrics,
-                 batch: int = 20, max_accounts: int = 4) -> None:
+                 batch: int = 20, max_accounts: int = 4, *,
+                 listen_connect: Connect | None = None) -> None:
         self._pool = pool
+        self._listen_connect = listen_connect
         self._send = send_released
         self._metrics = metrics
         self._batch = batch
@@ -57,15 +60,13 @@ class Resumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve wake-ups until ``stop``; every paused account gets one pass at start."""
-        listener = await self._pool.acquire()
-        await listener.add_listener(NOTIFY_CHANNEL, self._notified)
         try:
-            for row in await self._pool.fetch(q("paused_accounts")):
-                self.wake(row["id"])
-            await stop.wait()
+            async with listening(self._pool, self._listen_connect, NOTIFY_CHANNEL,
+                                 self._notified):
+                for row in await self._pool.fetch(q("paused_accounts")):
+                    self.wake(row["id"])
+                await stop.wait()
         finally:
-            await listener.remove_listener(NOTIFY_CHANNEL, self._notified)
-            await self._pool.release(listener)
             drains = list(self._running.values())
             for task in drains:
                 task.cancel()
@@ -99,7 +100,14 @@ class Resumer:
             try:
                 return await self._drain(account_id)
             finally:
-                await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", account_id)
+                try:
+                    await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))",
+                                            account_id)
+                except BaseException:
+                    # Pooled connections go back without a reset: ending the session is what
+                    # releases a lock that could not be unlocked.
+                    lock_conn.terminate()
+                    raise
 
     async def _drain(self, account_id: str) -> str:
         sent = 0

@@ -27,7 +27,7 @@ from dispatcher.callbacks import StatusCallbacks
 from dispatcher.consumer import Consumer
 from dispatcher.credit_flow import CreditFlowSampler
 from dispatcher.credits_listener import CreditsListener, declare_credits_queue
-from dispatcher.db import create_pool
+from dispatcher.db import connect, create_pool
 from dispatcher.errors import ServiceUnavailable
 from dispatcher.handler import HandlerConfig, JobHandler
 from dispatcher.http import build_app
@@ -73,6 +73,7 @@ class Service:
     runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     twilio_client: object | None = None
+    handler: JobHandler | None = None
     http_port: int | None = None
     stop: asyncio.Event | None = None
 
@@ -96,13 +97,17 @@ class Service:
             rates, SenderRateLimiter(s.sender_rate_per_second), self.metrics,
             HandlerConfig(callback_base_url=s.public_base_url.rstrip("/")),
             broadcasts)
+        self.handler = handler
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.max_in_flight,
                                  delivery_limit=s.delivery_limit)
         await self.consumer.start()
         topology = self.consumer.topology
+        # LISTEN runs on connections of its own: pooled ones carry no session state (see db).
+        async def listen_connect() -> asyncpg.Connection:
+            return await connect(s.database_url)
         relay = OutboxRelay(self.pool, {"events": topology.events, "billing": topology.billing},
-                            self.metrics)
+                            self.metrics, listen_connect=listen_connect)
         reconciler = Reconciler(self.pool, jobs, TwilioLookup(self.twilio_client),
                                 handler.handle, self.metrics,
                                 grace=timedelta(seconds=s.reconcile_grace_seconds))
@@ -111,7 +116,8 @@ class Service:
                                                     topology)
         await credits_queue.consume(
             CreditsListener(CreditStore(self.pool), topology, self.metrics).on_message)
-        resumer = Resumer(self.pool, handler.send_released, self.metrics)
+        resumer = Resumer(self.pool, handler.send_released, self.metrics,
+                          listen_connect=listen_connect)
         self._watch("resumer", resumer.run(stop), stop)
         pool = self.pool
         self._watch("hold-sweeper", _every(
@@ -172,7 +178,8 @@ class Service:
             await self.amqp.close()
         if self.pool is not None:
             await self.pool.close()
-        log.info("dispatcher_stopped")
+        log.info("dispatcher_stopped",
+                 **(self.handler.round_trips if self.handler is not None else {}))
 
 
 async def _every(seconds: float, work: Callable[[], Awaitable[object]],

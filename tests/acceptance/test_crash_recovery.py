@@ -95,7 +95,9 @@ async def test_kill_9_mid_stream_then_restart_sends_everything_exactly_once(
 async def test_sigterm_drains_in_flight_jobs_and_a_restart_finishes_the_rest(
         crash_setup, twilio_sandbox: SandboxHandle, pool: asyncpg.Pool) -> None:  # type: ignore[no-untyped-def]
     s, account, process = crash_setup
-    twilio_sandbox.state.configure(latency_ms=20)
+    # Slow enough creates that the 600 jobs (one account, begun in shared batches) cannot all
+    # be through before the SIGTERM: 50 in flight / 0.5 s is 100 jobs/s.
+    twilio_sandbox.state.configure(latency_ms=500)
     process.start()
     ids = await publish_jobs(s, account, 600)
 

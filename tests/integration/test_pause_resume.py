@@ -7,10 +7,12 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import aio_pika
 import asyncpg
 from prometheus_client import CollectorRegistry
 
 from dispatcher.audit import run_audit
+from dispatcher.contract import encode_job, parse_job
 from dispatcher.jobstore import JobStore, NewJob
 from dispatcher.ledger import CreditStore
 from dispatcher.metrics import Metrics
@@ -18,6 +20,7 @@ from dispatcher.outcomes import Done, Outcome
 from dispatcher.queries import q
 from dispatcher.resumer import Resumer
 from dispatcher.subscriptions import create_account
+from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
 
 
@@ -228,3 +231,39 @@ async def test_a_released_job_the_reconciler_took_over_is_not_sent_twice(
 
     assert await Resumer(pool, send, Metrics(CollectorRegistry())).resume(account) == "resumed"
     assert sent == ids[:2]  # the reconciler's now: one provider call at most
+
+
+
+async def test_one_accounts_burst_shares_round_trips_and_keeps_arrival_order(
+        dispatcher: RunningDispatcher) -> None:
+    """An account's turn ends once its job is queued for the group commit: a burst from one
+    account goes in shared batches (one job per round trip before), yet reserves strictly in
+    arrival order — the jobs the credits cover are the first ones, sent in order, and every
+    later one is held."""
+    d = dispatcher
+    account = await d.funded_account(uid("burst"), 25)
+    ids = [f"{account}-{i:03d}" for i in range(60)]
+    assert d.service.handler is not None
+    begins_before = d.service.handler.round_trips["begins"]
+    connection = await aio_pika.connect(d.settings.amqp_url)
+    async with connection:
+        # One channel without per-message confirms: the burst reaches the queue in order.
+        channel = await connection.channel(publisher_confirms=False)
+        jobs = await channel.get_exchange(Names(d.settings.amqp_prefix).jobs_exchange)
+        for job_id in ids:
+            body = encode_job(parse_job(json.dumps({
+                "schema_version": 1, "id": job_id, "kind": "sms", "account": account,
+                "to": "+14155550100", "from": "+14155550199", "body": job_id}).encode()))
+            await jobs.publish(aio_pika.Message(body, message_id=job_id, type="sms"),
+                               routing_key="sms.transactional")
+
+        async def all_settled() -> bool:
+            by_id = await statuses(d, account)
+            return len(by_id) == len(ids) and not {"received", "sending"} & set(by_id.values())
+        await wait_for(all_settled, timeout=30)
+    by_id = await statuses(d, account)
+    assert all(by_id[j] in ("sent", "delivered") for j in ids[:25])
+    assert all(by_id[j] == "held" for j in ids[25:])
+    sent = [r.body for r in d.sandbox.state.creates(accepted=True) if r.body in ids]
+    assert sent == ids[:25]
+    assert d.service.handler.round_trips["begins"] - begins_before < len(ids)

@@ -395,3 +395,21 @@ def test_every_message_has_a_channel(asyncapi: dict[str, Any]) -> None:
             for op in (channel.get("publish"), channel.get("subscribe")) if op}
     assert used == set(asyncapi["components"]["messages"])
     assert asyncapi["asyncapi"].startswith("2.6")
+
+
+def test_stored_payloads_skip_only_the_phone_number_check() -> None:
+    # Well-formed E.164 that libphonenumber rejects: refused on the way in...
+    job = {"schema_version": 1, "id": "stored-1", "kind": "sms", "account": "acme",
+           "to": "+10005550100", "from": "+14155550199", "body": "hi"}
+    raw = json.dumps(job).encode()
+    with pytest.raises(InvalidJob) as refused:
+        parse_job(raw)
+    assert refused.value.reason == "invalid_recipient"
+    # ...but a payload we stored was checked before it was stored, so it decodes as it is.
+    stored = contract.decode_stored_job(raw)
+    assert isinstance(stored, SmsJob) and stored.to == "+10005550100"
+    # Everything else is still validated.
+    with pytest.raises(InvalidJob):
+        contract.decode_stored_job(json.dumps({**job, "body": ""}).encode())
+    with pytest.raises(InvalidJob):
+        contract.decode_stored_job(json.dumps({**job, "unknown_field": 1}).encode())

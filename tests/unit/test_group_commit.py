@@ -107,3 +107,37 @@ def test_sizes_must_be_positive() -> None:
 
     with pytest.raises(ValueError, match="positive"):
         GroupCommit(never, never_one, max_batch=0)
+
+
+
+async def test_keyed_items_keep_their_order_and_never_share_concurrent_batches() -> None:
+    running: list[set[str]] = []
+    done: list[tuple[str, int]] = []
+
+    async def run_batch(items: list[tuple[str, int]]) -> list[int]:
+        keys = {key for key, _ in items}
+        assert all(not keys & other for other in running), "a key in two batches at once"
+        running.append(keys)
+        await asyncio.sleep(0.002 * (1 + len(items) % 3))  # batches finish out of order
+        done.extend(items)
+        running.remove(keys)
+        return [n for _, n in items]
+
+    async def run_one(item: tuple[str, int]) -> int:
+        [result] = await run_batch([item])
+        return result
+
+    commit: GroupCommit[tuple[str, int], int] = GroupCommit(
+        run_batch, run_one, max_batch=7, concurrency=2, key=lambda item: item[0])
+    queued: list[tuple[str, int]] = []
+
+    async def submit(item: tuple[str, int]) -> int:
+        await asyncio.sleep(0.0001 * (item[1] % 7))  # submits arrive while batches fly
+        queued.append(item)
+        return await commit.submit(item)
+    items = [(f"account-{n % 3 if n % 5 else 0}", n) for n in range(200)]
+    results = await asyncio.gather(*(submit(item) for item in items))
+    assert sorted(results) == list(range(200))
+    for key in {key for key, _ in items}:
+        assert [n for k, n in done if k == key] == [n for k, n in queued if k == key]
+    assert 1 < commit.batches < 200
