@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -127,12 +128,24 @@ async def _progress(session: aiohttp.ClientSession, url: str,
         return dict(await resp.json())
 
 
+async def postgres_cpu(pool: asyncpg.Pool) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend serving the dispatcher's connections."""
+    pids = await pool.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND application_name = 'dispatcher'")
+    found: dict[int, float] = {}
+    for row in pids:
+        with contextlib.suppress(OSError):
+            found[row["pid"]] = cpu_seconds(row["pid"])
+    return found
+
+
 async def run_broadcast(base_url: str, token: str, people: list[dict[str, Any]],
-                        dispatcher_pid: int, sandbox_pid: int,
+                        dispatcher_pid: int, sandbox_pid: int, pool: asyncpg.Pool,
                         settle_limit_s: float = 120.0) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     raw = json.dumps({"body": BODY, "recipients": people, "from": "+14155550199"}).encode()
     cpu_before, sandbox_cpu_before = cpu_seconds(dispatcher_pid), cpu_seconds(sandbox_pid)
+    postgres_before = await postgres_cpu(pool)
     async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
         async with session.post(f"{base_url}/v1/accounts/{ACCOUNT}/broadcasts", data=raw,
@@ -157,10 +170,13 @@ async def run_broadcast(base_url: str, token: str, people: list[dict[str, Any]],
                 break
     billable = accepted["preflight"]["billable"]
     assert completed_s is not None
+    postgres_after = await postgres_cpu(pool)
     return {"billable": billable, "submit_s": submitted, "completed_s": completed_s,
             "settled_s": settled_s, "per_second": billable / completed_s,
             "final": found, "cpu_s": cpu_seconds(dispatcher_pid) - cpu_before,
             "sandbox_cpu_s": cpu_seconds(sandbox_pid) - sandbox_cpu_before,
+            "postgres_cpu_s": sum(cpu - postgres_before.get(pid, 0.0)
+                                  for pid, cpu in postgres_after.items()),
             "peak_rss_mib": memory_kib(dispatcher_pid, "VmHWM") / 1024, "samples": samples}
 
 
@@ -192,7 +208,7 @@ async def bench(recipients: int, ceiling_messages: int, profile: bool) -> dict[s
         children.append(dispatcher)
         ceiling = await broker_ceiling(base.amqp_url, ceiling_messages)
         result = await run_broadcast(settings.public_base_url, token, people, dispatcher.pid,
-                                     sandbox.pid)
+                                     sandbox.pid, pool)
         violations = await run_audit(pool)
         await pool.close()
         return {"recipients": recipients, "ceiling": ceiling, "broadcast": result,
@@ -224,6 +240,9 @@ def report(r: dict[str, Any], command: str) -> str:
          f"{b['cpu_s']:.0f} s ({b['cpu_s'] * 1e3 / b['billable']:.2f} ms a recipient)"),
         ("sandbox CPU meanwhile (its creates and signed callbacks)",
          f"{b['sandbox_cpu_s']:.0f} s ({b['sandbox_cpu_s'] * 1e3 / b['billable']:.2f} ms a "
+         "recipient)"),
+        ("PostgreSQL CPU meanwhile (the dispatcher's connections)",
+         f"{b['postgres_cpu_s']:.0f} s ({b['postgres_cpu_s'] * 1e3 / b['billable']:.2f} ms a "
          "recipient)"),
         ("dispatcher peak RSS", f"{b['peak_rss_mib']:.0f} MiB"),
         ("`audit` violations afterwards", str(r["audit_violations"])),

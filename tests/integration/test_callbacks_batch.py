@@ -59,6 +59,23 @@ def script(ids: list[str]) -> list[JobReport]:
     ]
 
 
+async def apply_one_by_one(jobs: JobStore, reports: list[JobReport]) -> list[str]:
+    """What the per-callback path (look the job up, then provider_status) answers."""
+    results = []
+    for r in reports:
+        job = await jobs.get(r.job_id)
+        if job is None:
+            results.append("unknown_job")
+        elif job["kind"] != r.kind:
+            results.append("ignored")
+        else:
+            cost = (r.units if r.units is not None else job["units"]) * job["rate"]
+            results.append(await jobs.provider_status(
+                r.job_id, r.sid, r.status, cost=cost, error_code=r.error_code,
+                settle=r.settle))
+    return results
+
+
 async def outcome(pool: asyncpg.Pool, account: str, ids: list[str]) -> list[tuple[object, ...]]:
     rows = await pool.fetch(
         "SELECT status, provider_sid, final_cost FROM jobs WHERE job_id = ANY($1::text[])"
@@ -76,18 +93,7 @@ async def outcome(pool: asyncpg.Pool, account: str, ids: list[str]) -> list[tupl
 async def test_a_batch_ends_where_the_same_reports_one_by_one_end(pool: asyncpg.Pool) -> None:
     jobs = JobStore(pool)
     one_account, one_ids = await sending_jobs(pool, 5)
-    one_by_one = []
-    for r in script(one_ids):
-        job = await jobs.get(r.job_id)
-        if job is None:
-            one_by_one.append("unknown_job")
-        elif job["kind"] != r.kind:
-            one_by_one.append("ignored")
-        else:
-            cost = (r.units if r.units is not None else job["units"]) * job["rate"]
-            one_by_one.append(await jobs.provider_status(
-                r.job_id, r.sid, r.status, cost=cost, error_code=r.error_code,
-                settle=r.settle))
+    one_by_one = await apply_one_by_one(jobs, script(one_ids))
     batch_account, batch_ids = await sending_jobs(pool, 5)
 
     batched = await jobs.provider_status_many(script(batch_ids))
@@ -104,6 +110,13 @@ async def test_a_batch_ends_where_the_same_reports_one_by_one_end(pool: asyncpg.
     final = {r["job_id"]: r["final_cost"] for r in await pool.fetch(
         "SELECT job_id, final_cost FROM jobs WHERE job_id = ANY($1::text[])", batch_ids)}
     assert [final[j] for j in batch_ids] == [3, None, 0, None, 2]
+    assert await run_audit(pool) == []
+
+    # The same callbacks again (Twilio retries): all repeats now, nothing moves.
+    assert await jobs.provider_status_many(script(batch_ids)) == await apply_one_by_one(
+        jobs, script(one_ids))
+    assert await outcome(pool, batch_account, batch_ids) == await outcome(
+        pool, one_account, one_ids)
     assert await run_audit(pool) == []
 
 
