@@ -22,6 +22,7 @@ from urllib.parse import quote_plus, urlsplit
 import aiohttp
 import structlog
 
+from dispatcher.sandbox.poster import FormPoster, PostFailed
 from dispatcher.sandbox.resources import API_VERSION, ERRORS, FAILED_DELIVERY, now, rfc2822
 from dispatcher.sandbox.state import CallbackRecord, CreateRecord, SandboxState
 
@@ -95,6 +96,7 @@ class CallbackDispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._poster: FormPoster | None = None
         self._token = state.auth_token.encode()
         self._pending = 0
         self._idle = asyncio.Event()
@@ -105,6 +107,7 @@ class CallbackDispatcher:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             connector=aiohttp.TCPConnector(limit=self._workers * 2))
+        self._poster = FormPoster(self._session, self._timeout, max_idle_per_host=self._workers)
         self._tasks = [asyncio.create_task(self._work(), name=f"sandbox_callbacks_{i}")
                        for i in range(self._workers)]
 
@@ -117,6 +120,9 @@ class CallbackDispatcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._poster is not None:
+            await self._poster.close()
+            self._poster = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -222,15 +228,12 @@ class CallbackDispatcher:
         return params
 
     async def _post(self, url: str, params: dict[str, str], job: _Job, step: Step) -> int | None:
-        assert self._session is not None
-        headers = {"X-Twilio-Signature": sign(self._token, url, params),
-                   "User-Agent": "TwilioProxy/1.1", "Content-Type": FORM}
+        assert self._poster is not None
+        headers = {"Content-Type": FORM, "User-Agent": "TwilioProxy/1.1",
+                   "X-Twilio-Signature": sign(self._token, url, params)}
         try:
-            async with self._session.post(url, data=form_body(params),
-                                          headers=headers) as response:
-                await response.read()
-                return response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            return await self._poster.post(url, form_body(params), headers)
+        except (PostFailed, TimeoutError) as exc:
             parts = urlsplit(url)
             log.warning("sandbox_callback_failed", sid=job.record.sid, status=step.status,
                         attempt=job.attempt + 1, host=parts.netloc, path=parts.path,
