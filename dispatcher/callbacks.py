@@ -81,11 +81,13 @@ class StatusCallbacks:
     """The aiohttp handler for ``POST /twilio/status/{job_id}``.
 
     Concurrent callbacks are settled together (see group_commit): one round trip and one
-    transaction for a batch, and each answers 204 only once its batch is committed.
+    transaction for a batch, and each answers 204 only once its batch is committed. One batch
+    at a time by default: a broadcast's callbacks all lock the same account row, so a second
+    batch in flight would mostly wait for the first while holding a pool connection.
     """
 
     def __init__(self, jobs: JobStore, auth_token: str, public_base_url: str,
-                 metrics: Metrics, *, max_batch: int = 200, concurrency: int = 2) -> None:
+                 metrics: Metrics, *, max_batch: int = 200, concurrency: int = 1) -> None:
         self._jobs = jobs
         self._signature = SignatureCheck(auth_token, public_base_url.rstrip("/"))
         self._forged = metrics.status_callbacks.labels(result="forged")
