@@ -136,6 +136,34 @@ class JobStore:
         row = await self._db.fetchrow(q(name), *args)
         return row[0]
 
+    async def provider_status_many(self, reports: list[JobReport]) -> list[str]:
+        """``provider_status`` for several reports in one round trip and one transaction.
+
+        The job lookup is part of the statement: each cost is the reported units (else those
+        reserved) times the job's rate; results come back in the given order.
+        """
+        rows = await self._db.fetch(
+            q("jobs_provider_status"), [r.job_id for r in reports], [r.kind for r in reports],
+            [r.sid for r in reports], [r.status for r in reports], [r.settle for r in reports],
+            [r.units for r in reports], [r.error_code for r in reports])
+        statuses = [""] * len(reports)
+        for row in rows:
+            statuses[row["i"] - 1] = str(row["status"])
+        return statuses
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """A provider status report for one job, as ``provider_status_many`` takes it."""
+
+    job_id: str
+    kind: str
+    sid: str | None
+    status: str
+    settle: bool
+    units: int | None
+    error_code: int | None
+
 
 def _json(payload: dict[str, Any] | str) -> str:
     return payload if isinstance(payload, str) else json.dumps(payload)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -55,7 +56,17 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
-    asyncio.run(serve(parse_args(argv), settings))
+    with asyncio.Runner(loop_factory=_fast_loop()) as runner:
+        runner.run(serve(parse_args(argv), settings))
+
+
+def _fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (as ``dispatcher run`` uses), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

@@ -97,3 +97,34 @@ SELECT t.i, a.status
   FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(job_id, sid, i)
  CROSS JOIN LATERAL job_accepted(t.job_id, t.sid) AS a(status)
  ORDER BY t.i;
+
+-- name: jobs_provider_status
+-- job_provider_status for a batch of status reports in one round trip and one transaction,
+-- with the job lookup folded in: the cost is the reported units (else those reserved) times
+-- the rate the job was reserved at; a report for another kind of job is ignored. Applied in
+-- account, then job, then arrival order, so account and job rows are always locked in the same
+-- order and a later report of a job sees the earlier ones (duplicates and regressions are
+-- no-ops there, as one by one). A report that job_provider_status would ignore on the row as
+-- read here is answered without locking anything: status and final_cost only move forward, so
+-- it would still be ignored under the locks (most callbacks of a message are such repeats).
+WITH items AS MATERIALIZED (
+    SELECT t.i, t.job_id, t.kind, t.sid, t.status, t.settle, t.error_code,
+           j.job_id IS NOT NULL AS found, j.kind AS job_kind,
+           job_status_rank(t.status) <= job_status_rank(j.status)
+               AND NOT (t.settle AND j.final_cost IS NULL AND job_status_rank(j.status) >= 4)
+               AS stale,
+           j.provider_sid IS NOT NULL AND t.sid IS NOT NULL AND j.provider_sid <> t.sid
+               AS other_sid,
+           coalesce(t.units, j.units)::bigint * j.rate AS cost
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[],
+                  $6::integer[], $7::integer[])
+           WITH ORDINALITY AS t(job_id, kind, sid, status, settle, units, error_code, i)
+      LEFT JOIN jobs j ON j.job_id = t.job_id
+     ORDER BY j.account_id, t.job_id, t.i)
+SELECT i, CASE WHEN NOT found THEN 'unknown_job'
+               WHEN job_kind <> kind THEN 'ignored'
+               WHEN other_sid THEN 'sid_mismatch'
+               WHEN stale THEN 'ignored'
+               ELSE job_provider_status(job_id, sid, status, cost, error_code, settle)
+          END AS status
+  FROM items;
