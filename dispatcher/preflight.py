@@ -170,7 +170,7 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
               opted_out: set[str], available: int, auto: AutoRecharge,
               resolver: CountryResolver) -> PreflightResult:
     """Price every recipient; skip invalid, opted-out, repeated and incomplete ones."""
-    countries: list[str | None] = list(map(resolver.resolve, recipients.numbers))
+    countries = resolver.resolve_many(recipients.numbers)
     skips = _skips(recipients, countries, opted_out, template.variables)
     billed = list(countries)
     for i in skips:
