@@ -22,11 +22,14 @@ from typing import Final, cast
 
 from dispatcher.digit_diagrams import Diagrams
 
-FIRST_KEY: Final = 6  # '+' and five digits: the calling code and, mostly, the range
+FIRST_KEY: Final = 4  # '+' and three digits always name the calling code
+TAIL: Final = 6  # the first key leaves out this many last digits: most numbers are decided
 PER_NUMBER: Final = 0
-REFINE: Final = "?"  # a diagram leaf: the national prefix might touch these numbers
+REFINE: Final = "?"  # a diagram leaf (alone, or before the region the digits give): the
+# national prefix might touch these numbers, so each is checked on its own
 _MAX_ENTRIES = 2_000_000  # a full memo is dropped and relearned (it is a cache, never the truth)
 _ENOUGH = 0.9  # key on enough digits that this share of strings is decided
+_DIGIT_FORM = b"0123456789+\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,35 +45,38 @@ Answer = str | int  # a region, "" (not valid), a longer key length, or PER_NUMB
 
 
 def is_digit_form(number: str) -> bool:
-    """'+' then at least three ASCII digits: the only form the memo keys on."""
-    return (number[:1] == "+" and len(number) > 3 and number.isascii()
-            and number[1:].isdigit())
+    """'+' then ASCII digits: the only form the memo keys on."""
+    return number[:1] == "+" and number.isascii() and number[1:].isdigit()
 
 
 def _all_digit_forms(numbers: Sequence[str]) -> bool:
-    """``is_digit_form`` of every number, asked of the whole column at once: as many '+' as
-    numbers, each right after a separator, and nothing else but ASCII digits."""
+    """``is_digit_form`` of every number, asked of the whole column at once: each number starts
+    with the only '+' it has, and nothing else but ASCII digits."""
     joined = "\n".join(numbers)
-    return (joined.isascii() and joined.count("+") == len(numbers)
-            and ("\n" + joined).count("\n+") == len(numbers)
-            and joined.count("\n") == len(numbers) - 1
-            and min(map(len, numbers), default=4) > 3
-            and joined.replace("+", "").replace("\n", "").isdigit())
+    return (joined.isascii() and joined.startswith("+")
+            and joined.count("\n") == joined.count("\n+") == len(numbers) - 1
+            and joined.count("+") == len(numbers)
+            and not joined.encode("ascii").translate(None, _DIGIT_FORM))
 
 
 class PrefixMemo:
     """``resolve_many`` by leading digits; ``exact`` answers what the digits cannot."""
 
-    def __init__(self, group: Callable[[str], Group | None],
-                 exact: Callable[[str], str | None]) -> None:
+    def __init__(self, group: Callable[[str], Group | None], exact: Callable[[str], str | None],
+                 refine: Callable[[str, str], str | None]) -> None:
         self._group = group  # the group of a number in digit form, None if none is valid
         self._exact = exact
-        self._memo: dict[str, Answer] = {}
+        self._refine = refine  # (number, region its digits give) -> region, once prefix-checked
+        self._tails: dict[str, Answer] = {}  # keyed by all but the last TAIL characters
+        self._memo: dict[str, Answer] = {}  # keyed by a prefix and chr(the number's length)
+        self._refined: dict[str, str] = {}  # PER_NUMBER keys whose digits name a region
 
     def resolve_many(self, numbers: Sequence[str]) -> list[str | None]:
         """The region of each number, or None when it is not valid; in order."""
-        if len(self._memo) > _MAX_ENTRIES:
+        if len(self._memo) + len(self._tails) > _MAX_ENTRIES:
             self._memo.clear()
+            self._tails.clear()
+            self._refined.clear()
         if _all_digit_forms(numbers):
             todo: Sequence[int] = range(len(numbers))
             pending = numbers
@@ -79,11 +85,14 @@ class PrefixMemo:
             todo = list(compress(range(len(numbers)), forms))
             pending = list(compress(numbers, forms))
         answers: list[Answer | None] = [None] * len(numbers)
-        keys = [number[:FIRST_KEY] + chr(len(number)) for number in pending]
+        # First all but the last TAIL characters (one slice, and the key's length gives the
+        # number's), then a prefix of the length the diagram asked for, plus the length.
+        keys = [number[:-TAIL] for number in pending]
+        memo, tail = self._tails, True
         while keys:
-            found: list[Answer | None] = list(map(self._memo.get, keys))
+            found: list[Answer | None] = list(map(memo.get, keys))
             for k in compress(range(len(found)), map(operator.not_, found)):
-                self._settle(found, k, keys[k], pending[k])
+                found[k] = self._settle(found[k], keys[k], pending[k], tail)
             if len(found) == len(answers):
                 answers = found
             else:
@@ -95,37 +104,40 @@ class PrefixMemo:
             stops = cast("list[int]", list(compress(found, again)))
             keys = [number[:stop] + chr(len(number))
                     for number, stop in zip(pending, stops, strict=True)]
+            memo, tail = self._memo, False
         if "" in answers:
             answers = [answer or None for answer in answers]
         return answers  # type: ignore[return-value]
 
-    def _settle(self, found: list[Answer | None], k: int, key: str, number: str) -> None:
+    def _settle(self, answer: Answer | None, key: str, number: str, tail: bool) -> Answer:
         """A memo miss, or a number only the exact path decides; "" (not valid) stays."""
-        answer = found[k]
+        memo = self._tails if tail else self._memo
         if answer is None:
-            answer = self._memo.get(key)
+            answer = memo.get(key)
             if answer is None:
-                answer = self._learn(key, number)
+                answer = memo[key] = self._learn(key, number, tail)
         if answer == PER_NUMBER:
-            answer = self._exact(number) or ""
-        found[k] = answer
+            region = self._refined.get(f"{tail:d}{key}")
+            answer = (self._refine(number, region) if region else self._exact(number)) or ""
+        return answer
 
-    def _learn(self, key: str, number: str) -> Answer:
-        """What the diagram says of every number this key covers; remembered."""
-        stop, length = len(key) - 1, len(number)
+    def _learn(self, key: str, number: str, tail: bool) -> Answer:
+        """What the diagram says of every number this key covers."""
+        stop = len(key) if tail else len(key) - 1
+        if stop < FIRST_KEY:  # a tail key this short may stand for several lengths
+            return PER_NUMBER
         group = self._group(number)
-        answer: Answer
         if group is None:
-            answer = ""
-        else:
-            diagrams = group.diagrams
-            node, read = diagrams.walk(group.root, number[group.start:stop])
-            if diagrams.is_leaf(node):
-                value = diagrams.values[node]
-                answer = PER_NUMBER if value == REFINE else str(value or "")
-            else:
-                answer = _next_stop(diagrams, node, group.start + read, length)
-        self._memo[key] = answer
+            return ""
+        diagrams = group.diagrams
+        node, read = diagrams.walk(group.root, number[group.start:stop])
+        if not diagrams.is_leaf(node):
+            return _next_stop(diagrams, node, group.start + read, len(number))
+        answer = str(diagrams.values[node] or "")
+        if answer.startswith(REFINE):
+            if answer != REFINE:
+                self._refined[f"{tail:d}{key}"] = answer[len(REFINE):]
+            return PER_NUMBER
         return answer
 
 

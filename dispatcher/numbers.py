@@ -195,7 +195,7 @@ class CountryResolver:
 
     def __init__(self) -> None:
         self._codes: dict[str, _Code] = {}  # compiled on first use: ~1,200 regexes in all
-        self._memo = PrefixMemo(self._group, self.resolve)
+        self._memo = PrefixMemo(self._group, self.resolve, self._refine)
 
     def resolve(self, number: str) -> str | None:
         """The region ('US', 'CA', 'JM', …, '001' for non-geographic) or None if invalid."""
@@ -227,12 +227,20 @@ class CountryResolver:
         code = self._codes[calling] = _build(int(calling))
         return code
 
+    def _refine(self, number: str, region: str) -> str | None:
+        """A valid number of ``region`` whose national prefix might apply: make sure."""
+        code = self._codes.get(_calling_code(number[1:4])) or self._load(number)
+        assert code is not None
+        return _exact(number) if _prefix_may_apply(code, number[code.start:]) else region
+
     def _group(self, number: str) -> Group | None:
         """The diagram for this number's calling code and length (in digit form)."""
         calling = _calling_code(number[1:4])
         if not calling:
             return None
         start = 1 + len(calling)
+        if len(number) - start not in _NSN_LENGTHS:
+            return None
         return _group(int(calling), len(number) - start, start)
 
 
@@ -247,7 +255,8 @@ def _group(code: int, length: int, start: int) -> Group | None:
 
 def _diagram(code: int, length: int) -> tuple[Diagrams, int]:
     """What ``resolve`` answers for each national number of this length, as one diagram:
-    the region, None, or ``REFINE`` (the national prefix might touch it). Mirrors ``_branches``
+    the region, None, or ``REFINE`` + the region (the national prefix might touch it: see
+    ``_refine``). Mirrors ``_branches``
     and the route ``_build`` gives national-prefix numbers."""
     diagrams = Diagrams()
     regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[code]
@@ -278,8 +287,10 @@ def _diagram(code: int, length: int) -> tuple[Diagrams, int]:
     if prefix and branches:
         transforms = bool(main is not None and main.national_prefix_transform_rule)
         route = diagrams.language(prefix, length, prefix=True, nonempty=not transforms)
-        some = diagrams.any_of(valid for valid, _ in branches)
-        result = diagrams.ite(diagrams.all_of((route, some)), diagrams.leaf(REFINE), result)
+        refined = diagrams.leaf(None)
+        for valid, region in reversed(branches):
+            refined = diagrams.ite(valid, diagrams.leaf(REFINE + region), refined)
+        result = diagrams.ite(route, refined, result)
     return diagrams, result
 
 

@@ -15,8 +15,9 @@ import re
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import accumulate, chain
-from typing import Literal
+from typing import Literal, cast
 
 from dispatcher.contract import STOP_FOOTER
 from dispatcher.pricing import GSM7_BASIC, GSM7_EXTENDED, LIMITS, Encoding, count_segments
@@ -61,6 +62,14 @@ def _odd_characters(column: Sequence[str], lengths: Sequence[int],
         yield bisect_right(ends, match.start()), match.group()
 
 
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """A template's variables, each as one value per recipient (None where one lacks it)."""
+
+    values: Mapping[str, list[str] | list[str | None]]
+    incomplete: frozenset[str]  # the variables some recipient lacks
+
+
 class Template:
     """A body template, split once into literal text and variable names."""
 
@@ -90,8 +99,22 @@ class Template:
             out += (variables.get(name, ""), literal)
         return "".join(out)
 
+    def columns(self, variables: Sequence[Mapping[str, str]]) -> Columns:
+        """Each variable's values, recipient by recipient."""
+        values: dict[str, list[str] | list[str | None]] = {}
+        for name in dict.fromkeys(self.names):
+            try:
+                values[name] = list(map(operator.itemgetter(name), variables))
+            except KeyError:
+                values[name] = [v.get(name) for v in variables]
+        return Columns(values, frozenset(n for n, c in values.items() if None in c))
+
     def segments(self, variables: Sequence[Mapping[str, str]]) -> list[int]:
         """SMS parts of each recipient's message, as ``count_segments`` counts them."""
+        return self.segments_of(self.columns(variables), variables)
+
+    def segments_of(self, columns: Columns, variables: Sequence[Mapping[str, str]]) -> list[int]:
+        """``segments``, given the recipients' ``columns`` too."""
         fixed = "".join(self.literals)
         if self.static:
             return [count_segments(fixed).segments] * len(variables)
@@ -103,7 +126,9 @@ class Template:
         units = [len(fixed)] * len(variables)
         odd: defaultdict[int, str] = defaultdict(str)
         for name in dict.fromkeys(self.names):
-            column = [v.get(name, "") for v in variables]
+            given = columns.values[name]
+            column = [value or "" for value in given] if name in columns.incomplete else cast(
+                "list[str]", given)
             lengths = list(map(len, column))
             for _ in range(self.names.count(name)):
                 units = list(map(operator.add, units, lengths))
