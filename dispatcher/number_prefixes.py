@@ -1,13 +1,14 @@
 """Classifying many E.164 numbers at once through a memo of the leading digits that decide them.
 
-A memo entry is keyed by a number's first ``k`` characters plus one character for its length
-(so a key also says how long the number is); it holds what every number of that length starting
-so is: its region, ``""`` (not valid), or how many characters to key on next (the prefix does
-not decide yet), or ``PER_NUMBER`` (only the whole number decides, or the national prefix might
-touch it: the exact per-number path answers). Entries are learned from exact decision diagrams
-(``digit_diagrams``), never guessed from the numbers seen, so the memo is a lazily expanded copy
-of libphonenumber's own metadata. Each pass is a handful of C-level ``map`` calls over the
-numbers still undecided.
+A memo entry holds what every number of one length starting with one prefix is: its region,
+``""`` (not valid), how many characters to key on next (the prefix does not decide yet), or
+``PER_NUMBER`` (only the whole number decides, or the national prefix might touch it: each such
+number takes the exact path). The first key is the number less its last ``TAIL`` characters (one
+slice; the key's length gives the number's), later keys a longer prefix plus ``chr(length)``.
+Entries are learned from exact decision diagrams (``digit_diagrams``), never guessed from the
+numbers seen, so the memo is a lazily expanded copy of libphonenumber's own metadata (dropped
+and relearned past ``_MAX_ENTRIES``). Each pass is a handful of C-level ``map``/``compress``
+calls over the numbers still undecided.
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
 """E.164 recipients: validity and country exactly as ``phonenumbers`` decides, but fast; masking.
 
 ``phonenumbers.parse`` + ``is_valid_number`` costs tens of µs a number; a broadcast pre-flight
-classifies 100k numbers in milliseconds. ``CountryResolver`` compiles phonenumbers' own metadata
-once, per calling code and national number length, into one regex whose matching branch names the
-region, so one ``fullmatch`` answers both questions. A number is accepted only in canonical form
-(what ``format_number(..., E164)`` gives back, as the job contract requires): phonenumbers would
-silently strip a national prefix (``+44 0 7911…``) or carrier code; we refuse such forms.
+classifies 100k numbers in milliseconds. ``CountryResolver.resolve`` compiles phonenumbers' own
+metadata, per calling code (on the first number with that code) and national number length,
+into one regex whose matching branch names the region, so one ``fullmatch`` answers both
+questions. ``resolve_many`` answers most numbers from their leading digits alone
+(``number_prefixes``): the same metadata pieces, in the same branch order, become exact decision
+diagrams (``digit_diagrams``) that say where the leading digits already decide. A number is
+accepted only in canonical form (what ``format_number(..., E164)`` gives back, as the job
+contract requires): phonenumbers would silently strip a national prefix (``+44 0 7911…``) or
+carrier code; we refuse such forms.
 """
 
 from __future__ import annotations
@@ -306,7 +310,8 @@ def _refine(code: _Code, entry: _Length, number: str, nsn: str) -> str | None:
 
 @cache
 def default_resolver() -> CountryResolver:
-    """The process-wide resolver, compiled on first use (a few hundred ms)."""
+    """The process-wide resolver: each calling code's regexes and diagrams are built on first use
+    (a few ms for most codes; +1, shared by 25 regions, ~100 ms)."""
     return CountryResolver()
 
 

@@ -1,9 +1,10 @@
 """Broadcast pre-flight: what a broadcast would cost, who is skipped, and what to do about it.
 
 A pure function of the recipients, the rates, the account's opt-outs and balance: it never
-reserves or writes. Built for 100k+ recipients: countries come from a resolver compiled from
-libphonenumber's metadata, SMS parts are counted column by column (``Template.segments``), and
-everything else is a pass of C-level builtins over index-aligned lists.
+reserves or writes. Built for 100k+ recipients: countries come from the numbers' leading digits
+(``CountryResolver.resolve_many``, exact: learned from libphonenumber's metadata), SMS parts are
+counted column by column (``Template.segments_of``), and everything else is a pass of C-level
+builtins over index-aligned lists.
 """
 
 from __future__ import annotations
