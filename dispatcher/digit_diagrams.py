@@ -166,6 +166,11 @@ class Diagrams:
             self.values.append(None)
         return found
 
+    def built(self) -> None:
+        """Drop what only building needed (reading needs ``children`` and ``values``)."""
+        self._nodes.clear()
+        self._ite.clear()
+
     def child(self, node: int, digit: int) -> int:
         children = self.children[node]
         return node if children is None else children[digit]

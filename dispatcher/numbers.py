@@ -251,7 +251,9 @@ class CountryResolver:
 @cache
 def _group(code: int, length: int, start: int) -> Group | None:
     try:
-        return Group(*_diagram(code, length), start)
+        diagrams, root = _diagram(code, length)
+        diagrams.built()
+        return Group(diagrams, root, start)
     except Unsupported:
         diagrams = Diagrams()
         return Group(diagrams, diagrams.leaf(REFINE), start)  # every number: the exact path
