@@ -1,26 +1,33 @@
 """E.164 recipients: validity and country exactly as ``phonenumbers`` decides, but fast; masking.
 
 ``phonenumbers.parse`` + ``is_valid_number`` costs tens of µs a number; a broadcast pre-flight
-classifies 100k numbers in milliseconds. ``CountryResolver`` compiles phonenumbers' own metadata
-once, per calling code and national number length, into one regex whose matching branch names the
-region, so one ``fullmatch`` answers both questions. A number is accepted only in canonical form
-(what ``format_number(..., E164)`` gives back, as the job contract requires): phonenumbers would
-silently strip a national prefix (``+44 0 7911…``) or carrier code; we refuse such forms.
+classifies 100k numbers in milliseconds. ``CountryResolver.resolve`` compiles phonenumbers' own
+metadata, per calling code (on the first number with that code) and national number length,
+into one regex whose matching branch names the region, so one ``fullmatch`` answers both
+questions. ``resolve_many`` answers most numbers from their leading digits alone
+(``number_prefixes``): the same metadata pieces, in the same branch order, become exact decision
+diagrams (``digit_diagrams``) that say where the leading digits already decide. A number is
+accepted only in canonical form (what ``format_number(..., E164)`` gives back, as the job
+contract requires): phonenumbers would silently strip a national prefix (``+44 0 7911…``) or
+carrier code; we refuse such forms.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
 import phonenumbers
 from phonenumbers import PhoneMetadata, PhoneNumberDesc
 
+from dispatcher.digit_diagrams import Diagrams, Unsupported
 from dispatcher.errors import InvalidRecipient
+from dispatcher.number_prefixes import REFINE, Group, PrefixMemo
 
 NON_GEOGRAPHIC = phonenumbers.REGION_CODE_FOR_NON_GEO_ENTITY  # "001": +800, +808, +870, …
-
+_CALLING_CODES = frozenset(map(str, phonenumbers.COUNTRY_CODE_TO_REGION_CODE))
 _MIN_DIGITS = 3  # fewer digits after '+': phonenumbers' TOO_SHORT_AFTER_IDD
 _NSN_LENGTHS = range(2, 18)  # phonenumbers' national number limits (TOO_SHORT_NSN, TOO_LONG)
 # The number types ``_number_type_helper`` tries; mobile joins them unless it equals fixed line.
@@ -64,13 +71,22 @@ def _pattern(desc: PhoneNumberDesc | None, length: int) -> str | None:
     return desc.national_number_pattern
 
 
-def _valid_pattern(meta: PhoneMetadata, length: int) -> str | None:
-    """A regex for national numbers of this length that ``_number_type_helper`` finds a type for."""
+def _valid_pieces(meta: PhoneMetadata, length: int) -> tuple[str, list[str]] | None:
+    """The general pattern and the type patterns ``_number_type_helper`` tries at this length."""
     general = _pattern(meta.general_desc, length)
     names = _TYPES if meta.same_mobile_and_fixed_line_pattern else ("mobile", *_TYPES)
     types = [p for name in names if (p := _pattern(getattr(meta, name), length)) is not None]
     if general is None or not types:
         return None
+    return general, types
+
+
+def _valid_pattern(meta: PhoneMetadata, length: int) -> str | None:
+    """A regex for national numbers of this length that ``_number_type_helper`` finds a type for."""
+    pieces = _valid_pieces(meta, length)
+    if pieces is None:
+        return None
+    general, types = pieces
     return f"(?=(?:{general})\\Z)(?:{'|'.join(f'(?:{p})' for p in types)})"
 
 
@@ -182,8 +198,8 @@ class CountryResolver:
     """Fast, exact classification of E.164 numbers: region code, or None when not valid."""
 
     def __init__(self) -> None:
-        self._codes: dict[str, _Code] = {
-            str(code): _build(code) for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE}
+        self._codes: dict[str, _Code] = {}  # compiled on first use: ~1,200 regexes in all
+        self._memo = PrefixMemo(self._group, self.resolve, self._refine)
 
     def resolve(self, number: str) -> str | None:
         """The region ('US', 'CA', 'JM', …, '001' for non-geographic) or None if invalid."""
@@ -191,7 +207,7 @@ class CountryResolver:
         if number[:1] != "+":
             return None
         get = self._codes.get
-        code = get(number[1:2]) or get(number[1:3]) or get(number[1:4])
+        code = get(number[1:2]) or get(number[1:3]) or get(number[1:4]) or self._load(number)
         if code is None:
             return None
         nsn = number[code.start:]
@@ -203,9 +219,85 @@ class CountryResolver:
             return None
         return entry.regions[match.lastindex or 0] or _refine(code, entry, number, nsn)
 
-    def resolve_many(self, numbers: list[str]) -> list[str | None]:
-        """``resolve`` for each number, in order."""
-        return list(map(self.resolve, numbers))
+    def resolve_many(self, numbers: Sequence[str]) -> list[str | None]:
+        """``resolve`` for each number, in order: by leading digits wherever they decide."""
+        return self._memo.resolve_many(numbers)
+
+    def _load(self, number: str) -> _Code | None:
+        """Compile the calling code that starts this number, if one does."""
+        calling = _calling_code(number[1:4])
+        if not calling:
+            return None
+        code = self._codes[calling] = _build(int(calling))
+        return code
+
+    def _refine(self, number: str, region: str) -> str | None:
+        """A valid number of ``region`` whose national prefix might apply: make sure."""
+        code = self._codes.get(_calling_code(number[1:4])) or self._load(number)
+        assert code is not None
+        return _exact(number) if _prefix_may_apply(code, number[code.start:]) else region
+
+    def _group(self, number: str) -> Group | None:
+        """The diagram for this number's calling code and length (in digit form)."""
+        calling = _calling_code(number[1:4])
+        if not calling:
+            return None
+        start = 1 + len(calling)
+        if len(number) - start not in _NSN_LENGTHS:
+            return None
+        return _group(int(calling), len(number) - start, start)
+
+
+@cache
+def _group(code: int, length: int, start: int) -> Group | None:
+    try:
+        diagrams, root = _diagram(code, length)
+        diagrams.built()
+        return Group(diagrams, root, start)
+    except Unsupported:
+        diagrams = Diagrams()
+        return Group(diagrams, diagrams.leaf(REFINE), start)  # every number: the exact path
+
+
+def _diagram(code: int, length: int) -> tuple[Diagrams, int]:
+    """What ``resolve`` answers for each national number of this length, as one diagram:
+    the region, None, or ``REFINE`` + the region (the national prefix might touch it: see
+    ``_refine``). Mirrors ``_branches``
+    and the route ``_build`` gives national-prefix numbers."""
+    diagrams = Diagrams()
+    regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[code]
+    shared = len(regions) > 1
+    branches: list[tuple[int, str]] = []
+    earlier = diagrams.false
+    for region in regions:
+        meta = _metadata(code, region)
+        if meta is None:
+            continue
+        lead = (diagrams.language(meta.leading_digits, length, prefix=True)
+                if shared and meta.leading_digits is not None else None)
+        pieces = _valid_pieces(meta, length)
+        if pieces is not None:
+            general, types = pieces
+            valid = diagrams.all_of([
+                diagrams.negate(earlier), diagrams.true if lead is None else lead,
+                diagrams.language(general, length),
+                diagrams.any_of(diagrams.language(t, length) for t in types)])
+            branches.append((valid, region))
+        if lead is not None:
+            earlier = diagrams.any_of((earlier, lead))
+    result = diagrams.leaf(None)
+    for valid, region in reversed(branches):
+        result = diagrams.ite(valid, diagrams.leaf(region), result)
+    main = _metadata(code, phonenumbers.region_code_for_country_code(code))
+    prefix = main.national_prefix_for_parsing if main is not None else None
+    if prefix and branches:
+        transforms = bool(main is not None and main.national_prefix_transform_rule)
+        route = diagrams.language(prefix, length, prefix=True, nonempty=not transforms)
+        refined = diagrams.leaf(None)
+        for valid, region in reversed(branches):
+            refined = diagrams.ite(valid, diagrams.leaf(REFINE + region), refined)
+        result = diagrams.ite(route, refined, result)
+    return diagrams, result
 
 
 def _refine(code: _Code, entry: _Length, number: str, nsn: str) -> str | None:
@@ -220,7 +312,8 @@ def _refine(code: _Code, entry: _Length, number: str, nsn: str) -> str | None:
 
 @cache
 def default_resolver() -> CountryResolver:
-    """The process-wide resolver, compiled on first use (a few hundred ms)."""
+    """The process-wide resolver: each calling code's regexes and diagrams are built on first use
+    (a few ms for most codes; +1, shared by 25 regions, ~100 ms)."""
     return CountryResolver()
 
 
@@ -234,8 +327,6 @@ def country_of(number: str) -> str:
         raise InvalidRecipient("recipient is not a valid phone number", recipient=mask(number))
     return region
 
-
-_CALLING_CODES = frozenset(map(str, phonenumbers.COUNTRY_CODE_TO_REGION_CODE))
 
 
 def _calling_code(digits: str) -> str:

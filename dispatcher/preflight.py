@@ -1,9 +1,10 @@
 """Broadcast pre-flight: what a broadcast would cost, who is skipped, and what to do about it.
 
 A pure function of the recipients, the rates, the account's opt-outs and balance: it never
-reserves or writes. Built for 100k+ recipients: countries come from a resolver compiled from
-libphonenumber's metadata, SMS parts are counted column by column (``Template.segments``), and
-everything else is a pass of C-level builtins over index-aligned lists.
+reserves or writes. Built for 100k+ recipients: countries come from the numbers' leading digits
+(``CountryResolver.resolve_many``, exact: learned from libphonenumber's metadata), SMS parts are
+counted column by column (``Template.segments_of``), and everything else is a pass of C-level
+builtins over index-aligned lists.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Literal
 
 from dispatcher.numbers import CountryResolver
 from dispatcher.pricing import RateTable
-from dispatcher.templates import Template
+from dispatcher.templates import Columns, Template
 
 Advice = Literal["ok", "ok_with_auto_recharge", "enable_auto_recharge", "top_up"]
 SkipReason = Literal["invalid", "opted_out", "duplicate", "missing_variable"]
@@ -125,30 +126,29 @@ def advise(shortfall: int, auto: AutoRecharge) -> tuple[Advice, bool]:
 
 
 def _skips(recipients: Recipients, countries: Sequence[str | None], opted_out: set[str],
-           needed: frozenset[str]) -> dict[int, SkipReason]:
+           columns: Columns) -> dict[int, SkipReason]:
     """Why each skipped recipient is skipped (the first reason that applies).
 
     Each check first asks a C-level question of the whole column (``None in``, ``isdisjoint``,
-    ``len(set(…))``, ``all(map(…))``) and walks the rows only when some row is affected.
+    ``len(set(…))``, whether a variable's column is complete) and finds the affected rows with
+    ``compress`` only when some are.
     """
-    numbers, variables = recipients.numbers, recipients.variables
+    numbers = recipients.numbers
+    rows = range(len(numbers))
     skips: dict[int, SkipReason] = {}
     if None in countries:
-        skips = {i: "invalid" for i, country in enumerate(countries) if country is None}
+        skips = dict.fromkeys(compress(rows, map(operator.is_, countries, repeat(None))),
+                              "invalid")
     if not opted_out.isdisjoint(numbers):
-        for i, number in enumerate(numbers):
-            if number in opted_out:
-                skips.setdefault(i, "opted_out")
+        for i in compress(rows, map(opted_out.__contains__, numbers)):
+            skips.setdefault(i, "opted_out")
     if len(set(numbers)) != len(numbers):
-        first = dict(zip(reversed(numbers), range(len(numbers) - 1, -1, -1), strict=True))
-        for i, number in enumerate(numbers):
-            if first[number] != i:
-                skips.setdefault(i, "duplicate")
-    for name in needed:
-        if not all(map(operator.contains, variables, repeat(name))):
-            for i, values in enumerate(variables):
-                if name not in values:
-                    skips.setdefault(i, "missing_variable")
+        first = dict(zip(reversed(numbers), reversed(rows), strict=True))
+        for i in compress(rows, map(operator.ne, map(first.__getitem__, numbers), rows)):
+            skips.setdefault(i, "duplicate")
+    for name in columns.incomplete:
+        for i in compress(rows, map(operator.is_, columns.values[name], repeat(None))):
+            skips.setdefault(i, "missing_variable")
     return skips
 
 
@@ -157,11 +157,11 @@ def _segments_by_country(billed: Sequence[str | None], parts: Sequence[int],
     """SMS parts and recipients per country: most messages have the same number of parts, so
     count countries once (C-level) and walk only the rows that differ from the usual count."""
     counts = Counter(billed)
-    usual = Counter(parts).most_common(1)[0][0] if parts else 0
+    usual = max(set(parts), key=parts.count) if parts else 0
     by_segments: defaultdict[str | None, int] = defaultdict(int)
     for country, n in counts.items():
         by_segments[country] = n * usual
-    for i in [i for i, n in enumerate(parts) if n != usual]:
+    for i in compress(range(len(parts)), map(operator.ne, parts, repeat(usual))):
         by_segments[billed[i]] += parts[i] - usual
     return by_segments, counts
 
@@ -170,12 +170,14 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
               opted_out: set[str], available: int, auto: AutoRecharge,
               resolver: CountryResolver) -> PreflightResult:
     """Price every recipient; skip invalid, opted-out, repeated and incomplete ones."""
-    countries: list[str | None] = list(map(resolver.resolve, recipients.numbers))
-    skips = _skips(recipients, countries, opted_out, template.variables)
+    countries = resolver.resolve_many(recipients.numbers)
+    columns = template.columns(recipients.variables)
+    skips = _skips(recipients, countries, opted_out, columns)
     billed = list(countries)
     for i in skips:
         billed[i] = None
-    by_segments, counts = _segments_by_country(billed, template.segments(recipients.variables))
+    parts = template.segments_of(columns, recipients.variables)
+    by_segments, counts = _segments_by_country(billed, parts)
     by_country: dict[str, CountryLine] = {}
     for country, segments in by_segments.items():
         if country is not None:

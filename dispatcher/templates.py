@@ -3,8 +3,9 @@
 ``Template.segments`` gives, for every recipient, exactly what ``count_segments(render(vars))``
 would, without rendering or counting each message in Python: the literal text is classified
 once, each variable's values are scanned as one joined string, and lengths are summed column by
-column. Only recipients whose values hold a character that changes the encoding or takes two
-units (GSM-7 extension characters, characters outside the BMP) are counted one by one.
+column. A value with a character outside GSM-7 makes its message UCS-2 of the same length; only
+messages with a character that takes two units (GSM-7 extension characters, characters outside
+the BMP) are counted one by one.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import operator
 import re
 from bisect import bisect_right
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import accumulate, chain
-from typing import Literal
+from typing import Literal, cast
 
 from dispatcher.contract import STOP_FOOTER
 from dispatcher.pricing import GSM7_BASIC, GSM7_EXTENDED, LIMITS, Encoding, count_segments
@@ -24,6 +27,7 @@ _NOT_BASIC = re.compile(f"[^{re.escape(GSM7_BASIC)}]")
 _NOT_GSM = re.compile(f"[^{re.escape(GSM7_BASIC + GSM7_EXTENDED)}]")
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 _ASCII_BASIC = bytes(c for c in range(128) if chr(c) in GSM7_BASIC)
+_EXTENDED = frozenset(GSM7_EXTENDED)
 _SEPARATOR = "\n"  # any character: rows are found by offsets, never by splitting
 Literals = Literal["basic", "extended", "ucs2", "astral"]
 
@@ -42,9 +46,9 @@ def _parts(encoding: Encoding, units: int) -> int:
     return 1 if units <= single else -(-units // per_part)
 
 
-def _flagged_rows(column: Sequence[str], lengths: Sequence[int],
-                  pattern: re.Pattern[str]) -> Iterator[int]:
-    """Indexes of the values in which ``pattern`` finds a character."""
+def _odd_characters(column: Sequence[str], lengths: Sequence[int],
+                    pattern: re.Pattern[str]) -> Iterator[tuple[int, str]]:
+    """(row, character) for each character ``pattern`` finds in the values."""
     joined = _SEPARATOR.join(column)
     if (pattern is _NOT_BASIC and joined.isascii()
             and not joined.encode("ascii").translate(None, _ASCII_BASIC)):
@@ -54,12 +58,16 @@ def _flagged_rows(column: Sequence[str], lengths: Sequence[int],
     if first is None:
         return
     ends = list(accumulate(map((1).__add__, lengths)))  # where each value's separator sits
-    last = -1
     for match in chain((first,), matches):
-        row = bisect_right(ends, match.start())
-        if row != last:
-            last = row
-            yield row
+        yield bisect_right(ends, match.start()), match.group()
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """A template's variables, each as one value per recipient (None where one lacks it)."""
+
+    values: Mapping[str, list[str] | list[str | None]]
+    incomplete: frozenset[str]  # the variables some recipient lacks
 
 
 class Template:
@@ -91,8 +99,22 @@ class Template:
             out += (variables.get(name, ""), literal)
         return "".join(out)
 
+    def columns(self, variables: Sequence[Mapping[str, str]]) -> Columns:
+        """Each variable's values, recipient by recipient."""
+        values: dict[str, list[str] | list[str | None]] = {}
+        for name in dict.fromkeys(self.names):
+            try:
+                values[name] = list(map(operator.itemgetter(name), variables))
+            except KeyError:
+                values[name] = [v.get(name) for v in variables]
+        return Columns(values, frozenset(n for n, c in values.items() if None in c))
+
     def segments(self, variables: Sequence[Mapping[str, str]]) -> list[int]:
         """SMS parts of each recipient's message, as ``count_segments`` counts them."""
+        return self.segments_of(self.columns(variables), variables)
+
+    def segments_of(self, columns: Columns, variables: Sequence[Mapping[str, str]]) -> list[int]:
+        """``segments``, given the recipients' ``columns`` too."""
         fixed = "".join(self.literals)
         if self.static:
             return [count_segments(fixed).segments] * len(variables)
@@ -100,17 +122,24 @@ class Template:
         if kind in ("extended", "astral"):
             return [count_segments(self.render(v)).segments for v in variables]
         encoding: Encoding = "GSM-7" if kind == "basic" else "UCS-2"
-        odd = _NOT_BASIC if kind == "basic" else _ASTRAL
+        pattern = _NOT_BASIC if kind == "basic" else _ASTRAL
         units = [len(fixed)] * len(variables)
-        flagged: set[int] = set()
+        odd: defaultdict[int, str] = defaultdict(str)
         for name in dict.fromkeys(self.names):
-            column = [v.get(name, "") for v in variables]
+            given = columns.values[name]
+            column = [value or "" for value in given] if name in columns.incomplete else cast(
+                "list[str]", given)
             lengths = list(map(len, column))
             for _ in range(self.names.count(name)):
                 units = list(map(operator.add, units, lengths))
-            flagged.update(_flagged_rows(column, lengths, odd))
+            for row, char in _odd_characters(column, lengths, pattern):
+                odd[row] += char
         table = [_parts(encoding, n) for n in range(max(units, default=0) + 1)]
         parts = list(map(table.__getitem__, units))
-        for row in flagged:
-            parts[row] = count_segments(self.render(variables[row])).segments
+        for row, chars in odd.items():
+            if kind == "basic" and not _EXTENDED.issuperset(chars) and not _ASTRAL.search(chars):
+                # A character outside GSM-7, none taking two units: UCS-2, one unit each.
+                parts[row] = _parts("UCS-2", units[row])
+            else:
+                parts[row] = count_segments(self.render(variables[row])).segments
         return parts

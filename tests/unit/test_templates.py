@@ -42,3 +42,15 @@ def test_one_ucs2_value_makes_only_its_message_ucs2() -> None:
     template = Template("Hello {name}, see you soon at the shop", footer=False)
     # GSM-7: 132 septets fit one part; UCS-2: 132 units need two parts of 67.
     assert template.segments(rows) == [1, 2, 1]
+
+
+def test_a_value_outside_gsm7_counts_its_message_as_ucs2_of_the_same_length() -> None:
+    template = Template("Dear {name}, {code}", footer=False)
+    rows = [{"name": "Zoë", "code": "x" * 60},  # 70 units: one UCS-2 part
+            {"name": "Zoë", "code": "x" * 61},  # 71: two parts
+            {"name": "Zoë€", "code": "x" * 200},  # € takes one UCS-2 unit once ë forces UCS-2
+            {"name": "€", "code": "x" * 152},  # GSM-7 with an escape: 161 septets, two parts
+            {"name": "😀ë", "code": "x" * 60},  # a surrogate pair: counted on its own
+            {"code": "ж"}]  # missing variable, odd character in the other
+    assert template.segments(rows) == [count_segments(template.render(r)).segments for r in rows]
+    assert template.segments(rows)[:4] == [1, 2, 4, 2]
