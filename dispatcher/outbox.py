@@ -17,7 +17,8 @@ import structlog
 from aio_pika.abc import AbstractExchange
 from asyncpg.pool import PoolConnectionProxy
 
-from dispatcher.db import Connect, listening
+from dispatcher.db import Connect
+from dispatcher.listener import DEFAULT_POLICY, ListenPolicy, keep_listening
 from dispatcher.metrics import Metrics
 from dispatcher.queries import q
 
@@ -25,7 +26,7 @@ log = structlog.get_logger(__name__)
 
 NOTIFY_CHANNEL = "dispatcher_outbox"
 BATCH = 200
-# A safety net for a notification missed while the listening connection was down.
+# A safety net for a notification still missed (a reconnect of the LISTEN triggers a pass too).
 SWEEP_SECONDS = 15.0
 PUBLISH_TIMEOUT_SECONDS = 10.0
 RETRY_SECONDS = 1.0
@@ -38,30 +39,43 @@ class OutboxRelay:
     """Wakes on NOTIFY and publishes every unpublished outbox row: billing first, oldest first."""
 
     def __init__(self, pool: asyncpg.Pool, exchanges: dict[str, AbstractExchange],
-                 metrics: Metrics, *, listen_connect: Connect | None = None) -> None:
+                 metrics: Metrics, *, listen_connect: Connect | None = None,
+                 listen_policy: ListenPolicy = DEFAULT_POLICY) -> None:
         self._pool = pool
         self._listen_connect = listen_connect
+        self._listen_policy = listen_policy
         self._exchanges = exchanges
         self._metrics = metrics
         self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Relay until ``stop`` is set; a broker or database hiccup is retried, not fatal."""
-        async with listening(self._pool, self._listen_connect, NOTIFY_CHANNEL, self._notified):
-            while not stop.is_set():
-                self._wake.clear()
-                pause = SWEEP_SECONDS
-                try:
-                    while await self.relay_once():
-                        pass
-                    await self._update_backlog()
-                except RELAY_ERRORS as exc:
-                    if stop.is_set():  # the channel closed under us while shutting down
-                        break
-                    # Nothing was marked: the rows are published again on the next pass.
-                    log.warning("outbox_relay_failed", error=type(exc).__name__)
-                    pause = RETRY_SECONDS
-                await self._sleep(stop, pause)
+        """Relay until ``stop`` is set; every (re)connect of the LISTEN triggers a pass."""
+
+        async def rescan() -> None:
+            self._wake.set()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(keep_listening(
+                self._pool, self._listen_connect, NOTIFY_CHANNEL, self._notified, rescan, stop,
+                policy=self._listen_policy,
+                reconnected=self._metrics.listen_reconnects.labels(listener="outbox").inc))
+            tasks.create_task(self._relay(stop))
+
+    async def _relay(self, stop: asyncio.Event) -> None:
+        """Relay passes until ``stop``; a broker or database hiccup is retried, not fatal."""
+        while not stop.is_set():
+            self._wake.clear()
+            pause = SWEEP_SECONDS
+            try:
+                while await self.relay_once():
+                    pass
+                await self._update_backlog()
+            except RELAY_ERRORS as exc:
+                if stop.is_set():  # the channel closed under us while shutting down
+                    break
+                # Nothing was marked: the rows are published again on the next pass.
+                log.warning("outbox_relay_failed", error=type(exc).__name__)
+                pause = RETRY_SECONDS
+            await self._sleep(stop, pause)
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         """Until a NOTIFY, a stop, or ``seconds``."""
