@@ -99,6 +99,10 @@ class Metrics:
         self.topups = Counter("dispatcher_topups_total",
                               "credits.granted events received, by result.",
                               ["result"], registry=registry)
+        self.outbox_returned = Counter(
+            "dispatcher_outbox_returned_total",
+            "Publishes of billing events the broker returned unroutable (each retry counts).",
+            registry=registry)
         self.listen_reconnects = Counter(
             "dispatcher_listen_reconnects_total",
             "LISTEN connections re-established after being lost, by listener.",
@@ -123,6 +127,10 @@ class Metrics:
         self.outbox_lag_seconds = Gauge("dispatcher_outbox_lag_seconds",
                                         "Age of the oldest unrelayed outbox event (0 when none).",
                                         registry=registry)
+        self.outbox_unroutable = Gauge(
+            "dispatcher_outbox_unroutable",
+            "Billing events the broker returned (no queue bound) that still wait for a queue.",
+            registry=registry)
         self.consumers_attached = Gauge("dispatcher_consumers_attached",
                                         "Queue consumers this process has attached.",
                                         registry=registry)

@@ -35,6 +35,8 @@ EXPECTED = {
     "dispatcher_unknown_jobs": ("gauge", set()),
     "dispatcher_outbox_backlog": ("gauge", set()),
     "dispatcher_outbox_lag_seconds": ("gauge", set()),
+    "dispatcher_outbox_unroutable": ("gauge", set()),
+    "dispatcher_outbox_returned": ("counter", set()),
     "dispatcher_consumers_attached": ("gauge", set()),
     "dispatcher_in_flight_jobs": ("gauge", set()),
     "dispatcher_low_balance_events": ("counter", {"type"}),
