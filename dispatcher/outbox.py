@@ -158,4 +158,4 @@ class OutboxRelay:
         self._metrics.outbox_unroutable.set(row["unroutable"])
         if row["next_attempt_in"] is None:
             return SWEEP_SECONDS
-        return min(SWEEP_SECONDS, max(0.05, float(row["next_attempt_in"])))
+        return min(SWEEP_SECONDS, max(0.25, float(row["next_attempt_in"])))
