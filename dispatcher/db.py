@@ -16,6 +16,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from dispatcher.errors import ServiceUnavailable
+from dispatcher.queries import q
 from dispatcher.settings import Settings
 
 # A plain connection or one borrowed from a pool: both can open transactions.
@@ -25,6 +26,11 @@ START_POSTGRES_HINT = (
     "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 )
 
+
+# A connection of its own listening on channel X shows as application_name "dispatcher listen X".
+LISTEN_APPLICATION_PREFIX = "dispatcher listen "
+
+CLOSE_TIMEOUT_SECONDS = 5.0
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 Notified = Callable[[object, int, str, object], None]
@@ -72,27 +78,29 @@ async def connect(dsn: str) -> asyncpg.Connection:
 
 @contextlib.asynccontextmanager
 async def listening(pool: asyncpg.Pool, connect: Connect | None, channel: str,
-                    callback: Notified) -> AsyncIterator[None]:
+                    callback: Notified) -> AsyncIterator[Connection]:
     """LISTEN on ``channel`` while the block runs, on a connection of its own from ``connect``.
 
-    Without ``connect`` a pool connection is borrowed for the whole block; it is UNLISTENed
-    before it goes back, or terminated if that fails, so it never returns still listening.
+    Yields the listening connection (``listener.keep_listening`` watches it). Without
+    ``connect`` a pool connection is borrowed for the whole block; it is UNLISTENed before it
+    goes back, or terminated if that fails, so it never returns still listening.
     """
     if connect is None:
         borrowed = await pool.acquire()
         try:
             async with _listener(borrowed, channel, callback):
-                yield
+                yield borrowed
         finally:
             await pool.release(borrowed)
         return
     own = await connect()
     try:
+        await own.execute(q("name_listen_session"), f"{LISTEN_APPLICATION_PREFIX}{channel}")
         async with _listener(own, channel, callback):
-            yield
+            yield own
     finally:
         if not own.is_closed():
-            await own.close()
+            await own.close(timeout=CLOSE_TIMEOUT_SECONDS)
 
 
 @contextlib.asynccontextmanager

@@ -22,6 +22,7 @@ LowBalanceType = Literal["balance_low", "balance_depleted"]
 CodeClass = Literal["4xx", "429", "5xx", "timeout", "network"]
 CallbackResult = Literal["accepted", "forged", "ignored"]
 TopupResult = Literal["applied", "duplicate", "rejected"]
+Listener = Literal["resumer", "outbox"]
 
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
@@ -31,6 +32,7 @@ LOW_BALANCE_TYPES: Final[tuple[LowBalanceType, ...]] = get_args(LowBalanceType)
 CODE_CLASSES: Final[tuple[CodeClass, ...]] = get_args(CodeClass)
 CALLBACK_RESULTS: Final[tuple[CallbackResult, ...]] = get_args(CallbackResult)
 TOPUP_RESULTS: Final[tuple[TopupResult, ...]] = get_args(TopupResult)
+LISTENERS: Final[tuple[Listener, ...]] = get_args(Listener)
 
 # The classic text format every Prometheus version scrapes; ``generate_latest`` writes exactly
 # this (prometheus_client's own ``CONTENT_TYPE_LATEST`` now announces 1.0.0, which older servers
@@ -97,6 +99,14 @@ class Metrics:
         self.topups = Counter("dispatcher_topups_total",
                               "credits.granted events received, by result.",
                               ["result"], registry=registry)
+        self.outbox_returned = Counter(
+            "dispatcher_outbox_returned_total",
+            "Publishes of billing events the broker returned unroutable (each retry counts).",
+            registry=registry)
+        self.listen_reconnects = Counter(
+            "dispatcher_listen_reconnects_total",
+            "LISTEN connections re-established after being lost, by listener.",
+            ["listener"], registry=registry)
         self._create_series()
 
     def _init_gauges(self, registry: CollectorRegistry) -> None:
@@ -117,6 +127,10 @@ class Metrics:
         self.outbox_lag_seconds = Gauge("dispatcher_outbox_lag_seconds",
                                         "Age of the oldest unrelayed outbox event (0 when none).",
                                         registry=registry)
+        self.outbox_unroutable = Gauge(
+            "dispatcher_outbox_unroutable",
+            "Billing events the broker returned (no queue bound) that still wait for a queue.",
+            registry=registry)
         self.consumers_attached = Gauge("dispatcher_consumers_attached",
                                         "Queue consumers this process has attached.",
                                         registry=registry)
@@ -137,6 +151,7 @@ class Metrics:
             (self.twilio_errors, "code_class", CODE_CLASSES),
             (self.status_callbacks, "result", CALLBACK_RESULTS),
             (self.topups, "result", TOPUP_RESULTS),
+            (self.listen_reconnects, "listener", LISTENERS),
         ):
             for value in values:
                 counter.labels(**{label: value})

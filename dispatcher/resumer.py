@@ -3,19 +3,25 @@
 PostgreSQL NOTIFYs ``dispatcher_resume`` whenever a paused account's available credits grow
 (a grant, a release, a refund reversed). The resumer then releases that account's held jobs in
 batches, oldest first, and sends each batch in order before taking the next, so later jobs
-(held behind them while the account stays paused) never overtake. No polling.
+(held behind them while the account stays paused) never overtake.
+
+The LISTEN is kept up across connection losses (``keep_listening``), every paused account gets a
+pass after each (re)connect, and a slow sweep of paused accounts with credits covers any
+wake-up still missed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import structlog
 
-from dispatcher.db import Connect, listening
+from dispatcher.db import Connect
+from dispatcher.listener import DATABASE_ERRORS, DEFAULT_POLICY, ListenPolicy, keep_listening
 from dispatcher.metrics import Metrics, kind_label
 from dispatcher.outcomes import Outcome
 from dispatcher.queries import q
@@ -24,6 +30,7 @@ log = structlog.get_logger(__name__)
 
 NOTIFY_CHANNEL = "dispatcher_resume"
 RETRY_SECONDS = 1.0
+SWEEP_SECONDS = 60.0
 SendReleased = Callable[[bytes, int], Awaitable[Outcome]]
 
 
@@ -36,9 +43,12 @@ class Resumer:
 
     def __init__(self, pool: asyncpg.Pool, send_released: SendReleased, metrics: Metrics,
                  batch: int = 20, max_accounts: int = 4, *,
-                 listen_connect: Connect | None = None) -> None:
+                 listen_connect: Connect | None = None, sweep_seconds: float = SWEEP_SECONDS,
+                 listen_policy: ListenPolicy = DEFAULT_POLICY) -> None:
         self._pool = pool
         self._listen_connect = listen_connect
+        self._sweep_seconds = sweep_seconds
+        self._listen_policy = listen_policy
         self._send = send_released
         self._metrics = metrics
         self._batch = batch
@@ -59,18 +69,39 @@ class Resumer:
         self.wake(str(payload))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve wake-ups until ``stop``; every paused account gets one pass at start."""
+        """Serve wake-ups until ``stop``; every paused account gets a pass whenever LISTEN
+        (re)starts, and those with credits one every ``sweep_seconds``."""
         try:
-            async with listening(self._pool, self._listen_connect, NOTIFY_CHANNEL,
-                                 self._notified):
-                for row in await self._pool.fetch(q("paused_accounts")):
-                    self.wake(row["id"])
-                await stop.wait()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(keep_listening(
+                    self._pool, self._listen_connect, NOTIFY_CHANNEL, self._notified,
+                    self._wake_all_paused, stop, policy=self._listen_policy,
+                    reconnected=self._metrics.listen_reconnects.labels(listener="resumer").inc))
+                tasks.create_task(self._sweep(stop))
         finally:
             drains = list(self._running.values())
             for task in drains:
                 task.cancel()
             await asyncio.gather(*drains, return_exceptions=True)
+
+    async def _wake_all_paused(self) -> None:
+        for row in await self._pool.fetch(q("paused_accounts")):
+            self.wake(row["id"])
+
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        """A wake-up for every paused account with credits, in case a NOTIFY was missed."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._sweep_seconds)
+            if stop.is_set():
+                return
+            try:
+                rows = await self._pool.fetch(q("paused_accounts_with_credits"))
+            except DATABASE_ERRORS as exc:
+                log.warning("resume_sweep_failed", error=type(exc).__name__)
+                continue
+            for row in rows:
+                self.wake(row["id"])
 
     async def _passes(self, account_id: str) -> None:
         """Drain the account, again as long as wake-ups arrived meanwhile."""

@@ -117,7 +117,8 @@ class Service:
         await credits_queue.consume(
             CreditsListener(CreditStore(self.pool), topology, self.metrics).on_message)
         resumer = Resumer(self.pool, handler.send_released, self.metrics,
-                          listen_connect=listen_connect)
+                          listen_connect=listen_connect,
+                          sweep_seconds=s.resume_sweep_interval_seconds)
         self._watch("resumer", resumer.run(stop), stop)
         pool = self.pool
         self._watch("hold-sweeper", _every(

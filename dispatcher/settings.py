@@ -33,6 +33,8 @@ class Settings:
     delivery_limit: int = 5
     hold_expiry_seconds: float = 72 * 3600.0
     hold_sweep_interval_seconds: float = 30.0
+    # Safety net behind the resume NOTIFY: how often paused accounts with credits get a pass.
+    resume_sweep_interval_seconds: float = 60.0
     # How long a job may sit in `sending`/`unknown` before we ask the provider about it.
     reconcile_grace_seconds: float = 60.0
     reconcile_interval_seconds: float = 15.0

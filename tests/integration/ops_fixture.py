@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aio_pika
 import aiohttp
 import asyncpg
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.settings import Settings
+from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import (
     RunningDispatcher,
     running_dispatcher,
@@ -22,10 +24,16 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest_asyncio.fixture
 async def ops_dispatcher(settings: Settings, twilio_sandbox: SandboxHandle,
                          pool: asyncpg.Pool) -> AsyncIterator[RunningDispatcher]:
-    """Like ``dispatcher``, with the database-wide metrics sampled every 0.2 s."""
+    """Like ``dispatcher``, with the database-wide metrics sampled every 0.2 s, and a queue bound
+    to the billing exchange as a billing service would (else balance events stay unroutable)."""
     async with running_dispatcher(settings, twilio_sandbox, pool, metrics_interval_seconds=0.2,
                                   hold_sweep_interval_seconds=0.2) as d:
-        yield d
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(exclusive=True)
+            await queue.bind(Names(settings.amqp_prefix).billing_exchange, routing_key="balance.#")
+            yield d
 
 
 async def scrape(base_url: str) -> Samples:

@@ -12,6 +12,7 @@ from dispatcher.metrics import (
     CREDIT_OPERATIONS,
     DEAD_LETTER_REASONS,
     KINDS,
+    LISTENERS,
     LOW_BALANCE_TYPES,
     OUTCOMES,
     TOPUP_RESULTS,
@@ -34,12 +35,15 @@ EXPECTED = {
     "dispatcher_unknown_jobs": ("gauge", set()),
     "dispatcher_outbox_backlog": ("gauge", set()),
     "dispatcher_outbox_lag_seconds": ("gauge", set()),
+    "dispatcher_outbox_unroutable": ("gauge", set()),
+    "dispatcher_outbox_returned": ("counter", set()),
     "dispatcher_consumers_attached": ("gauge", set()),
     "dispatcher_in_flight_jobs": ("gauge", set()),
     "dispatcher_low_balance_events": ("counter", {"type"}),
     "dispatcher_twilio_errors": ("counter", {"code_class"}),
     "dispatcher_status_callbacks": ("counter", {"result"}),
     "dispatcher_topups": ("counter", {"result"}),
+    "dispatcher_listen_reconnects": ("counter", {"listener"}),
 }
 FORBIDDEN_LABELS = {"account", "account_id", "phone", "to", "from", "recipient", "job_id", "sid"}
 
@@ -84,6 +88,7 @@ def test_render_is_prometheus_text_format() -> None:
     ("dispatcher_twilio_errors_total", "code_class", CODE_CLASSES),
     ("dispatcher_status_callbacks_total", "result", CALLBACK_RESULTS),
     ("dispatcher_topups_total", "result", TOPUP_RESULTS),
+    ("dispatcher_listen_reconnects_total", "listener", LISTENERS),
 ])
 def test_every_allowed_label_value_starts_at_zero(family: str, label: str,
                                                   values: tuple[str, ...]) -> None:
