@@ -139,6 +139,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     options = DemoOptions(recipients=args.recipients, balance=args.balance,
                           threshold=args.threshold, amount=args.amount,
                           latency_ms=args.latency_ms, rate_per_second=args.rate,
+                          charge_latency_seconds=args.charge_latency,
                           database=args.database, timeout_seconds=args.timeout,
                           to=tuple(args.to))
     return await run_demo(settings, options, sys.stdout)
@@ -328,6 +329,8 @@ def _add_demo(sub: Any) -> None:
                       help="sandbox latency per create")
     demo.add_argument("--rate", type=float, default=d.rate_per_second,
                       help="sends per second for the sending number")
+    demo.add_argument("--charge-latency", type=float, default=d.charge_latency_seconds,
+                      help="seconds each top-up charge takes at the fake payment gateway")
     demo.add_argument("--database", default=d.database, help="demo database (created if missing)")
     demo.add_argument("--timeout", type=float, default=d.timeout_seconds,
                       help="give up after this many seconds of broadcast")

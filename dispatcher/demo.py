@@ -139,8 +139,10 @@ async def _start_children(stack: Stack) -> None:
         sandbox = await _start_sandbox(stack)
     env = dispatcher_env(s, stack.db_url, stack.prefix, stack.http_port, sandbox,
                          stack.options.rate_per_second)
-    billing = children.start("billing", "billing_client.reference",
-                             ["run"], _env(billing_env(s, stack.db_url, stack.prefix)))
+    billing_settings = billing_env(s, stack.db_url, stack.prefix,
+                                   stack.options.charge_latency_seconds)
+    billing = children.start("billing", "billing_client.reference", ["run"],
+                             _env(billing_settings))
     stack.dispatcher = children.start("dispatcher", "dispatcher", ["run"], _env(env))
     await children.wait_ready(stack.dispatcher, lambda: _http_ok(f"{stack.base_url}/readyz"))
     await children.wait_ready(billing, lambda: billing_consuming(s.amqp_url, stack.prefix))

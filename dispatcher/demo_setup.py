@@ -124,10 +124,12 @@ def dispatcher_env(settings: Settings, db_url: str, prefix: str, port: int,
     return {f"DISPATCHER_{k}": v for k, v in env.items()}
 
 
-def billing_env(settings: Settings, db_url: str, prefix: str) -> dict[str, str]:
+def billing_env(settings: Settings, db_url: str, prefix: str,
+                charge_latency_seconds: float) -> dict[str, str]:
     """``BILLING_*`` for the reference billing service, charging the fake gateway's ok token."""
     env = {"DATABASE_URL": db_url, "AMQP_URL": settings.amqp_url, "AMQP_PREFIX": prefix,
            "DEFAULT_PRIMARY": "tok_ok", "OUTBOX_SWEEP_SECONDS": "0.5",
+           "FAKE_CHARGE_LATENCY_SECONDS": str(charge_latency_seconds),
            "BACKOFF_BASE_SECONDS": "1", "SHUTDOWN_TIMEOUT_SECONDS": "5", "LOG_FORMAT": "json"}
     return {f"BILLING_{k}": v for k, v in env.items()}
 

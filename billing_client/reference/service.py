@@ -63,7 +63,8 @@ class ReferenceBillingService:
     def __init__(self, settings: BillingSettings, gateway: PaymentGateway | None = None) -> None:
         self.settings = settings
         self.gateway: PaymentGateway = gateway or FakeGateway(
-            timeout_delay=settings.fake_timeout_delay_seconds)
+            timeout_delay=settings.fake_timeout_delay_seconds,
+            latency=settings.fake_charge_latency_seconds)
         self._stop = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._amqp: AbstractRobustConnection | None = None

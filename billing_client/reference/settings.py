@@ -30,6 +30,8 @@ class BillingSettings:
     charge_timeout_seconds: float = 20.0
     # How long the fake gateway's ``tok_timeout`` hangs before answering ``timeout``.
     fake_timeout_delay_seconds: float = 1.0
+    # How long every fake-gateway charge takes (the demo's top-ups arrive after a pause).
+    fake_charge_latency_seconds: float = 0.0
     delivery_limit: int = 5
     prefetch: int = 16
     max_concurrent_charges: int = 8

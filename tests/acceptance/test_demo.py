@@ -114,7 +114,8 @@ def test_the_demo_runs_the_whole_flow_and_leaves_nothing_running(
                      "paused at zero", "resumed: releasing held recipients",
                      "broadcast completed", "sent             600 of 600 billable "
                      "(600 delivered, 0 failed)", "credits spent    600",
-                     "top-ups charged  2: +350, +350", "ledger audit     OK",
+                     "top-ups charged  2: +350, +350", "resumed by itself",
+                     "ledger audit     OK",
                      'dispatcher_credits_total{operation="captured"} 600',
                      "/metrics", "nothing left running"):
         assert expected in text, f"{expected!r} missing from:\n{text}"
