@@ -6,10 +6,12 @@ ON CONFLICT (id) DO NOTHING
 RETURNING id;
 
 -- name: broadcast_pending_batch
+-- From a seq on: entries of recipients already queued stay in the pending index until a
+-- vacuum, so always starting from the first would read all of them again for each batch.
 SELECT seq, to_number, vars FROM broadcast_recipients
- WHERE broadcast_id = $1 AND status = 'pending'
+ WHERE broadcast_id = $1 AND status = 'pending' AND seq > $2
  ORDER BY seq
- LIMIT $2;
+ LIMIT $3;
 
 -- name: begin_broadcast_batch
 SELECT job_id FROM begin_broadcast_batch($1, $2, $3, $4::jsonb[], $5, $6, $7, $8);

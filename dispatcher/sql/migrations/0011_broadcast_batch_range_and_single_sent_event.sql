@@ -1,0 +1,156 @@
+-- Two fixes found by bench/broadcast.py (issue 5).
+--
+-- 1. begin_broadcast_batch claimed its recipients with `seq = ANY(p_seqs)` as a filter over
+--    every entry of the broadcast in broadcast_recipients_pending (a bitmap scan, which never
+--    marks dead entries): entries of recipients already queued stay in that index until a
+--    vacuum, so each batch read all the earlier ones — O(recipients so far) per batch. The
+--    claim is now bounded to the batch's seq range, an index range either index can serve.
+-- 2. A status event is written only when the job's status moves forward: job_accepted wrote
+--    `sent` again when a `sent` callback had got there first, and job_provider_status wrote
+--    its status again when a settling report repeated it (e.g. a job `sent` then settled by a
+--    `sent` report). Each status event is now written once per job.
+
+CREATE OR REPLACE FUNCTION begin_broadcast_batch(
+    p_broadcast text, p_seqs integer[], p_job_ids text[], p_payloads jsonb[],
+    p_estimates bigint[], p_countries text[], p_units integer[], p_rates bigint[]
+) RETURNS TABLE (job_id text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b broadcasts%ROWTYPE;
+    acct accounts%ROWTYPE;
+    lo integer;
+    hi integer;
+    live integer[];
+    ids text[];
+    estimates bigint[];
+    reserved text[] := '{}';
+    short boolean := false;
+BEGIN
+    SELECT * INTO b FROM broadcasts WHERE id = p_broadcast;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT * INTO acct FROM accounts WHERE id = b.account_id FOR UPDATE;
+    SELECT * INTO b FROM broadcasts WHERE id = p_broadcast;  -- after the lock: sees a cancel
+    IF b.status <> 'running' THEN
+        RETURN;
+    END IF;
+    SELECT min(s), max(s) INTO lo, hi FROM unnest(p_seqs) AS s;
+    WITH claimed AS (
+        UPDATE broadcast_recipients SET status = 'queued'
+         WHERE broadcast_id = p_broadcast AND seq BETWEEN lo AND hi AND seq = ANY(p_seqs)
+           AND status = 'pending'
+        RETURNING seq)
+    SELECT coalesce(array_agg(seq), '{}') INTO live FROM claimed;
+    SELECT array_agg(u.job_id ORDER BY u.ord), array_agg(u.estimate ORDER BY u.ord)
+      INTO ids, estimates
+      FROM unnest(p_seqs, p_job_ids, p_estimates) WITH ORDINALITY AS u(seq, job_id, estimate, ord)
+     WHERE u.seq = ANY(live);
+    IF ids IS NULL THEN
+        RETURN;
+    END IF;
+    IF acct.paused_at IS NULL THEN
+        SELECT coalesce(array_agg(r.job_id) FILTER (WHERE r.status = 'reserved'), '{}'),
+               coalesce(bool_or(r.status = 'insufficient'), false)
+          INTO reserved, short
+          FROM reserve_batch(b.account_id, ids, estimates) r;
+    ELSE
+        short := true;
+    END IF;
+    INSERT INTO jobs (job_id, account_id, kind, priority, status, payload, estimate, country,
+                      units, rate, broadcast_id, hold_seq, attempts, sending_at)
+    SELECT u.job_id, b.account_id, 'sms', b.priority,
+           CASE WHEN u.job_id = ANY(reserved) THEN 'sending' ELSE 'held' END,
+           u.payload, u.estimate, u.country, u.units, u.rate, p_broadcast,
+           CASE WHEN u.job_id = ANY(reserved) THEN NULL ELSE nextval('job_hold_seq') END,
+           CASE WHEN u.job_id = ANY(reserved) THEN 1 ELSE 0 END,
+           CASE WHEN u.job_id = ANY(reserved) THEN now() END
+      FROM unnest(p_seqs, p_job_ids, p_payloads, p_estimates, p_countries, p_units, p_rates)
+           WITH ORDINALITY AS u(seq, job_id, payload, estimate, country, units, rate, ord)
+     WHERE u.seq = ANY(live)
+     ORDER BY u.ord
+    ON CONFLICT DO NOTHING;
+    IF short THEN
+        PERFORM pause_account(b.account_id);
+    END IF;
+    RETURN QUERY SELECT x FROM unnest(reserved) AS x;
+END $$;
+
+
+-- Record the provider's acceptance of a create; `sent` is emitted only by the move to it.
+-- Under READ COMMITTED the first update re-checks its condition on a row a concurrent
+-- callback just moved, so exactly one of the two writes the event.
+CREATE OR REPLACE FUNCTION job_accepted(p_job_id text, p_sid text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    j jobs%ROWTYPE;
+BEGIN
+    UPDATE jobs SET provider_sid = coalesce(provider_sid, p_sid), status = 'sent',
+                    sent_at = coalesce(sent_at, now()), updated_at = now()
+     WHERE job_id = p_job_id AND job_status_rank(status) < 4
+    RETURNING * INTO j;
+    IF FOUND THEN
+        PERFORM emit_job_event(j, 'sent', NULL);
+        RETURN 'sent';
+    END IF;
+    UPDATE jobs SET provider_sid = coalesce(provider_sid, p_sid),
+                    sent_at = coalesce(sent_at, now()), updated_at = now()
+     WHERE job_id = p_job_id
+    RETURNING * INTO j;
+    IF NOT FOUND THEN
+        RETURN 'unknown_job';
+    END IF;
+    RETURN j.status;
+END $$;
+
+
+-- As in 0002, but the event is written only when the status moved.
+CREATE OR REPLACE FUNCTION job_provider_status(p_job_id text, p_sid text, p_status text,
+                                               p_cost bigint, p_error_code integer,
+                                               p_settle boolean)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    j jobs%ROWTYPE;
+    acct_id text;
+    was text;
+    settled text;
+BEGIN
+    SELECT account_id INTO acct_id FROM jobs WHERE job_id = p_job_id;
+    IF NOT FOUND THEN
+        RETURN 'unknown_job';
+    END IF;
+    PERFORM 1 FROM accounts WHERE id = acct_id FOR UPDATE;
+    SELECT * INTO j FROM jobs WHERE job_id = p_job_id FOR UPDATE;
+    IF j.provider_sid IS NOT NULL AND p_sid IS NOT NULL AND j.provider_sid <> p_sid THEN
+        RETURN 'sid_mismatch';
+    END IF;
+    IF job_status_rank(p_status) <= job_status_rank(j.status)
+       AND NOT (p_settle AND j.final_cost IS NULL AND job_status_rank(j.status) >= 4) THEN
+        RETURN 'ignored';
+    END IF;
+    was := j.status;
+    IF p_settle AND j.final_cost IS NULL AND j.status NOT IN ('held', 'expired', 'canceled') THEN
+        IF p_status = 'failed' THEN
+            SELECT status INTO settled FROM settle_reservation(p_job_id, NULL);
+            p_cost := 0;
+        ELSE
+            SELECT status INTO settled FROM settle_reservation(p_job_id, p_cost);
+        END IF;
+    END IF;
+    UPDATE jobs
+       SET provider_sid = coalesce(provider_sid, p_sid),
+           status = CASE WHEN job_status_rank(p_status) > job_status_rank(status)
+                         THEN p_status ELSE status END,
+           provider_status = p_status,
+           error_code = coalesce(p_error_code, error_code),
+           final_cost = CASE WHEN p_settle AND final_cost IS NULL THEN p_cost ELSE final_cost END,
+           sent_at = CASE WHEN p_status <> 'failed' THEN coalesce(sent_at, now()) END,
+           updated_at = now()
+     WHERE job_id = p_job_id
+    RETURNING * INTO j;
+    IF j.status <> was THEN
+        PERFORM emit_job_event(j, j.status,
+                               CASE WHEN p_error_code IS NOT NULL THEN 'provider_error_' || p_error_code END);
+    END IF;
+    RETURN j.status;
+END $$;
