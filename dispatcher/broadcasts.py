@@ -165,6 +165,8 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
     await conn.copy_records_to_table(
         "broadcast_recipients", records=rows,
         columns=["broadcast_id", "seq", "to_number", "vars", "status", "skip_reason"])
+    await conn.execute(q("broadcast_counts_insert"), broadcast_id,
+                       sum(1 for row in rows if row[4] == "pending"))
     log.info("broadcast_stored", broadcast_id=broadcast_id, account_id=spec.account,
              recipients=result.recipients, billable=result.billable)
     return True

@@ -73,6 +73,8 @@ BEGIN
     IF short THEN
         PERFORM pause_account(b.account_id);
     END IF;
+    UPDATE broadcast_counts SET pending = pending - cardinality(live)
+     WHERE broadcast_id = p_broadcast;
     RETURN QUERY SELECT x FROM unnest(reserved) AS x;
 END $$;
 
@@ -153,4 +155,120 @@ BEGIN
                                CASE WHEN p_error_code IS NOT NULL THEN 'provider_error_' || p_error_code END);
     END IF;
     RETURN j.status;
+END $$;
+
+
+-- 3. Progress counted every job of the broadcast on each poll, O(recipients) per poll. Its
+--    counts are now kept per broadcast, moved in the transactions that change them:
+--    recipients by begin_broadcast_batch and cancel_broadcast, jobs by a trigger. The job
+--    trigger is deferred to commit so that the counts row is locked after every job row a
+--    transaction locks (callbacks and create answers of one broadcast lock its jobs in any
+--    order); broadcast_recount is the definition the counts must always equal.
+CREATE TABLE broadcast_counts (
+    broadcast_id         text PRIMARY KEY REFERENCES broadcasts (id),
+    pending              bigint NOT NULL DEFAULT 0,
+    recipients_canceled  bigint NOT NULL DEFAULT 0,
+    sending              bigint NOT NULL DEFAULT 0,
+    sent                 bigint NOT NULL DEFAULT 0,
+    delivered            bigint NOT NULL DEFAULT 0,
+    failed               bigint NOT NULL DEFAULT 0,
+    held                 bigint NOT NULL DEFAULT 0,
+    canceled             bigint NOT NULL DEFAULT 0,
+    credits_reserved     bigint NOT NULL DEFAULT 0,
+    credits_spent        bigint NOT NULL DEFAULT 0
+);
+
+CREATE FUNCTION broadcast_recount(p_broadcast text) RETURNS broadcast_counts
+LANGUAGE sql STABLE AS $$
+    SELECT p_broadcast,
+           (SELECT count(*) FROM broadcast_recipients
+             WHERE broadcast_id = p_broadcast AND status = 'pending'),
+           (SELECT count(*) FROM broadcast_recipients
+             WHERE broadcast_id = p_broadcast AND status = 'canceled'),
+           count(*) FILTER (WHERE status IN ('sending', 'retry_wait', 'unknown')),
+           count(*) FILTER (WHERE status = 'sent'),
+           count(*) FILTER (WHERE status = 'delivered'),
+           count(*) FILTER (WHERE status IN ('failed', 'undelivered', 'expired')),
+           count(*) FILTER (WHERE status = 'held'),
+           count(*) FILTER (WHERE status = 'canceled'),
+           coalesce(sum(estimate) FILTER (WHERE status IN ('sending', 'retry_wait', 'unknown',
+                                                           'sent')
+                                            AND final_cost IS NULL), 0)::bigint,
+           coalesce(sum(final_cost), 0)::bigint
+      FROM jobs WHERE broadcast_id = p_broadcast
+$$;
+
+INSERT INTO broadcast_counts SELECT c.* FROM broadcasts b, LATERAL broadcast_recount(b.id) c;
+
+-- OLD is NULL on insert: each comparison with it is then NULL, counted as 0.
+CREATE FUNCTION jobs_count_for_broadcast() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    o jobs;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        o := OLD;
+    END IF;
+    UPDATE broadcast_counts SET
+        sending = sending + (NEW.status IN ('sending', 'retry_wait', 'unknown'))::int
+                  - coalesce((o.status IN ('sending', 'retry_wait', 'unknown'))::int, 0),
+        sent = sent + (NEW.status = 'sent')::int - coalesce((o.status = 'sent')::int, 0),
+        delivered = delivered + (NEW.status = 'delivered')::int
+                    - coalesce((o.status = 'delivered')::int, 0),
+        failed = failed + (NEW.status IN ('failed', 'undelivered', 'expired'))::int
+                 - coalesce((o.status IN ('failed', 'undelivered', 'expired'))::int, 0),
+        held = held + (NEW.status = 'held')::int - coalesce((o.status = 'held')::int, 0),
+        canceled = canceled + (NEW.status = 'canceled')::int
+                   - coalesce((o.status = 'canceled')::int, 0),
+        credits_reserved = credits_reserved
+            + CASE WHEN NEW.status IN ('sending', 'retry_wait', 'unknown', 'sent')
+                        AND NEW.final_cost IS NULL THEN NEW.estimate ELSE 0 END
+            - CASE WHEN o.status IN ('sending', 'retry_wait', 'unknown', 'sent')
+                        AND o.final_cost IS NULL THEN o.estimate ELSE 0 END,
+        credits_spent = credits_spent + coalesce(NEW.final_cost, 0) - coalesce(o.final_cost, 0)
+     WHERE broadcast_id = NEW.broadcast_id;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER jobs_counted_inserted AFTER INSERT ON jobs
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (NEW.broadcast_id IS NOT NULL)
+    EXECUTE FUNCTION jobs_count_for_broadcast();
+CREATE CONSTRAINT TRIGGER jobs_counted_updated AFTER UPDATE ON jobs
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (NEW.broadcast_id IS NOT NULL
+          AND (OLD.status IS DISTINCT FROM NEW.status
+               OR OLD.estimate IS DISTINCT FROM NEW.estimate
+               OR OLD.final_cost IS DISTINCT FROM NEW.final_cost))
+    EXECUTE FUNCTION jobs_count_for_broadcast();
+
+
+-- As in 0005, with the recipients it drops counted; the counts row is updated last.
+CREATE OR REPLACE FUNCTION cancel_broadcast(p_broadcast text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    b broadcasts%ROWTYPE;
+    j record;
+    dropped bigint;
+BEGIN
+    SELECT * INTO b FROM broadcasts WHERE id = p_broadcast;
+    IF NOT FOUND THEN
+        RETURN 'unknown';
+    END IF;
+    PERFORM 1 FROM accounts WHERE id = b.account_id FOR UPDATE;
+    SELECT * INTO b FROM broadcasts WHERE id = p_broadcast;
+    IF b.status <> 'running' THEN
+        RETURN b.status;
+    END IF;
+    UPDATE broadcasts SET status = 'canceled', finished_at = now() WHERE id = p_broadcast;
+    WITH c AS (
+        UPDATE broadcast_recipients SET status = 'canceled'
+         WHERE broadcast_id = p_broadcast AND status = 'pending'
+        RETURNING 1)
+    SELECT count(*) INTO dropped FROM c;
+    FOR j IN SELECT job_id FROM jobs WHERE broadcast_id = p_broadcast AND status = 'held' LOOP
+        PERFORM job_not_sent(j.job_id, 'canceled', 'broadcast_canceled', NULL);
+    END LOOP;
+    UPDATE broadcast_counts
+       SET pending = pending - dropped, recipients_canceled = recipients_canceled + dropped
+     WHERE broadcast_id = p_broadcast;
+    RETURN 'canceled';
 END $$;
