@@ -25,6 +25,9 @@ DECLARE
     estimates bigint[];
     reserved text[] := '{}';
     short boolean := false;
+    new_sending bigint;
+    new_held bigint;
+    new_reserved bigint;
 BEGIN
     SELECT * INTO b FROM broadcasts WHERE id = p_broadcast;
     IF NOT FOUND THEN
@@ -57,23 +60,34 @@ BEGIN
     ELSE
         short := true;
     END IF;
-    INSERT INTO jobs (job_id, account_id, kind, priority, status, payload, estimate, country,
-                      units, rate, broadcast_id, hold_seq, attempts, sending_at)
-    SELECT u.job_id, b.account_id, 'sms', b.priority,
-           CASE WHEN u.job_id = ANY(reserved) THEN 'sending' ELSE 'held' END,
-           u.payload, u.estimate, u.country, u.units, u.rate, p_broadcast,
-           CASE WHEN u.job_id = ANY(reserved) THEN NULL ELSE nextval('job_hold_seq') END,
-           CASE WHEN u.job_id = ANY(reserved) THEN 1 ELSE 0 END,
-           CASE WHEN u.job_id = ANY(reserved) THEN now() END
-      FROM unnest(p_seqs, p_job_ids, p_payloads, p_estimates, p_countries, p_units, p_rates)
-           WITH ORDINALITY AS u(seq, job_id, payload, estimate, country, units, rate, ord)
-     WHERE u.seq = ANY(live)
-     ORDER BY u.ord
-    ON CONFLICT DO NOTHING;
+    WITH inserted AS (
+        INSERT INTO jobs (job_id, account_id, kind, priority, status, payload, estimate,
+                          country, units, rate, broadcast_id, hold_seq, attempts, sending_at)
+        SELECT u.job_id, b.account_id, 'sms', b.priority,
+               CASE WHEN u.job_id = ANY(reserved) THEN 'sending' ELSE 'held' END,
+               u.payload, u.estimate, u.country, u.units, u.rate, p_broadcast,
+               CASE WHEN u.job_id = ANY(reserved) THEN NULL ELSE nextval('job_hold_seq') END,
+               CASE WHEN u.job_id = ANY(reserved) THEN 1 ELSE 0 END,
+               CASE WHEN u.job_id = ANY(reserved) THEN now() END
+          FROM unnest(p_seqs, p_job_ids, p_payloads, p_estimates, p_countries, p_units,
+                      p_rates)
+               WITH ORDINALITY AS u(seq, job_id, payload, estimate, country, units, rate, ord)
+         WHERE u.seq = ANY(live)
+         ORDER BY u.ord
+        ON CONFLICT DO NOTHING
+        RETURNING status, estimate)
+    SELECT count(*) FILTER (WHERE i.status = 'sending'), count(*) FILTER (WHERE i.status = 'held'),
+           coalesce(sum(i.estimate) FILTER (WHERE i.status = 'sending'), 0)
+      INTO new_sending, new_held, new_reserved
+      FROM inserted i;
     IF short THEN
         PERFORM pause_account(b.account_id);
     END IF;
-    UPDATE broadcast_counts SET pending = pending - cardinality(live)
+    -- The jobs of a broadcast are inserted here only, and counted here (the trigger on jobs
+    -- counts their later changes): one update of the counts row per batch.
+    UPDATE broadcast_counts
+       SET pending = pending - cardinality(live), sending = sending + new_sending,
+           held = held + new_held, credits_reserved = credits_reserved + new_reserved
      WHERE broadcast_id = p_broadcast;
     RETURN QUERY SELECT x FROM unnest(reserved) AS x;
 END $$;
@@ -160,10 +174,10 @@ END $$;
 
 -- 3. Progress counted every job of the broadcast on each poll, O(recipients) per poll. Its
 --    counts are now kept per broadcast, moved in the transactions that change them:
---    recipients by begin_broadcast_batch and cancel_broadcast, jobs by a trigger. The job
---    trigger is deferred to commit so that the counts row is locked after every job row a
---    transaction locks (callbacks and create answers of one broadcast lock its jobs in any
---    order); broadcast_recount is the definition the counts must always equal.
+--    recipients and new jobs by begin_broadcast_batch and cancel_broadcast, later job changes
+--    by a trigger. The trigger is deferred to commit so that the counts row is locked after
+--    every job row a transaction locks (callbacks and create answers of one broadcast lock
+--    its jobs in any order); broadcast_recount is what the counts must always equal.
 CREATE TABLE broadcast_counts (
     broadcast_id         text PRIMARY KEY REFERENCES broadcasts (id),
     pending              bigint NOT NULL DEFAULT 0,
@@ -200,14 +214,10 @@ $$;
 
 INSERT INTO broadcast_counts SELECT c.* FROM broadcasts b, LATERAL broadcast_recount(b.id) c;
 
--- OLD is NULL on insert: each comparison with it is then NULL, counted as 0.
 CREATE FUNCTION jobs_count_for_broadcast() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    o jobs;
+    o jobs := OLD;
 BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        o := OLD;
-    END IF;
     UPDATE broadcast_counts SET
         sending = sending + (NEW.status IN ('sending', 'retry_wait', 'unknown'))::int
                   - coalesce((o.status IN ('sending', 'retry_wait', 'unknown'))::int, 0),
@@ -228,10 +238,6 @@ BEGIN
      WHERE broadcast_id = NEW.broadcast_id;
     RETURN NULL;
 END $$;
-CREATE CONSTRAINT TRIGGER jobs_counted_inserted AFTER INSERT ON jobs
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-    WHEN (NEW.broadcast_id IS NOT NULL)
-    EXECUTE FUNCTION jobs_count_for_broadcast();
 CREATE CONSTRAINT TRIGGER jobs_counted_updated AFTER UPDATE ON jobs
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
     WHEN (NEW.broadcast_id IS NOT NULL
