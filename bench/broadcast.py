@@ -26,6 +26,7 @@ import aio_pika
 import aiohttp
 import asyncpg
 
+from bench.broadcast_dbstats import database_stats, format_stats, track_functions
 from bench.broadcast_procs import (
     ROOT,
     Child,
@@ -183,9 +184,12 @@ async def run_broadcast(base_url: str, token: str, people: list[dict[str, Any]],
             "peak_rss_mib": memory_kib(dispatcher_pid, "VmHWM") / 1024, "samples": samples}
 
 
-async def bench(recipients: int, ceiling_messages: int, profile: bool) -> dict[str, Any]:
+async def bench(recipients: int, ceiling_messages: int, profile: bool, *,
+                db_stats: bool = False, keep_db: bool = False) -> dict[str, Any]:
     base = Settings.from_env()
     scratch = await scratch_database(base, "broadcast")
+    if db_stats:
+        await track_functions(scratch)
     people = personalised(recipients)
     logs = out_dir()
     children: list[Child] = []
@@ -213,14 +217,21 @@ async def bench(recipients: int, ceiling_messages: int, profile: bool) -> dict[s
         result = await run_broadcast(settings.public_base_url, token, people, dispatcher.pid,
                                      sandbox.pid, pool)
         violations = await run_audit(pool)
+        stats = None
+        if db_stats:
+            dispatcher.stop()  # its backends flush their statistics as they exit
+            stats = await database_stats(pool, result["billable"])
         await pool.close()
         return {"recipients": recipients, "ceiling": ceiling, "broadcast": result,
                 "audit_violations": len(violations),
-                "ratio": result["per_second"] / ceiling["per_second"]}
+                "ratio": result["per_second"] / ceiling["per_second"], "db_stats": stats}
     finally:
         for child in reversed(children):
             child.stop()
-        await drop_database(scratch)
+        if keep_db:
+            print(f"kept database {scratch.name}")
+        else:
+            await drop_database(scratch)
 
 
 def report(r: dict[str, Any], command: str) -> str:
@@ -272,13 +283,21 @@ def main() -> None:
     parser.add_argument("--ceiling", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the dispatcher and the sandbox (bench/out/*.prof)")
+    parser.add_argument("--db-stats", action="store_true",
+                        help="print PostgreSQL buffer hits per index/table and time per function")
+    parser.add_argument("--keep-db", action="store_true",
+                        help="leave the scratch database for EXPLAIN (drop it yourself)")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
-    result = asyncio.run(bench(args.recipients, args.ceiling, args.profile))
+    result = asyncio.run(bench(args.recipients, args.ceiling, args.profile,
+                               db_stats=args.db_stats, keep_db=args.keep_db))
+    stats = result.pop("db_stats")
     command = f"python -m bench.broadcast --recipients {args.recipients} --ceiling {args.ceiling}"
     text = report(result, command)
     print(json.dumps({**result, "broadcast": {**result["broadcast"], "samples": "…"}}, indent=1))
     print(text)
+    if stats is not None:
+        print(format_stats(stats))
     if args.write:
         replace_section(Path(ROOT, "bench", "RESULTS.md"), HEADING, text)
 

@@ -165,6 +165,8 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
     await conn.copy_records_to_table(
         "broadcast_recipients", records=rows,
         columns=["broadcast_id", "seq", "to_number", "vars", "status", "skip_reason"])
+    await conn.execute(q("broadcast_counts_insert"), broadcast_id,
+                       sum(1 for row in rows if row[4] == "pending"))
     log.info("broadcast_stored", broadcast_id=broadcast_id, account_id=spec.account,
              recipients=result.recipients, billable=result.billable)
     return True
@@ -190,6 +192,7 @@ class BroadcastRunner:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._resolver = default_resolver()
         self._wake = asyncio.Event()
+        self._last_seq: dict[str, int] = {}  # per running broadcast: the last seq claimed
 
     def wake(self) -> None:
         """A broadcast was submitted: look for work now."""
@@ -201,7 +204,10 @@ class BroadcastRunner:
             while not stop.is_set():
                 self._wake.clear()
                 worked = False
-                for row in await self._pool.fetch(q("running_broadcasts")):
+                running = await self._pool.fetch(q("running_broadcasts"))
+                self._last_seq = {r["id"]: self._last_seq[r["id"]] for r in running
+                                  if r["id"] in self._last_seq}
+                for row in running:
                     worked |= await self.step(row)
                 if not worked:
                     await self._idle(stop)
@@ -227,8 +233,7 @@ class BroadcastRunner:
 
     async def step(self, broadcast: asyncpg.Record) -> bool:
         """Reserve one batch of a broadcast and start sending it; False when none was pending."""
-        pending = await self._pool.fetch(q("broadcast_pending_batch"), broadcast["id"],
-                                         self._batch)
+        pending = await self._pending(broadcast["id"])
         if not pending:
             await self._pool.fetchval(q("broadcast_finish_if_done"), broadcast["id"])
             return False
@@ -239,6 +244,7 @@ class BroadcastRunner:
             args = await self._batch_args(broadcast, pending)
             to_send = [r["job_id"] for r in await self._pool.fetch(
                 q("begin_broadcast_batch"), broadcast["id"], *args)]
+            self._last_seq[broadcast["id"]] = pending[-1]["seq"]
         finally:
             for _ in range(len(pending) - len(to_send)):  # held, canceled or failed: no send
                 self._slots.release()
@@ -248,6 +254,20 @@ class BroadcastRunner:
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
         return bool(to_send)
+
+    async def _pending(self, broadcast_id: str) -> list[asyncpg.Record]:
+        """The next batch of pending recipients, after the last one this runner claimed.
+
+        Only a batch that failed before its claim (here or in another process) leaves
+        recipients pending behind that seq: look from the start before calling it done.
+        """
+        last = self._last_seq.get(broadcast_id, -1)
+        pending: list[asyncpg.Record] = await self._pool.fetch(
+            q("broadcast_pending_batch"), broadcast_id, last, self._batch)
+        if not pending and last >= 0:
+            pending = await self._pool.fetch(q("broadcast_pending_batch"), broadcast_id, -1,
+                                             self._batch)
+        return pending
 
     async def _send_one(self, payload: str) -> None:
         try:

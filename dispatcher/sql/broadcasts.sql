@@ -6,10 +6,12 @@ ON CONFLICT (id) DO NOTHING
 RETURNING id;
 
 -- name: broadcast_pending_batch
+-- From a seq on: entries of recipients already queued stay in the pending index until a
+-- vacuum, so always starting from the first would read all of them again for each batch.
 SELECT seq, to_number, vars FROM broadcast_recipients
- WHERE broadcast_id = $1 AND status = 'pending'
+ WHERE broadcast_id = $1 AND status = 'pending' AND seq > $2
  ORDER BY seq
- LIMIT $2;
+ LIMIT $3;
 
 -- name: begin_broadcast_batch
 SELECT job_id FROM begin_broadcast_batch($1, $2, $3, $4::jsonb[], $5, $6, $7, $8);
@@ -22,23 +24,20 @@ SELECT id, account_id, sender, messaging_service_sid, body, footer, priority
 SELECT id, account_id, status, priority, total, skipped, estimate, created_at, finished_at
   FROM broadcasts WHERE id = $1;
 
+-- name: broadcast_counts_insert
+INSERT INTO broadcast_counts (broadcast_id, pending) VALUES ($1, $2);
+
 -- name: broadcast_progress
--- Recipients not yet turned into jobs are counted from broadcast_recipients, the rest from jobs.
-SELECT
-    (SELECT count(*) FROM broadcast_recipients WHERE broadcast_id = $1 AND status = 'pending')
-        AS pending,
-    count(*) FILTER (WHERE status IN ('sending', 'retry_wait', 'unknown')) AS sending,
-    count(*) FILTER (WHERE status = 'sent') AS sent,
-    count(*) FILTER (WHERE status = 'delivered') AS delivered,
-    count(*) FILTER (WHERE status IN ('failed', 'undelivered', 'expired')) AS failed,
-    count(*) FILTER (WHERE status = 'held') AS held,
-    count(*) FILTER (WHERE status = 'canceled')
-        + (SELECT count(*) FROM broadcast_recipients
-            WHERE broadcast_id = $1 AND status = 'canceled') AS canceled,
-    coalesce(sum(estimate) FILTER (WHERE status IN ('sending', 'retry_wait', 'unknown', 'sent')
-                                     AND final_cost IS NULL), 0)::bigint AS credits_reserved,
-    coalesce(sum(final_cost), 0)::bigint AS credits_spent
-  FROM jobs WHERE broadcast_id = $1;
+-- Kept by begin_broadcast_batch, cancel_broadcast and a trigger on jobs (migration 0011).
+SELECT pending, sending, sent, delivered, failed, held, canceled + recipients_canceled AS canceled,
+       credits_reserved, credits_spent
+  FROM broadcast_counts WHERE broadcast_id = $1;
+
+-- name: broadcast_recount
+-- What broadcast_progress must always equal, counted from the rows.
+SELECT pending, sending, sent, delivered, failed, held, canceled + recipients_canceled AS canceled,
+       credits_reserved, credits_spent
+  FROM broadcast_recount($1);
 
 -- name: broadcast_finish_if_done
 UPDATE broadcasts b SET status = 'completed', finished_at = now()

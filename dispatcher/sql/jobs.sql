@@ -107,6 +107,9 @@ SELECT t.i, a.status
 -- no-ops there, as one by one). A report that job_provider_status would ignore on the row as
 -- read here is answered without locking anything: status and final_cost only move forward, so
 -- it would still be ignored under the locks (most callbacks of a message are such repeats).
+-- The job lookup is a LATERAL subquery kept apart (OFFSET 0): as a plain join, the generic
+-- plan made while `jobs` was small (a fresh database, no ANALYZE yet) hashes a seq scan of
+-- the whole table, and the connection keeps that plan as the table grows.
 WITH items AS MATERIALIZED (
     SELECT t.i, t.job_id, t.kind, t.sid, t.status, t.settle, t.error_code,
            j.job_id IS NOT NULL AS found, j.kind AS job_kind,
@@ -119,7 +122,7 @@ WITH items AS MATERIALIZED (
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[],
                   $6::integer[], $7::integer[])
            WITH ORDINALITY AS t(job_id, kind, sid, status, settle, units, error_code, i)
-      LEFT JOIN jobs j ON j.job_id = t.job_id
+      LEFT JOIN LATERAL (SELECT * FROM jobs WHERE jobs.job_id = t.job_id OFFSET 0) j ON true
      ORDER BY j.account_id, t.job_id, t.i)
 SELECT i, CASE WHEN NOT found THEN 'unknown_job'
                WHEN job_kind <> kind THEN 'ignored'
