@@ -154,7 +154,8 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
 
 
 def _error_statuses(op: Operation) -> list[int]:
-    statuses = {401, 403, 404, *op.errors}
+    # 400 on every route: the HTTP layer itself refuses what it cannot parse (see BadRequest).
+    statuses = {400, 401, 403, 404, *op.errors}
     if op.paged:
         statuses.add(422)
     if op.body is not None:
@@ -214,6 +215,9 @@ def build_document() -> dict[str, Any]:
     paths["/twilio/inbound/{account}"] = _inbound_webhook()
     responses = {name: {"description": codes, "content": {
         "application/json": {"schema": _ref(ErrorOut)}}} for name, codes in ERRORS.values()}
+    responses["BadRequest"]["content"]["text/plain"] = {"schema": {
+        "type": "string", "description": "a request the HTTP layer cannot parse, such as a "
+                                         "request line or header over 8 KiB"}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "dispatcher API", "version": "1.0.0",
