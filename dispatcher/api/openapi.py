@@ -213,8 +213,9 @@ def build_document() -> dict[str, Any]:
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
     paths["/twilio/inbound/{account}"] = _inbound_webhook()
-    responses = {name: {"description": codes, "content": {
-        "application/json": {"schema": _ref(ErrorOut)}}} for name, codes in ERRORS.values()}
+    responses: dict[str, dict[str, Any]] = {
+        name: {"description": codes, "content": {"application/json": {"schema": _ref(ErrorOut)}}}
+        for name, codes in ERRORS.values()}
     responses["BadRequest"]["content"]["text/plain"] = {"schema": {
         "type": "string", "description": "a request the HTTP layer cannot parse, such as a "
                                          "request line or header over 8 KiB"}}
