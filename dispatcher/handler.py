@@ -30,6 +30,7 @@ from dispatcher.outcomes import DeadLetter, Done, Outcome, RetryLater
 from dispatcher.pricing import call_quote, sms_quote
 from dispatcher.ratelimit import SenderRateLimiter
 from dispatcher.rates import RateCache
+from dispatcher.send_slots import SendSlots
 from dispatcher.sender import Accepted, CallRequest, Sender, SendResult, SmsRequest
 
 log = structlog.get_logger(__name__)
@@ -43,6 +44,12 @@ class HandlerConfig:
 
     callback_base_url: str
     max_job_bytes: int = 256 * 1024
+    # Provider calls in flight at once (see send_slots).
+    max_in_flight: int = 200
+    # A job that waited longer than this for a provider slot re-claims itself before sending:
+    # past the reconciler's grace, a `sending` job looks crashed and is taken over (a quarter
+    # of the grace leaves the provider call itself the rest of it).
+    reclaim_after_seconds: float = 15.0
     # Begins and acceptances of concurrent jobs share round trips (see group_commit).
     max_batch: int = 200
     batch_concurrency: int = 2
@@ -62,6 +69,7 @@ class JobHandler:
         self._limiter = limiter
         self._metrics = metrics
         self._config = config
+        self._slots = SendSlots(config.max_in_flight)
         # Keyed by account: an account's jobs begin in the order they were queued, even when
         # they go in different batches.
         self._begins: GroupCommit[NewJob, Begin] = GroupCommit(
@@ -165,11 +173,20 @@ class JobHandler:
     async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
-        started = time.perf_counter()
-        result = await self._call_provider(job, callback)
-        self._metrics.send_seconds.labels(kind=job.kind).observe(time.perf_counter() - started)
+        async with self._slots.slot(0 if job.priority == "transactional" else 1) as waited:
+            self._metrics.send_slot_wait_seconds.observe(waited)
+            if waited > self._config.reclaim_after_seconds and not await self._jobs.claim_for_send(
+                    job.id, attempt):
+                bound.warning("job_taken_over_while_waiting", waited_seconds=round(waited, 3))
+                return Done("taken_over")
+            started = time.perf_counter()
+            result = await self._call_provider(job, callback)
+            self._metrics.send_seconds.labels(kind=job.kind).observe(
+                time.perf_counter() - started)
         if isinstance(result, Accepted):
+            accepted = time.perf_counter()
             await self._accepts.submit((job.id, result.sid))
+            self._metrics.record_seconds.observe(time.perf_counter() - accepted)
             bound.info("job_sent", attempt=attempt)
             self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
             if job.created_at is not None:

@@ -79,6 +79,18 @@ class Metrics:
         self.send_seconds = Histogram("dispatcher_send_seconds",
                                       "Duration of one provider create call, whatever its result.",
                                       ["kind"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_wait_seconds = Histogram(
+            "dispatcher_queue_wait_seconds",
+            "From delivery by RabbitMQ to a worker taking the job (prefetched, waiting).",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.send_slot_wait_seconds = Histogram(
+            "dispatcher_send_slot_wait_seconds",
+            "Wait of a reserved job for one of the max_in_flight provider-call slots.",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.record_seconds = Histogram(
+            "dispatcher_record_seconds",
+            "From provider acceptance to the job's `sent` state committed in PostgreSQL.",
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.end_to_end_seconds = Histogram(
             "dispatcher_end_to_end_seconds", "From the job's publish time to provider acceptance.",
             ["kind"], buckets=END_TO_END_BUCKETS, registry=registry)

@@ -95,11 +95,13 @@ class Service:
         handler = JobHandler(
             jobs, TwilioSender(self.twilio_client, s.twilio_timeout_seconds),
             rates, SenderRateLimiter(s.sender_rate_per_second), self.metrics,
-            HandlerConfig(callback_base_url=s.public_base_url.rstrip("/")),
+            HandlerConfig(callback_base_url=s.public_base_url.rstrip("/"),
+                          max_in_flight=s.max_in_flight,
+                          reclaim_after_seconds=s.reconcile_grace_seconds / 4),
             broadcasts)
         self.handler = handler
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
-                                 prefetch=s.prefetch, workers=s.max_in_flight,
+                                 prefetch=s.prefetch, workers=s.worker_count,
                                  delivery_limit=s.delivery_limit)
         await self.consumer.start()
         topology = self.consumer.topology

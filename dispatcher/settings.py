@@ -28,8 +28,14 @@ class Settings:
     twilio_base_url: str = ""
     twilio_timeout_seconds: float = 10.0
     sender_rate_per_second: float = 100.0
-    prefetch: int = 200
+    # Unacked deliveries per work queue; above `workers`, so a freed worker finds its next job
+    # already here and transactional jobs can overtake prefetched bulk ones.
+    prefetch: int = 500
+    # Provider calls in flight at once (the bound Twilio sees).
     max_in_flight: int = 200
+    # Jobs handled at once: reserving, waiting for a provider slot, sending, recording. Above
+    # `max_in_flight`, so database round trips overlap provider calls; 0 means 2 x max_in_flight.
+    workers: int = 0
     delivery_limit: int = 5
     hold_expiry_seconds: float = 72 * 3600.0
     hold_sweep_interval_seconds: float = 30.0
@@ -66,6 +72,11 @@ class Settings:
             else:
                 values[f.name] = raw
         return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, or twice ``max_in_flight`` when it is left at 0."""
+        return self.workers or 2 * self.max_in_flight
 
     @property
     def uses_sandbox(self) -> bool:

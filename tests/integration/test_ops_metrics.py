@@ -73,6 +73,8 @@ async def test_jobs_credits_latency_holds_and_errors_show_up_in_metrics(
     assert value(m, "dispatcher_twilio_errors_total", code_class="4xx") == 1
     assert value(m, "dispatcher_reservation_seconds_count") == 7
     assert value(m, "dispatcher_send_seconds_count", **sms) == 5
+    assert value(m, "dispatcher_queue_wait_seconds_count") == 7
+    assert value(m, "dispatcher_record_seconds_count") == 4
     assert value(m, "dispatcher_end_to_end_seconds_count", **sms) == 4
     # 5 reserved, 1 released (the refused one), 4 captured on delivery callbacks.
     assert value(m, "dispatcher_credits_total", operation="reserved") == 5
