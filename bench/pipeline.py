@@ -15,9 +15,12 @@ job rows. Measured:
 
 1. **zero latency**: the sandbox answers at once; beside it, in the same run, the same backlog is
    drained by a bare aio-pika consume-and-ack loop (``bench.pipeline_raw``, its own process, same
-   queue and prefetch) — the broker ceiling. The order alternates between runs.
+   queue and prefetch) — the broker ceiling — and by the floor (``bench.pipeline_floor``: consume,
+   one twilio-library create to the sandbox, ack; nothing else), the best any dispatcher on these
+   parts could do. The order rotates between runs.
 2. **100 ms latency**: every create takes 100 ms at the sandbox; the bound is jobs in flight /
-   latency.
+   latency. Measured at ``--latency-in-flight`` provider calls (the target: a bound the CPU can
+   carry, so the figure shows whether latency is hidden) and at ``--in-flight`` (CPU-bound here).
 3. **memory and priority**: one ``--rss-jobs`` bulk backlog drained while the dispatcher's RSS is
    sampled; while at least ``--backlog`` bulk jobs are still queued, transactional jobs are
    published one at a time and their publish → sent latency is measured.
@@ -59,7 +62,7 @@ from bench.pipeline_jobs import (
     sent_times,
     span,
 )
-from bench.pipeline_procs import Dispatcher, Sandbox, run_raw_consumer
+from bench.pipeline_procs import Dispatcher, Sandbox, run_bare_consumer
 from dispatcher.db import create_pool
 from dispatcher.ledger import CreditStore
 from dispatcher.migrate import migrate
@@ -110,7 +113,7 @@ class Bench:
         self.runs += 1
         return f"{what}{self.runs:02d}"
 
-    async def ours(self, batch: Batch, *, rss: bool = False,
+    async def ours(self, batch: Batch, *, rss: bool = False, in_flight: int | None = None,
                    during: Coroutine[Any, Any, None] | None = None) -> report.Drained:
         """Publish the backlog, start the dispatcher(s), wait until every job is sent.
 
@@ -119,7 +122,7 @@ class Bench:
         """
         seconds = await publish(self.channel, self.names, batch)
         log(f"  published {batch.size:,} in {seconds:.1f}s")
-        dispatchers = [self._dispatcher(i) for i in range(self.args.dispatchers)]
+        dispatchers = [self._dispatcher(i, in_flight) for i in range(self.args.dispatchers)]
         # Before any starts: the first one ready consumes while the others are still starting.
         sandbox_cpu = self.sandbox.cpu()
         try:
@@ -134,6 +137,8 @@ class Bench:
             await self._wait_sent(batch, first, rss)
             cpu = sum(d.cpu_since_start() for d in dispatchers)
             sandbox_cpu = self.sandbox.cpu() - sandbox_cpu
+            stages = await asyncio.to_thread(first.stage_means)
+            log(f"  per job: {report.stages_text(stages)}")
         finally:
             if side is not None:
                 await side
@@ -144,15 +149,17 @@ class Bench:
         if result.sent != batch.size:
             raise RuntimeError(f"{batch.tag}: {result.sent} sent, {result.other} not")
         return report.Drained(result.rate, cpu / batch.size * 1e6,
-                              sandbox_cpu / batch.size * 1e6, first.samples)
+                              sandbox_cpu / batch.size * 1e6, first.samples, stages)
 
-    def _dispatcher(self, index: int) -> Dispatcher:
+    def _dispatcher(self, index: int, in_flight: int | None = None) -> Dispatcher:
         """The ``index``-th competing dispatcher: the first on the bench's settings."""
+        settings = self.settings
+        if in_flight is not None:
+            settings = replace(settings, max_in_flight=in_flight)
         if index == 0:
-            return Dispatcher(self.settings, self.logs / "dispatcher.log", self.args.profile)
+            return Dispatcher(settings, self.logs / "dispatcher.log", self.args.profile)
         port = free_port()
-        settings = replace(self.settings, http_port=port,
-                           public_base_url=f"http://127.0.0.1:{port}")
+        settings = replace(settings, http_port=port, public_base_url=f"http://127.0.0.1:{port}")
         return Dispatcher(settings, self.logs / f"dispatcher-{index}.log")
 
     async def _wait_sent(self, batch: Batch, dispatcher: Dispatcher, rss: bool) -> None:
@@ -176,9 +183,27 @@ class Bench:
         """Publish the same backlog and let the bare consume-and-ack loop drain it."""
         await publish(self.channel, self.names, batch)
         result = await asyncio.to_thread(
-            run_raw_consumer, self.settings.amqp_url, self.names.work_queue(batch.priority),
-            batch.size, self.settings.prefetch, self.logs / "raw.log")
+            run_bare_consumer, "bench.pipeline_raw", self.settings.amqp_url,
+            self.names.work_queue(batch.priority), batch.size, self.settings.prefetch,
+            self.logs / "raw.log")
         return result["rate"], result["cpu_seconds"] / batch.size * 1e6
+
+    async def floor(self, batch: Batch) -> tuple[float, float, float]:
+        """The same backlog through consume + one twilio create + ack, nothing else.
+
+        Returns the rate and the CPU per message of the floor process and of the sandbox.
+        """
+        await publish(self.channel, self.names, batch)
+        sandbox_cpu = self.sandbox.cpu()
+        result = await asyncio.to_thread(
+            run_bare_consumer, "bench.pipeline_floor", self.settings.amqp_url,
+            self.names.work_queue(batch.priority), batch.size, self.settings.prefetch,
+            self.logs / "floor.log",
+            ("--twilio-base-url", self.sandbox.base_url, "--account-sid",
+             self.sandbox.account_sid, "--auth-token", self.sandbox.auth_token))
+        sandbox_cpu = self.sandbox.cpu() - sandbox_cpu
+        return (result["rate"], result["cpu_seconds"] / batch.size * 1e6,
+                sandbox_cpu / batch.size * 1e6)
 
     async def probes(self, started: asyncio.Event) -> None:
         """Transactional jobs, one at a time, while the bulk backlog is still deep."""
@@ -227,16 +252,26 @@ async def zero_latency(b: Bench) -> None:
         return
     b.sandbox.configure(report.scenario(0, b.args.callbacks))
     for run in range(b.args.runs):
-        for side in (("ours", "raw") if run % 2 == 0 else ("raw", "ours")):
+        sides = ("ours", "raw", "floor")
+        for side in sides[run % 3:] + sides[:run % 3]:
             batch = make_batch(b.tag("z"), b.args.jobs, b.accounts)
             if side == "ours":
                 drained = await b.ours(batch)
                 b.figures.zero.append(drained.rate)
                 b.figures.zero_cpu.append(drained.cpu_us)
                 b.figures.sandbox_cpu.append(drained.sandbox_cpu_us)
+                b.figures.stages.setdefault(
+                    f"zero latency, {b.args.in_flight} in flight", []).append(drained.stages)
                 log(f"run {run + 1} zero latency  ours {drained.rate:8,.0f} jobs/s "
                     f"(CPU per job: dispatcher {drained.cpu_us:.0f} µs, sandbox "
                     f"{drained.sandbox_cpu_us:.0f} µs)")
+            elif side == "floor":
+                rate, cpu_us, sandbox_us = await b.floor(batch)
+                b.figures.floor.append(rate)
+                b.figures.floor_cpu.append(cpu_us)
+                b.figures.floor_sandbox_cpu.append(sandbox_us)
+                log(f"run {run + 1} zero latency  floor {rate:7,.0f} msg/s (CPU per message: "
+                    f"floor {cpu_us:.0f} µs, sandbox {sandbox_us:.0f} µs)")
             else:
                 rate, cpu_us = await b.raw(batch)
                 b.figures.raw.append(rate)
@@ -250,10 +285,17 @@ async def with_latency(b: Bench) -> None:
     if not b.args.latency_jobs:
         return
     for run in range(b.args.runs):
-        b.sandbox.configure(report.scenario(LATENCY_MS, b.args.callbacks))
-        drained = await b.ours(make_batch(b.tag("l"), b.args.latency_jobs, b.accounts))
-        b.figures.latency.append(drained.rate)
-        log(f"run {run + 1} {LATENCY_MS} ms latency ours {drained.rate:8,.0f} jobs/s")
+        for in_flight, rates in ((b.args.latency_in_flight, b.figures.latency),
+                                 (b.args.in_flight, b.figures.latency_full)):
+            b.sandbox.configure(report.scenario(LATENCY_MS, b.args.callbacks))
+            drained = await b.ours(make_batch(b.tag("l"), b.args.latency_jobs, b.accounts),
+                                   in_flight=in_flight)
+            rates.append(drained.rate)
+            b.figures.stages.setdefault(
+                f"{LATENCY_MS} ms latency, {in_flight} in flight", []).append(drained.stages)
+            log(f"run {run + 1} {LATENCY_MS} ms latency, {in_flight} in flight, ours "
+                f"{drained.rate:8,.0f} jobs/s (CPU per job: dispatcher {drained.cpu_us:.0f} µs, "
+                f"sandbox {drained.sandbox_cpu_us:.0f} µs)")
 
 
 async def memory_and_priority(b: Bench) -> None:
@@ -396,8 +438,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probes", type=int, default=100)
     parser.add_argument("--probe-interval", type=float, default=0.05)
     parser.add_argument("--accounts", type=int, default=100)
-    parser.add_argument("--prefetch", type=int, default=200)
-    parser.add_argument("--in-flight", type=int, default=200)
+    parser.add_argument("--prefetch", type=int, default=Settings().prefetch)
+    parser.add_argument("--in-flight", type=int, default=Settings().max_in_flight,
+                        help="provider calls in flight (DISPATCHER_MAX_IN_FLIGHT)")
+    parser.add_argument("--latency-in-flight", type=int, default=50,
+                        help="provider calls in flight for the 100 ms latency target")
     parser.add_argument("--dispatchers", type=int, default=1,
                         help="competing `dispatcher run` processes (CPU per job summed)")
     parser.add_argument("--log-level", default="info")

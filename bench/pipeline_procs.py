@@ -16,11 +16,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.request import Request, urlopen
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from dispatcher.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+# A job's stages in a worker, in order, by the histogram that times each.
+STAGES = {"queued": "queue_wait", "reserve": "reservation", "slot": "send_slot_wait",
+          "send": "send", "record": "record"}
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -169,19 +174,35 @@ class Dispatcher:
         assert self.child is not None
         return self.child.pid
 
+    def stage_means(self) -> dict[str, float]:
+        """Mean seconds per job of each handling stage, from the dispatcher's own histograms."""
+        with urlopen(f"{self.settings.public_base_url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    sums[family.name] = sums.get(family.name, 0.0) + sample.value
+                elif sample.name.endswith("_count"):
+                    counts[family.name] = counts.get(family.name, 0.0) + sample.value
+        return {stage: sums[f"dispatcher_{name}_seconds"] / counts[f"dispatcher_{name}_seconds"]
+                for stage, name in STAGES.items() if counts.get(f"dispatcher_{name}_seconds")}
+
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop(timeout=self.settings.shutdown_timeout_seconds + 15)
 
 
-def run_raw_consumer(amqp_url: str, queue: str, count: int, prefetch: int,
-                     log: Path) -> dict[str, float]:
-    """Run ``bench.pipeline_raw`` in its own process; returns its JSON report."""
-    argv = [sys.executable, "-m", "bench.pipeline_raw", "--amqp-url", amqp_url, "--queue", queue,
-            "--count", str(count), "--prefetch", str(prefetch)]
+def run_bare_consumer(module: str, amqp_url: str, queue: str, count: int, prefetch: int,
+                      log: Path, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """Run ``bench.pipeline_raw`` or ``bench.pipeline_floor`` in its own process; its report."""
+    argv = [sys.executable, "-m", module, "--amqp-url", amqp_url, "--queue", queue,
+            "--count", str(count), "--prefetch", str(prefetch), *extra]
     with log.open("ab") as err:
         out = subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.PIPE,
                              stderr=err, timeout=600)
-    report = json.loads(out.stdout)
+    # The report is the last line: anything the libraries print comes before it.
+    report = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert isinstance(report, dict)
     return {str(k): float(v) for k, v in report.items()}
