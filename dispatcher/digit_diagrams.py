@@ -135,6 +135,12 @@ def _nfa(pattern: str) -> _Nfa:
     return _Nfa(pattern)
 
 
+def forget_patterns() -> None:
+    """Drop the NFAs kept for building more diagrams: ~140k tracked objects once every calling
+    code is built, which each full garbage collection would walk again."""
+    _nfa.cache_clear()
+
+
 class Diagrams:
     """A store of hash-consed nodes; a node is an int, a leaf holds any hashable value."""
 

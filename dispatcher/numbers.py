@@ -15,6 +15,7 @@ carrier code; we refuse such forms.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -27,9 +28,10 @@ from dispatcher.errors import InvalidRecipient
 from dispatcher.number_prefixes import REFINE, Group, PrefixMemo
 
 NON_GEOGRAPHIC = phonenumbers.REGION_CODE_FOR_NON_GEO_ENTITY  # "001": +800, +808, +870, …
-_CALLING_CODES = frozenset(map(str, phonenumbers.COUNTRY_CODE_TO_REGION_CODE))
+CALLING_CODES: tuple[int, ...] = tuple(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE))
+_CALLING_CODES = frozenset(map(str, CALLING_CODES))
 _MIN_DIGITS = 3  # fewer digits after '+': phonenumbers' TOO_SHORT_AFTER_IDD
-_NSN_LENGTHS = range(2, 18)  # phonenumbers' national number limits (TOO_SHORT_NSN, TOO_LONG)
+NSN_LENGTHS = range(2, 18)  # phonenumbers' national number limits (TOO_SHORT_NSN, TOO_LONG)
 # The number types ``_number_type_helper`` tries; mobile joins them unless it equals fixed line.
 # Any match makes a number valid, so the common types go first: the regex tries them first.
 _TYPES = ("fixed_line", "premium_rate", "toll_free", "shared_cost", "voip", "personal_number",
@@ -147,7 +149,7 @@ def _build(code: int) -> _Code:
         f"(?=(?:{prefix}))" if transforms else f"(?=(?:{prefix})(?<=\\d))")
     general = main.general_desc if main is not None else None
     by_length: dict[int, _Length] = {}
-    for length in _NSN_LENGTHS:
+    for length in NSN_LENGTHS:
         built = _branches(code, length)
         if built is not None:
             by_length[length] = _length(*built, route)
@@ -200,6 +202,28 @@ class CountryResolver:
     def __init__(self) -> None:
         self._codes: dict[str, _Code] = {}  # compiled on first use: ~1,200 regexes in all
         self._memo = PrefixMemo(self._group, self.resolve, self._refine)
+        self._warm: set[tuple[int, int | None]] = set()
+
+    def warm_up(self, code: int, length: int | None = None) -> None:
+        """Build now what the first number with this calling code would: its regexes (no
+        ``length``) or its diagram for national numbers of ``length``, one of ``NSN_LENGTHS``.
+
+        Safe in another thread while this resolver answers: each piece is built whole before
+        it is stored (a dict item or a cache entry), and one built twice is the same.
+        """
+        calling = str(code)
+        if length is None:
+            if calling not in self._codes:
+                self._codes[calling] = _build(code)
+        else:
+            _group(code, length, 1 + len(calling))
+        self._warm.add((code, length))
+
+    @property
+    def warm_codes(self) -> frozenset[int]:
+        """The calling codes whose regexes and diagrams ``warm_up`` has all built."""
+        pieces = Counter(code for code, _ in self._warm.copy())  # copy: it may grow meanwhile
+        return frozenset(code for code, built in pieces.items() if built == 1 + len(NSN_LENGTHS))
 
     def resolve(self, number: str) -> str | None:
         """The region ('US', 'CA', 'JM', …, '001' for non-geographic) or None if invalid."""
@@ -243,7 +267,7 @@ class CountryResolver:
         if not calling:
             return None
         start = 1 + len(calling)
-        if len(number) - start not in _NSN_LENGTHS:
+        if len(number) - start not in NSN_LENGTHS:
             return None
         return _group(int(calling), len(number) - start, start)
 
@@ -313,7 +337,8 @@ def _refine(code: _Code, entry: _Length, number: str, nsn: str) -> str | None:
 @cache
 def default_resolver() -> CountryResolver:
     """The process-wide resolver: each calling code's regexes and diagrams are built on first use
-    (a few ms for most codes; +1, shared by 25 regions, ~100 ms)."""
+    (a few ms for most codes; +1, shared by 25 regions, ~150 ms), or ahead of it by the
+    service's warm-up (``resolver_warmup``)."""
     return CountryResolver()
 
 

@@ -1,8 +1,9 @@
 """``dispatcher run``: open everything in order, run until a stop signal, close in reverse.
 
 Start-up: pool → broker → topology and consumers → outbox relay, reconciler, resumer →
-HTTP. Shutdown (SIGTERM/SIGINT set one event): stop consuming and drain in-flight jobs up to
-the timeout, stop background tasks, then close HTTP, the broker and the pool.
+HTTP → the country resolver's warm-up (in the background). Shutdown (SIGTERM/SIGINT set one
+event): stop consuming and drain in-flight jobs up to the timeout, stop background tasks, then
+close HTTP, the broker and the pool.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ from dispatcher.jobstore import JobStore
 from dispatcher.ledger import CreditStore
 from dispatcher.lookup import TwilioLookup
 from dispatcher.metrics import Metrics
+from dispatcher.numbers import default_resolver
 from dispatcher.outbox import OutboxRelay
 from dispatcher.outcomes import Outcome
 from dispatcher.provider import build_twilio_client, credentials
 from dispatcher.ratelimit import SenderRateLimiter
 from dispatcher.rates import RateCache
 from dispatcher.reconcile import Reconciler
+from dispatcher.resolver_warmup import warm_up
 from dispatcher.resumer import Resumer, sweep_holds
 from dispatcher.sender import TwilioSender
 from dispatcher.settings import Settings
@@ -143,6 +146,8 @@ class Service:
         site = web.TCPSite(self.runner, s.http_host, s.http_port)
         await site.start()
         self.http_port = self.runner.addresses[0][1]
+        # Last and in the background: readiness never waits for it (see resolver_warmup).
+        self._watch("resolver-warm-up", warm_up(default_resolver(), stop), stop)
         log.info("dispatcher_started", http_port=self.http_port, prefix=s.amqp_prefix)
 
     def _watch(self, name: str, work: Awaitable[None], stop: asyncio.Event) -> None:
