@@ -175,10 +175,12 @@ class Resumer:
 
 async def sweep_holds(pool: asyncpg.Pool, metrics: Metrics, expiry_seconds: float) -> int:
     """Expire held jobs past the limit and refresh the held/paused gauges."""
-    expired = int(await pool.fetchval(
-        q("expire_held"), datetime.now(UTC) - timedelta(seconds=expiry_seconds), 1000))
+    by_kind = await pool.fetch(
+        q("expire_held_by_kind"), datetime.now(UTC) - timedelta(seconds=expiry_seconds), 1000)
+    for row in by_kind:
+        metrics.jobs.labels(kind=kind_label(row["kind"]), outcome="expired").inc(row["expired"])
+    expired = sum(int(row["expired"]) for row in by_kind)
     if expired:
-        metrics.jobs.labels(kind="sms", outcome="expired").inc(expired)
         log.warning("held_jobs_expired", jobs=expired)
     stats = await pool.fetchrow(q("held_stats"))
     assert stats is not None

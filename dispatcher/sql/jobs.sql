@@ -64,8 +64,8 @@ SELECT count(*) FROM jobs WHERE status IN ('unknown', 'sending') AND updated_at 
 -- name: release_held
 SELECT job_id, payload, kind, attempts, outcome FROM release_held($1, $2);
 
--- name: expire_held
-SELECT expire_held($1, $2);
+-- name: expire_held_by_kind
+SELECT kind, expired FROM expire_held_by_kind($1, $2);
 
 -- name: paused_accounts
 SELECT id FROM accounts WHERE paused_at IS NOT NULL ORDER BY paused_at;

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import aio_pika
 import asyncpg
@@ -18,7 +20,7 @@ from dispatcher.ledger import CreditStore
 from dispatcher.metrics import Metrics
 from dispatcher.outcomes import Done, Outcome
 from dispatcher.queries import q
-from dispatcher.resumer import Resumer
+from dispatcher.resumer import Resumer, sweep_holds
 from dispatcher.subscriptions import create_account
 from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
@@ -123,6 +125,83 @@ async def test_held_jobs_past_the_limit_expire_and_release_nothing(
     await wait_for(published)
     assert (await d.job(job_id) or {})["reason"] == "insufficient_credits"
     assert await run_audit(d.pool) == []
+
+
+def expired_count(metrics: Metrics, kind: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "dispatcher_jobs_total", {"kind": kind, "outcome": "expired"})
+    assert value is not None
+    return value
+
+
+async def test_an_expired_held_call_is_counted_as_a_call(dispatcher: RunningDispatcher) -> None:
+    d = dispatcher
+    account = await d.funded_account(uid("acct"), 0)
+    job_id = uid("call")
+    await d.publisher.publish({"schema_version": 1, "id": job_id, "kind": "call",
+                               "account": account, "to": "+14155550111",
+                               "from": "+14155550199", "twiml": "<Response/>",
+                               "max_minutes": 2})
+
+    async def held() -> bool:
+        return (await statuses(d, account)).get(job_id) == "held"
+    await wait_for(held)
+    await d.pool.execute("UPDATE jobs SET created_at = now() - interval '73 hours' "
+                         "WHERE job_id = $1", job_id)
+    metrics = d.service.metrics
+
+    async def counted() -> bool:
+        return expired_count(metrics, "call") == 1
+    await wait_for(counted)
+    assert (await statuses(d, account))[job_id] == "failed"
+    assert expired_count(metrics, "sms") == 0
+
+
+async def held_jobs(pool: asyncpg.Pool, account: str, *kinds: Literal["sms", "call"],
+                    broadcast_id: str | None = None) -> list[str]:
+    """Held jobs of these kinds for an account without credits, from long ago."""
+    jobs, ids = JobStore(pool), []
+    for kind in kinds:
+        job_id = uid(kind)
+        begin = await jobs.begin(NewJob(job_id, account, kind, "bulk", {"id": job_id}, 1,
+                                        "US", 1, 1, broadcast_id))
+        assert begin.outcome == "held"
+        ids.append(job_id)
+    await pool.execute("UPDATE jobs SET created_at = '2000-01-01Z' WHERE job_id = ANY($1)", ids)
+    return ids
+
+
+SINCE_2001 = (datetime.now(UTC) - datetime(2001, 1, 1, tzinfo=UTC)).total_seconds()
+
+
+async def test_the_hold_sweep_counts_expired_jobs_by_kind(pool: asyncpg.Pool) -> None:
+    account = uid("acct")
+    await create_account(pool, account)
+    await held_jobs(pool, account, "sms", "call", "call")
+    await held_jobs(pool, account, "sms", broadcast_id=uid("bc"))  # a broadcast recipient
+    metrics = Metrics(CollectorRegistry())
+    assert await sweep_holds(pool, metrics, SINCE_2001) == 4
+    assert [expired_count(metrics, kind) for kind in ("sms", "call", "broadcast")] == [2, 2, 0]
+
+
+async def test_a_job_released_while_the_sweep_runs_is_not_expired(pool: asyncpg.Pool) -> None:
+    account = uid("acct")
+    await create_account(pool, account)
+    [job_id] = await held_jobs(pool, account, "sms")
+    async with pool.acquire() as releasing, releasing.transaction():
+        # What release_held does: the account locked, the job `sending`, not yet committed.
+        await releasing.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account)
+        await releasing.execute("UPDATE jobs SET status = 'sending' WHERE job_id = $1", job_id)
+        sweep = asyncio.create_task(pool.fetch(
+            q("expire_held_by_kind"), datetime(2001, 1, 1, tzinfo=UTC), 1000))
+
+        async def sweep_waits_for_the_account() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%expire_held_by_kind(%'"))
+        await wait_for(sweep_waits_for_the_account)
+    assert await sweep == []
+    assert await pool.fetchval("SELECT status FROM jobs WHERE job_id = $1", job_id) == "sending"
 
 
 async def time_to_send(d: RunningDispatcher, account: str, count: int,
