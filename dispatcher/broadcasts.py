@@ -18,9 +18,10 @@ import asyncpg
 import msgspec
 import structlog
 
-from dispatcher.contract import BroadcastJob
+from dispatcher.contract import BroadcastJob, CallJob, SmsJob
 from dispatcher.db import Connection
 from dispatcher.errors import DispatcherError, UnknownAccount
+from dispatcher.metrics import Kind
 from dispatcher.numbers import default_resolver
 from dispatcher.outcomes import Outcome
 from dispatcher.preflight import AutoRecharge, PreflightResult, Recipients, gc_paused, preflight
@@ -282,6 +283,7 @@ class BroadcastRunner:
                           pending: Sequence[asyncpg.Record]) -> list[Any]:
         rates = await self._rates.get()
         template = Template(b["body"], b["footer"])
+        created_at = b["created_at"].isoformat()
         seqs, ids, payloads, estimates, countries, units, unit_rates = [], [], [], [], [], [], []
         for r in pending:
             country = self._resolver.resolve(r["to_number"]) or "*"
@@ -289,10 +291,11 @@ class BroadcastRunner:
             segments = count_segments(text).segments
             rate = rates.rate("sms", country)
             job_id = f"{b['id']}:{r['seq']}"
+            # created_at: the submission's, so end-to-end latency counts the fan-out's wait.
             payload: dict[str, Any] = {
                 "schema_version": 1, "id": job_id, "kind": "sms", "account": b["account_id"],
                 "to": r["to_number"], "body": text, "priority": b["priority"],
-                "metadata": {"broadcast_id": b["id"]}}
+                "metadata": {"broadcast_id": b["id"]}, "created_at": created_at}
             if b["messaging_service_sid"]:
                 payload["messaging_service_sid"] = b["messaging_service_sid"]
             else:
@@ -305,6 +308,15 @@ class BroadcastRunner:
             units.append(segments)
             unit_rates.append(rate)
         return [seqs, ids, payloads, estimates, countries, units, unit_rates]
+
+
+def end_to_end_kind(job: SmsJob | CallJob) -> Kind:
+    """The ``kind`` label of a job's end-to-end latency: ``broadcast`` for a broadcast's
+    recipients (measured from the submission, a whole fan-out long), else the job's kind."""
+    broadcast = job.metadata.get("broadcast_id")
+    if broadcast is not None and job.id.startswith(f"{broadcast}:"):
+        return "broadcast"
+    return job.kind
 
 
 async def progress(pool: asyncpg.Pool, broadcast_id: str) -> Progress | None:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from dispatcher.broadcasts import Broadcasts
+from dispatcher.broadcasts import Broadcasts, end_to_end_kind
 from dispatcher.contract import (
     BroadcastJob,
     CallJob,
@@ -190,7 +190,7 @@ class JobHandler:
             bound.info("job_sent", attempt=attempt)
             self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
             if job.created_at is not None:
-                self._metrics.end_to_end_seconds.labels(kind=job.kind).observe(
+                self._metrics.end_to_end_seconds.labels(kind=end_to_end_kind(job)).observe(
                     max(0.0, (datetime.now(UTC) - job.created_at).total_seconds()))
             return Done("sent")
         self._metrics.twilio_errors.labels(code_class=result.code_class).inc()

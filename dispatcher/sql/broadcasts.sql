@@ -17,7 +17,7 @@ SELECT seq, to_number, vars FROM broadcast_recipients
 SELECT job_id FROM begin_broadcast_batch($1, $2, $3, $4::jsonb[], $5, $6, $7, $8);
 
 -- name: running_broadcasts
-SELECT id, account_id, sender, messaging_service_sid, body, footer, priority
+SELECT id, account_id, sender, messaging_service_sid, body, footer, priority, created_at
   FROM broadcasts WHERE status = 'running' ORDER BY created_at;
 
 -- name: broadcast_get
