@@ -219,6 +219,10 @@ class CountryResolver:
             _group(code, length, 1 + len(calling))
         self._warm.add((code, length))
 
+    def warmed(self, code: int, length: int | None = None) -> bool:
+        """Whether ``warm_up(code, length)`` has run on this resolver."""
+        return (code, length) in self._warm
+
     @property
     def warm_codes(self) -> frozenset[int]:
         """The calling codes whose regexes and diagrams ``warm_up`` has all built."""

@@ -31,6 +31,8 @@ async def warm_up(resolver: CountryResolver, stop: asyncio.Event) -> None:
         for length in (None, *NSN_LENGTHS):
             if stop.is_set():
                 return
+            if resolver.warmed(code, length):  # a second service in this process
+                continue
             try:
                 await asyncio.to_thread(resolver.warm_up, code, length)
             except Exception:

@@ -76,3 +76,13 @@ async def test_the_warm_up_stops_with_the_service() -> None:
     resolver = CountryResolver()
     await warm_up(resolver, stop)
     assert resolver.warm_codes == set()
+
+
+async def test_a_second_warm_up_of_the_same_resolver_builds_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver = CountryResolver()
+    await warm_up(resolver, asyncio.Event())
+    calls: list[tuple[int, int | None]] = []
+    monkeypatch.setattr(resolver, "warm_up", lambda *piece: calls.append(piece))
+    await warm_up(resolver, asyncio.Event())  # another service started in the same process
+    assert calls == []
