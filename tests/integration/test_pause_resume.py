@@ -317,8 +317,9 @@ async def test_one_accounts_burst_shares_round_trips_and_keeps_arrival_order(
         dispatcher: RunningDispatcher) -> None:
     """An account's turn ends once its job is queued for the group commit: a burst from one
     account goes in shared batches (one job per round trip before), yet reserves strictly in
-    arrival order — the jobs the credits cover are the first ones, sent in order, and every
-    later one is held."""
+    arrival order — the jobs the credits cover are the first ones, each sent once, and every
+    later one is held. (The order in which the provider sees concurrent creates is timing:
+    they travel on several connections at once.)"""
     d = dispatcher
     account = await d.funded_account(uid("burst"), 25)
     ids = [f"{account}-{i:03d}" for i in range(60)]
@@ -344,5 +345,5 @@ async def test_one_accounts_burst_shares_round_trips_and_keeps_arrival_order(
     assert all(by_id[j] in ("sent", "delivered") for j in ids[:25])
     assert all(by_id[j] == "held" for j in ids[25:])
     sent = [r.body for r in d.sandbox.state.creates(accepted=True) if r.body in ids]
-    assert sent == ids[:25]
+    assert sorted(sent) == ids[:25]
     assert d.service.handler.round_trips["begins"] - begins_before < len(ids)
