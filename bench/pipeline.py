@@ -394,6 +394,7 @@ def dispatcher_settings(base: Settings, sandbox: Sandbox, args: argparse.Namespa
         twilio_account_sid=sandbox.account_sid, twilio_auth_token=sandbox.auth_token,
         # One sending number for every job: the per-sender limit would otherwise be the figure.
         sender_rate_per_second=1e9, prefetch=args.prefetch, max_in_flight=args.in_flight,
+        workers=args.workers,
         log_format="json", log_level=args.log_level, shutdown_timeout_seconds=10.0)
 
 
@@ -441,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefetch", type=int, default=Settings().prefetch)
     parser.add_argument("--in-flight", type=int, default=Settings().max_in_flight,
                         help="provider calls in flight (DISPATCHER_MAX_IN_FLIGHT)")
+    parser.add_argument("--workers", type=int, default=Settings().workers,
+                        help="jobs handled at once (DISPATCHER_WORKERS; 0: the default)")
     parser.add_argument("--latency-in-flight", type=int, default=50,
                         help="provider calls in flight for the 100 ms latency target")
     parser.add_argument("--dispatchers", type=int, default=1,

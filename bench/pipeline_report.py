@@ -243,7 +243,10 @@ Recorded {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command(args)
   accounts round-robin) while no dispatcher runs, starts the dispatcher and waits until all are
   `sent`: rate = jobs / (last `sent_at` - first `created_at`) from the job rows. The ceiling is
   `bench/pipeline_raw.py` (own process, uvloop, same quorum queue and prefetch, one `ack` per
-  message) draining the same number of the same messages, alternating order with ours.
+  message) draining the same number of the same messages; the floor is `bench/pipeline_floor.py`
+  (the same, plus one `messages.create_async` of the official twilio library to the sandbox per
+  message before its ack: what no dispatcher can skip). The three rotate order between runs;
+  CPU of the raw and floor loops counts from their first delivery.
   Medians of {args.runs} runs: {args.jobs:,} jobs at zero latency, {args.latency_jobs:,} with
   {LATENCY_MS} ms added to every create, at {args.latency_in_flight} and at {args.in_flight}
   provider calls in flight. Per-stage times are the dispatcher's own histograms (sum / count).

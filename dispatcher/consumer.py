@@ -1,8 +1,7 @@
 """The AMQP side of dispatching: consume, schedule transactional before bulk, ack by outcome.
 
-Every delivery from either work queue becomes a task that waits for one of ``workers`` slots,
-transactional deliveries first (see ``send_slots``); a few spare slots are for transactional
-jobs only, so one starts at once even while bulk jobs fill every ordinary slot.
+Messages from both work queues go into one in-process priority queue served by a fixed number
+of workers, so a bulk backlog can delay a transactional job by at most one job's handling time.
 A handler that raises gets its message requeued; the quorum queue's delivery limit then
 dead-letters a job that keeps crashing, without stopping its neighbours. Acks of committed
 outcomes are coalesced into multiple-acks (see ``acks``).
@@ -12,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,15 +22,12 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from dispatcher.acks import AckCoalescer
 from dispatcher.metrics import DEAD_LETTER_REASONS, Metrics
 from dispatcher.outcomes import DeadLetter, Done, Outcome, RetryLater
-from dispatcher.send_slots import SendSlots
 from dispatcher.topology import PRIORITIES, Names, Topology, declare
 
 log = structlog.get_logger(__name__)
 
 Handle = Callable[[bytes], Awaitable[Outcome]]
 PUBLISH_TIMEOUT_SECONDS = 10.0
-# One slot in this many more is kept for transactional jobs only.
-TRANSACTIONAL_SPARE_SHARE = 8
 
 
 class Consumer:
@@ -45,10 +42,11 @@ class Consumer:
         self._prefetch = prefetch
         self._workers = workers
         self._delivery_limit = delivery_limit
-        self._admission = SendSlots(workers, spare=max(1, workers // TRANSACTIONAL_SPARE_SHARE))
-        # Deliveries waiting for a slot, so that stop() can hand them back at once.
-        self._waiting: dict[asyncio.Task[None], AbstractIncomingMessage] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # (priority rank, arrival order, delivered at, message)
+        self._pending: asyncio.PriorityQueue[
+            tuple[int, int, float, AbstractIncomingMessage]] = asyncio.PriorityQueue()
+        self._order = itertools.count()
+        self._tasks: list[asyncio.Task[None]] = []
         self._consumer_tags: dict[str, str] = {}
         self._consume_channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -65,6 +63,8 @@ class Consumer:
         self._topology = await declare(self._publish_channel, self._names, self._delivery_limit)
         self._consume_channel = await self._connection.channel()
         await self._consume_channel.set_qos(prefetch_count=self._prefetch)
+        self._tasks = [asyncio.create_task(self._work(), name=f"dispatch-worker-{i}")
+                       for i in range(self._workers)]
         for rank, priority in enumerate(PRIORITIES):
             queue = await self._consume_channel.get_queue(self._names.work_queue(priority))
             self._consumer_tags[priority] = await queue.consume(self._enqueue_for(rank))
@@ -91,15 +91,8 @@ class Consumer:
 
     def _enqueue_for(self, rank: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def enqueue(message: AbstractIncomingMessage) -> None:
-            task = asyncio.create_task(self._admit(rank, time.monotonic(), message))
-            self._tasks.add(task)
-            self._waiting[task] = message
-            task.add_done_callback(self._forget)
+            self._pending.put_nowait((rank, next(self._order), time.monotonic(), message))
         return enqueue
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._waiting.pop(task, None)
 
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -107,16 +100,13 @@ class Consumer:
         finally:
             self._acks.nacked(message)
 
-    async def _admit(self, rank: int, delivered: float,
-                     message: AbstractIncomingMessage) -> None:
-        async with self._admission.slot(rank):
-            task = asyncio.current_task()
-            assert task is not None
-            del self._waiting[task]
+    async def _work(self) -> None:
+        while True:
+            _, _, delivered, message = await self._pending.get()
             self._metrics.queue_wait_seconds.observe(time.monotonic() - delivered)
             if self._stopping:
                 await self._requeue(message)
-                return
+                continue
             self._in_flight += 1
             self._idle.clear()
             self._metrics.in_flight.set(self._in_flight)
@@ -185,18 +175,14 @@ class Consumer:
                 queue = await self._consume_channel.get_queue(self._names.work_queue(priority))
                 await queue.cancel(tag)
         self._metrics.consumers_attached.set(0)
-        waiting = list(self._waiting.items())
-        for task, _ in waiting:
-            task.cancel()
-        await asyncio.gather(*(task for task, _ in waiting), return_exceptions=True)
-        for _, message in waiting:
+        while not self._pending.empty():
+            *_, message = self._pending.get_nowait()
             await self._requeue(message)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
-        unfinished = list(self._tasks)
-        for task in unfinished:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*unfinished, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._acks.close()
         log.info("consumer_stopped", unfinished=self._in_flight, ack_frames=self._acks.frames)
         for channel in (self._consume_channel, self._publish_channel):

@@ -74,10 +74,12 @@ class JobHandler:
         # they go in different batches.
         self._begins: GroupCommit[NewJob, Begin] = GroupCommit(
             self._begin_batch, jobs.begin, max_batch=config.max_batch,
-            concurrency=config.batch_concurrency, key=lambda job: job.account_id)
-        self._accepts: GroupCommit[tuple[str, str], str] = GroupCommit(
-            self._accepted_batch, lambda pair: jobs.accepted(*pair),
-            max_batch=config.max_batch, concurrency=config.batch_concurrency)
+            concurrency=config.batch_concurrency, key=lambda job: job.account_id,
+            rank=lambda job: _rank(job.priority))
+        self._accepts: GroupCommit[tuple[str, str, int], str] = GroupCommit(
+            self._accepted_batch, lambda accepted: jobs.accepted(accepted[0], accepted[1]),
+            max_batch=config.max_batch, concurrency=config.batch_concurrency,
+            rank=lambda accepted: accepted[2])
 
     @property
     def round_trips(self) -> dict[str, int]:
@@ -94,9 +96,9 @@ class JobHandler:
             results[i] = begun[position]
         return results
 
-    async def _accepted_batch(self, batch: list[tuple[str, str]]) -> list[str]:
+    async def _accepted_batch(self, batch: list[tuple[str, str, int]]) -> list[str]:
         order = sorted(range(len(batch)), key=lambda i: batch[i][0])
-        statuses = await self._jobs.accepted_many([batch[i] for i in order])
+        statuses = await self._jobs.accepted_many([batch[i][:2] for i in order])
         results = [""] * len(batch)
         for position, i in enumerate(order):
             results[i] = statuses[position]
@@ -173,7 +175,7 @@ class JobHandler:
     async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
-        async with self._slots.slot(0 if job.priority == "transactional" else 1) as waited:
+        async with self._slots.slot(_rank(job.priority)) as waited:
             self._metrics.send_slot_wait_seconds.observe(waited)
             if waited > self._config.reclaim_after_seconds and not await self._jobs.claim_for_send(
                     job.id, attempt):
@@ -185,7 +187,7 @@ class JobHandler:
                 time.perf_counter() - started)
         if isinstance(result, Accepted):
             accepted = time.perf_counter()
-            await self._accepts.submit((job.id, result.sid))
+            await self._accepts.submit((job.id, result.sid, _rank(job.priority)))
             self._metrics.record_seconds.observe(time.perf_counter() - accepted)
             bound.info("job_sent", attempt=attempt)
             self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
@@ -215,6 +217,11 @@ class JobHandler:
                 job.to, job.body, job.from_, job.messaging_service_sid, callback))
         return await self._sender.send_call(CallRequest(
             job.to, job.from_, job.twiml, job.url, job.max_minutes * 60, callback))
+
+
+def _rank(priority: str) -> int:
+    """Transactional work first (0), then bulk (1): at every queue a job waits in."""
+    return 0 if priority == "transactional" else 1
 
 
 def _sender_of(job: SmsJob | CallJob) -> str:

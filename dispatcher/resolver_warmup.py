@@ -2,7 +2,8 @@
 
 Built on first use, they cost the first pre-flight after a start 10-30 ms a calling code (a
 20-country list: 0.25-0.6 s with the event loop blocked). The warm-up builds every calling
-code, piece by piece in a worker thread (~3 s on 2 cores): the loop waits for the GIL a switch
+code, piece by piece in a worker thread (~3 s of work on 2 cores, spread over ~15 s by rests
+between pieces, so it takes at most a fifth of the loop's time): the loop waits for the GIL a switch
 interval (5 ms) at most, except through the few full garbage collections the allocations set
 off (tens of ms each, as on the lazy path). A pre-flight meanwhile is answered as before,
 building what the warm-up has not reached yet itself.
@@ -19,9 +20,11 @@ from dispatcher.digit_diagrams import forget_patterns
 from dispatcher.numbers import CALLING_CODES, NSN_LENGTHS, CountryResolver
 
 log = structlog.get_logger(__name__)
+REST_PER_PIECE = 4.0  # seconds of rest per second of building
 
 
-async def warm_up(resolver: CountryResolver, stop: asyncio.Event) -> None:
+async def warm_up(resolver: CountryResolver, stop: asyncio.Event, *,
+                  rest: float = REST_PER_PIECE) -> None:
     """Build every calling code (until ``stop``): its regexes, then its diagram for each length,
     one worker-thread call a piece, so a pre-flight on the loop shares the GIL with one piece at
     most (+1's regexes, the largest: ~80 ms)."""
@@ -33,6 +36,7 @@ async def warm_up(resolver: CountryResolver, stop: asyncio.Event) -> None:
                 return
             if resolver.warmed(code, length):  # a second service in this process
                 continue
+            piece_started = time.perf_counter()
             try:
                 await asyncio.to_thread(resolver.warm_up, code, length)
             except Exception:
@@ -40,6 +44,10 @@ async def warm_up(resolver: CountryResolver, stop: asyncio.Event) -> None:
                 log.exception("resolver_warm_up_failed", calling_code=code, length=length)
                 continue
             built += 1
+            # The thread shares the GIL with the loop while it builds: rest in between, so
+            # jobs handled meanwhile (a transactional one behind a backlog at start-up) are
+            # slowed at most a fifth of the time.
+            await asyncio.sleep(rest * (time.perf_counter() - piece_started))
     forget_patterns()  # every diagram is built: a later one (a failed code's) rebuilds its own
     log.info("resolver_warmed_up", calling_codes=len(resolver.warm_codes), pieces=built,
              seconds=round(time.perf_counter() - started, 3))

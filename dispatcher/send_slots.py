@@ -1,10 +1,8 @@
-"""Slots by rank: at most ``limit`` holders, transactional (rank 0) waiters served first.
+"""Provider calls in flight: at most ``limit`` at once, transactional (rank 0) waiters first.
 
-Used twice. Around provider calls, the bound is on the calls alone, not on whole jobs: a job
-reserves its credits before it waits here and records its outcome after it leaves, so the
-database round trips of some jobs overlap the provider calls of others. Around whole jobs
-(admission of deliveries), ``spare`` extra slots are for rank 0 only: a transactional job starts
-at once even when bulk jobs fill every ordinary slot.
+Around provider calls, the bound is on the calls alone, not on whole jobs: a job reserves its
+credits before it waits here and records its outcome after it leaves, so with more workers than
+slots the database round trips of some jobs overlap the provider calls of others.
 Waiters are served by rank (0 before 1), first come first served within a rank.
 """
 
@@ -22,11 +20,10 @@ from contextlib import asynccontextmanager
 class SendSlots:
     """A counting semaphore whose waiters are ordered by rank, then arrival."""
 
-    def __init__(self, limit: int, *, spare: int = 0) -> None:
-        if limit < 1 or spare < 0:
-            raise ValueError("limit must be positive and spare not negative")
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be positive")
         self._limit = limit
-        self._spare = spare
         self._held = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiting: Counter[int] = Counter()  # live waiters by rank
@@ -52,12 +49,9 @@ class SendSlots:
         finally:
             self._release()
 
-    def _cap(self, rank: int) -> int:
-        return self._limit + (self._spare if rank == 0 else 0)
-
     async def _acquire(self, rank: int) -> None:
         ahead = any(count for r, count in self._waiting.items() if r <= rank)
-        if self._held < self._cap(rank) and not ahead:
+        if self._held < self._limit and not ahead:
             self._held += 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -74,13 +68,12 @@ class SendSlots:
 
     def _release(self) -> None:
         self._held -= 1
-        # The best-ranked waiter has the largest cap: if it cannot have a slot, nobody can.
         while self._waiters:
             rank, _, future = self._waiters[0]
             if future.done():
                 heapq.heappop(self._waiters)
                 continue
-            if self._held >= self._cap(rank):
+            if self._held >= self._limit:
                 return
             heapq.heappop(self._waiters)
             self._waiting[rank] -= 1

@@ -28,13 +28,13 @@ class Settings:
     twilio_base_url: str = ""
     twilio_timeout_seconds: float = 10.0
     sender_rate_per_second: float = 100.0
-    # Unacked deliveries per work queue; above `workers`, so a freed worker finds its next job
-    # already here and transactional jobs can overtake prefetched bulk ones.
-    prefetch: int = 500
+    # Unacked deliveries per work queue.
+    prefetch: int = 200
     # Provider calls in flight at once (the bound Twilio sees).
     max_in_flight: int = 200
-    # Jobs handled at once: reserving, waiting for a provider slot, sending, recording. Above
-    # `max_in_flight`, so database round trips overlap provider calls; 0 means 2 x max_in_flight.
+    # Jobs handled at once: reserving, waiting for a provider slot, sending, recording; 0 means
+    # max_in_flight. Above it, database round trips overlap provider calls (latency hidden
+    # better), at the price of a longer wait for transactional jobs behind a bulk backlog.
     workers: int = 0
     delivery_limit: int = 5
     hold_expiry_seconds: float = 72 * 3600.0
@@ -75,8 +75,8 @@ class Settings:
 
     @property
     def worker_count(self) -> int:
-        """``workers``, or twice ``max_in_flight`` when it is left at 0."""
-        return self.workers or 2 * self.max_in_flight
+        """``workers``, or ``max_in_flight`` when it is left at 0."""
+        return self.workers or self.max_in_flight
 
     @property
     def uses_sandbox(self) -> bool:

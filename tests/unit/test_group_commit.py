@@ -141,3 +141,60 @@ async def test_keyed_items_keep_their_order_and_never_share_concurrent_batches()
     for key in {key for key, _ in items}:
         assert [n for k, n in done if k == key] == [n for k, n in queued if k == key]
     assert 1 < commit.batches < 200
+
+
+async def test_rank_zero_items_go_in_the_next_batch_ahead_of_older_ones() -> None:
+    store = Recorder()
+    # Odd items are transactional (rank 0); even ones bulk.
+    commit = GroupCommit(store.run_batch, store.run_one, max_batch=3, concurrency=1,
+                         rank=lambda item: 0 if item % 2 else 1)
+    first = asyncio.create_task(commit.submit(100))
+    await asyncio.sleep(0.001)  # in flight: everything below waits for the next batches
+    later = [asyncio.create_task(commit.submit(i)) for i in (2, 4, 6, 8, 1, 3, 10, 5)]
+    results = await asyncio.gather(first, *later)
+    assert results == [1000, 20, 40, 60, 80, 10, 30, 100, 50]
+    # The three transactional items overtook four older bulk ones; each rank keeps its order.
+    assert store.batches == [[1, 3, 5], [2, 4, 6], [8, 10]]
+
+
+async def test_without_a_rank_batches_keep_submission_order() -> None:
+    store = Recorder()
+    commit = GroupCommit(store.run_batch, store.run_one, max_batch=3, concurrency=1)
+    first = asyncio.create_task(commit.submit(100))
+    await asyncio.sleep(0.001)
+    await asyncio.gather(first, *(commit.submit(i) for i in (2, 4, 6, 8, 1, 3, 10, 5)))
+    assert store.batches == [[2, 4, 6], [8, 1, 3], [10, 5]]
+
+
+async def test_rank_zero_has_one_round_trip_of_its_own_while_the_others_are_busy() -> None:
+    store = Recorder(delay=0.2)
+    commit = GroupCommit(store.run_batch, store.run_one, max_batch=10, concurrency=1,
+                         rank=lambda item: 0 if item % 2 else 1)
+    bulk = asyncio.create_task(commit.submit(100))
+    await asyncio.sleep(0.01)  # the only ordinary round trip is busy for 0.2 s
+    more_bulk = asyncio.create_task(commit.submit(102))
+    transactional = asyncio.create_task(commit.submit(7))
+    assert await transactional == 70
+    # It went beside the busy round trip; the later bulk item still waits for that one.
+    assert not more_bulk.done()
+    await asyncio.gather(bulk, more_bulk)
+    assert sorted(store.singles[:2]) == [7, 100]
+    assert store.singles[2] == 102
+
+
+async def test_without_a_rank_there_is_no_extra_round_trip() -> None:
+    store = Recorder(delay=0.05)
+    in_flight = peak = 0
+
+    async def counting(item: int) -> int:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await store.run_one(item)
+        finally:
+            in_flight -= 1
+
+    commit = GroupCommit(store.run_batch, counting, max_batch=1, concurrency=1)
+    await asyncio.gather(*(commit.submit(i) for i in range(5)))
+    assert peak == 1

@@ -43,7 +43,7 @@ def refuse_to_build(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_after_the_warm_up_a_preflight_builds_nothing_and_answers_the_same(
         sample: list[str], expected: list[str | None], monkeypatch: pytest.MonkeyPatch) -> None:
     resolver = CountryResolver()
-    await warm_up(resolver, asyncio.Event())
+    await warm_up(resolver, asyncio.Event(), rest=0)
     assert resolver.warm_codes == set(CALLING_CODES)
     assert digit_diagrams._nfa.cache_info().currsize == 0  # only building needed them
     refuse_to_build(monkeypatch)
@@ -55,7 +55,7 @@ async def test_after_the_warm_up_a_preflight_builds_nothing_and_answers_the_same
 async def test_preflights_during_the_warm_up_answer_the_same(
         sample: list[str], expected: list[str | None]) -> None:
     resolver = CountryResolver()
-    warming = asyncio.create_task(warm_up(resolver, asyncio.Event()))
+    warming = asyncio.create_task(warm_up(resolver, asyncio.Event(), rest=0))
     overlapped = 0
     while not warming.done() and overlapped < 3:
         if resolver.warm_codes:
@@ -74,15 +74,15 @@ async def test_the_warm_up_stops_with_the_service() -> None:
     stop = asyncio.Event()
     stop.set()
     resolver = CountryResolver()
-    await warm_up(resolver, stop)
+    await warm_up(resolver, stop, rest=0)
     assert resolver.warm_codes == set()
 
 
 async def test_a_second_warm_up_of_the_same_resolver_builds_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
     resolver = CountryResolver()
-    await warm_up(resolver, asyncio.Event())
+    await warm_up(resolver, asyncio.Event(), rest=0)
     calls: list[tuple[int, int | None]] = []
     monkeypatch.setattr(resolver, "warm_up", lambda *piece: calls.append(piece))
-    await warm_up(resolver, asyncio.Event())  # another service started in the same process
+    await warm_up(resolver, asyncio.Event(), rest=0)  # another service started in the same process
     assert calls == []

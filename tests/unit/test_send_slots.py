@@ -116,42 +116,4 @@ async def _waited(slots: SendSlots, rank: int = 0) -> float:
 def test_the_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="limit must be positive"):
         SendSlots(0)
-    with pytest.raises(ValueError, match="limit must be positive"):
-        SendSlots(1, spare=-1)
 
-
-async def test_spare_slots_serve_rank_zero_only() -> None:
-    slots = SendSlots(2, spare=1)
-    release = asyncio.Event()
-    started: list[str] = []
-
-    async def job(name: str, rank: int) -> None:
-        async with slots.slot(rank):
-            started.append(name)
-            await release.wait()
-
-    tasks = [asyncio.create_task(job(name, rank)) for name, rank in
-             [("bulk-1", 1), ("bulk-2", 1), ("bulk-3", 1), ("tx-1", 0), ("tx-2", 0)]]
-    for _ in range(3):
-        await asyncio.sleep(0)
-    # Bulk fills the ordinary slots and waits; the first transactional job takes the spare one.
-    assert started == ["bulk-1", "bulk-2", "tx-1"]
-    assert slots.held == 3
-    assert slots.waiting == 2
-    release.set()
-    await asyncio.gather(*tasks)
-    # Freed slots go to the waiting transactional job before the waiting bulk one.
-    assert started == ["bulk-1", "bulk-2", "tx-1", "tx-2", "bulk-3"]
-    assert slots.held == 0
-
-
-async def test_rank_one_never_uses_a_spare_slot() -> None:
-    slots = SendSlots(1, spare=3)
-    async with slots.slot(1):
-        blocked = asyncio.create_task(_waited(slots, rank=1))
-        await asyncio.sleep(0.01)
-        assert not blocked.done()
-        async with asyncio.timeout(1):
-            async with slots.slot(0):  # a spare one: at once
-                assert slots.held == 2
-    await blocked
