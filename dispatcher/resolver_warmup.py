@@ -2,8 +2,8 @@
 
 Built on first use, they cost the first pre-flight after a start 10-30 ms a calling code (a
 20-country list: 0.25-0.6 s with the event loop blocked). The warm-up builds every calling
-code, piece by piece in a worker thread (~3 s of work on 2 cores, spread over ~15 s by rests
-between pieces, so it takes at most a fifth of the loop's time): the loop waits for the GIL a switch
+code, piece by piece in a worker thread (~3 s on 2 cores; with ``rest``, spread out by pauses
+between pieces so a loop busy meanwhile keeps most of the GIL): the loop waits for the GIL a switch
 interval (5 ms) at most, except through the few full garbage collections the allocations set
 off (tens of ms each, as on the lazy path). A pre-flight meanwhile is answered as before,
 building what the warm-up has not reached yet itself.

@@ -1,9 +1,9 @@
 """``dispatcher run``: open everything in order, run until a stop signal, close in reverse.
 
-Start-up: pool → broker → topology and consumers → outbox relay, reconciler, resumer →
-HTTP → the country resolver's warm-up (in the background). Shutdown (SIGTERM/SIGINT set one
-event): stop consuming and drain in-flight jobs up to the timeout, stop background tasks, then
-close HTTP, the broker and the pool.
+Start-up: pool → broker → the country resolver's warm-up (~3 s) → topology and consumers →
+outbox relay, reconciler, resumer → HTTP. Shutdown (SIGTERM/SIGINT set one event): stop
+consuming and drain in-flight jobs up to the timeout, stop background tasks, then close HTTP,
+the broker and the pool.
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ class Service:
         self.pool = await create_pool(s)
         self.amqp = await connect_broker(s)
         self.twilio_client = build_twilio_client(s)
+        # Before any job runs: built beside a busy consumer, the warm-up thread's GIL share
+        # slowed transactional jobs behind a backlog and its memory looked like growth.
+        await warm_up(default_resolver(), stop, rest=0)
         jobs = JobStore(self.pool)
         rates = RateCache(self.pool)
 
@@ -146,8 +149,6 @@ class Service:
         site = web.TCPSite(self.runner, s.http_host, s.http_port)
         await site.start()
         self.http_port = self.runner.addresses[0][1]
-        # Last and in the background: readiness never waits for it (see resolver_warmup).
-        self._watch("resolver-warm-up", warm_up(default_resolver(), stop), stop)
         log.info("dispatcher_started", http_port=self.http_port, prefix=s.amqp_prefix)
 
     def _watch(self, name: str, work: Awaitable[None], stop: asyncio.Event) -> None:
