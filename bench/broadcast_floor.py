@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import resource
 import time
 
 from aiohttp import web
 
+from bench.pipeline_raw import cpu_seconds, run_and_print
 from dispatcher.callbacks import SignatureCheck
 from dispatcher.logs import configure_logging
 from dispatcher.provider import build_twilio_client
@@ -61,23 +60,18 @@ async def run(settings: Settings, count: int, window: int, port: int) -> dict[st
                 to=TO, from_=FROM, body="floor",
                 status_callback=f"http://127.0.0.1:{port}/twilio/status/floor-{i}")
 
-    cpu_before = _cpu_seconds()
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     await asyncio.gather(*(create(i) for i in range(count)))
     created = time.perf_counter() - started
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_called_back.wait(), timeout=120)
     called_back = time.perf_counter() - started
-    cpu = _cpu_seconds() - cpu_before
+    cpu = cpu_seconds() - cpu_before
     await client.http_client.close()
     await runner.cleanup()
     return {"recipients": float(count), "created_s": created, "callbacks": float(callbacks),
             "called_back_s": called_back, "per_second": count / created, "cpu_seconds": cpu}
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,14 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("json", "warning")
     settings = Settings(twilio_base_url=args.twilio_base_url,
                         twilio_account_sid=args.account_sid, twilio_auth_token=args.auth_token)
-    work = run(settings, args.count, args.window, args.port)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        report = asyncio.run(work)
-    else:
-        report = uvloop.run(work)
-    print(json.dumps(report))
+    run_and_print(run(settings, args.count, args.window, args.port))
 
 
 if __name__ == "__main__":

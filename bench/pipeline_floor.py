@@ -13,14 +13,9 @@ loop.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import resource
-import time
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
-
+from bench.pipeline_raw import consume as raw_consume
+from bench.pipeline_raw import run_and_print
 from dispatcher.logs import configure_logging
 from dispatcher.provider import build_twilio_client
 from dispatcher.settings import Settings
@@ -30,43 +25,16 @@ TO, FROM = "+14155550100", "+14155550199"
 
 async def consume(settings: Settings, queue_name: str, count: int,
                   prefetch: int) -> dict[str, float]:
-    """Consume, create and ack ``count`` messages; time from the first delivery to the last ack."""
+    """The raw loop with one twilio create before each ack."""
     client = build_twilio_client(settings)
-    connection = await aio_pika.connect(settings.amqp_url)
-    done = asyncio.Event()
-    cpu_at_first = [0.0]  # start-up (imports, connecting) is not the loop's cost
-    seen = 0
-    first = last = 0.0
-    async with connection:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.get_queue(queue_name)
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            nonlocal seen, first, last
-            if not seen:
-                first = time.perf_counter()
-                cpu_at_first[:] = [_cpu_seconds()]
-            await client.messages.create_async(to=TO, from_=FROM, body="floor",
-                                               status_callback="http://127.0.0.1:9/cb")
-            await message.ack()
-            seen += 1
-            if seen >= count:
-                last = time.perf_counter()
-                done.set()
-
-        await queue.consume(on_message)
-        await done.wait()
-    await client.http_client.close()
-    seconds = last - first
-    return {"messages": float(seen), "seconds": seconds,
-            "rate": (seen - 1) / seconds if seconds > 0 else 0.0,
-            "cpu_seconds": _cpu_seconds() - cpu_at_first[0]}
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    async def create() -> None:
+        await client.messages.create_async(to=TO, from_=FROM, body="floor",
+                                           status_callback="http://127.0.0.1:9/cb")
+    try:
+        return await raw_consume(settings.amqp_url, queue_name, count, prefetch, create)
+    finally:
+        await client.http_client.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,14 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("json", "warning")  # as quiet as the dispatcher at its `info` level
     settings = Settings(amqp_url=args.amqp_url, twilio_base_url=args.twilio_base_url,
                         twilio_account_sid=args.account_sid, twilio_auth_token=args.auth_token)
-    work = consume(settings, args.queue, args.count, args.prefetch)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        report = asyncio.run(work)
-    else:
-        report = uvloop.run(work)
-    print(json.dumps(report))
+    run_and_print(consume(settings, args.queue, args.count, args.prefetch))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,17 @@ import asyncio
 import json
 import resource
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 
-async def consume(amqp_url: str, queue_name: str, count: int, prefetch: int) -> dict[str, float]:
-    """Consume and ack ``count`` messages; time from the first delivery to the last ack."""
+async def consume(amqp_url: str, queue_name: str, count: int, prefetch: int,
+                  before_ack: Callable[[], Awaitable[None]] | None = None) -> dict[str, float]:
+    """Consume and ack ``count`` messages (each after ``before_ack``, when given); time from
+    the first delivery to the last ack."""
     connection = await aio_pika.connect(amqp_url)
     done = asyncio.Event()
     cpu_at_first = [0.0]  # start-up (imports, connecting) is not the loop's cost
@@ -34,7 +38,9 @@ async def consume(amqp_url: str, queue_name: str, count: int, prefetch: int) -> 
             nonlocal seen, first, last
             if not seen:
                 first = time.perf_counter()
-                cpu_at_first[:] = [_cpu_seconds()]
+                cpu_at_first[:] = [cpu_seconds()]
+            if before_ack is not None:
+                await before_ack()
             await message.ack()
             seen += 1
             if seen >= count:
@@ -46,12 +52,24 @@ async def consume(amqp_url: str, queue_name: str, count: int, prefetch: int) -> 
     seconds = last - first
     return {"messages": float(seen), "seconds": seconds,
             "rate": (seen - 1) / seconds if seconds > 0 else 0.0,
-            "cpu_seconds": _cpu_seconds() - cpu_at_first[0]}
+            "cpu_seconds": cpu_seconds() - cpu_at_first[0]}
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """User + system CPU of this process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def run_and_print(work: Coroutine[Any, Any, dict[str, float]]) -> None:
+    """Run ``work`` on uvloop (asyncio's loop without it) and print its report as one line."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        report = asyncio.run(work)
+    else:
+        report = uvloop.run(work)
+    print(json.dumps(report))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,14 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--prefetch", type=int, default=200)
     args = parser.parse_args(argv)
-    work = consume(args.amqp_url, args.queue, args.count, args.prefetch)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        report = asyncio.run(work)
-    else:
-        report = uvloop.run(work)
-    print(json.dumps(report))
+    run_and_print(consume(args.amqp_url, args.queue, args.count, args.prefetch))
 
 
 if __name__ == "__main__":
