@@ -18,12 +18,12 @@ lint: setup
 
 test: setup
 	bash scripts/system-deps
-	$(PY) -m dispatcher.preflight_services
+	$(PY) -m dispatcher.demo.services
 	$(MAKE) lint
 	$(VENV)/bin/pytest -q
 
 demo: setup
-	$(PY) -m dispatcher.preflight_services
+	$(PY) -m dispatcher.demo.services
 	$(PY) -m dispatcher demo
 
 bench: setup

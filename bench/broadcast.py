@@ -44,10 +44,10 @@ from bench.broadcast_procs import (
     sandbox_child,
     scratch_database,
 )
-from dispatcher.audit import run_audit
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
 from dispatcher.tokens import create_token
 
 HEADING = "Broadcast end to end (issue 5, `bench/broadcast.py`)"

@@ -21,10 +21,10 @@ import time
 from aiohttp import web
 
 from bench.pipeline_raw import cpu_seconds, run_and_print
-from dispatcher.callbacks import SignatureCheck
 from dispatcher.logs import configure_logging
-from dispatcher.provider import build_twilio_client
 from dispatcher.settings import Settings
+from dispatcher.twilio.callbacks import SignatureCheck
+from dispatcher.twilio.provider import build_twilio_client
 
 TO, FROM = "+14155550100", "+14155550199"
 CALLBACKS_PER_MESSAGE = 3  # queued, sent, delivered: what the sandbox sends for each create

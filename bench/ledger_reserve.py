@@ -19,7 +19,7 @@ database is vacuumed and analysed, so runs do not grow the tables or inherit eac
 The order (ours first or pgbench first) alternates between runs. Medians over the runs are reported.
 
 ``--what-if`` adds rows: (ours only) scenario 2 over a pool without asyncpg's reset on release and
-scenario 3 without the client-side coalescing of ``reserve_many`` (``dispatcher.coalesce``);
+scenario 3 without the client-side coalescing of ``reserve_many`` (``dispatcher.credits.coalesce``);
 (pgbench only) scenario 3 against migration 0001's ``reserve_batch``, the "before" figure.
 ``--hot-index`` swaps the bucket index for one without a predicate on ``remaining`` (and a lower
 fillfactor) in the throw-away database, so bucket updates can be HOT; ``--coalesce-limit`` sets
@@ -56,12 +56,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
-from dispatcher.coalesce import MAX_JOBS
+from dispatcher.credits.coalesce import MAX_JOBS
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
 from dispatcher.db import create_pool
-from dispatcher.ledger import CreditStore
 from dispatcher.migrate import migrate
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
 
 CONCURRENCY = 32
 BATCH = 100

@@ -63,12 +63,12 @@ from bench.pipeline_jobs import (
     span,
 )
 from bench.pipeline_procs import Dispatcher, Sandbox, run_bare_consumer
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
 from dispatcher.db import create_pool
-from dispatcher.ledger import CreditStore
+from dispatcher.events.topology import Names, declare, delete_all
 from dispatcher.migrate import migrate
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
-from dispatcher.topology import Names, declare, delete_all
 
 LATENCY_MS = 100
 # Transactional probes round-robin over their own accounts: one account's jobs begin one at a

@@ -17,8 +17,8 @@ import argparse
 from bench.pipeline_raw import consume as raw_consume
 from bench.pipeline_raw import run_and_print
 from dispatcher.logs import configure_logging
-from dispatcher.provider import build_twilio_client
 from dispatcher.settings import Settings
+from dispatcher.twilio.provider import build_twilio_client
 
 TO, FROM = "+14155550100", "+14155550199"
 

@@ -11,7 +11,7 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractChannel
 
-from dispatcher.topology import Names
+from dispatcher.events.topology import Names
 
 PUBLISH_WINDOW = 500  # confirms awaited together
 SENDER = "+14155550199"

@@ -41,13 +41,13 @@ from bench.broadcast_procs import (
     scratch_database,
 )
 from dispatcher.api.broadcast_bodies import PreflightIn, columns, decode
-from dispatcher.ledger import CreditStore
-from dispatcher.numbers import default_resolver
-from dispatcher.preflight import AutoRecharge, gc_paused, preflight
-from dispatcher.pricing import RateTable, count_segments
+from dispatcher.broadcasts.preflight import AutoRecharge, gc_paused, preflight
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.pricing.numbers import default_resolver
+from dispatcher.pricing.quotes import RateTable, count_segments
+from dispatcher.pricing.templates import Template
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
-from dispatcher.templates import Template
 from dispatcher.tokens import create_token
 
 BODY = "Hi {name}, your code is {code}. Show it at the till for 20% off this week."
@@ -206,11 +206,12 @@ best {min(r['server_ms']):.0f} ms; load average {r['load']} while it ran — the
 {r['naive_ms'] / 1e3:.1f} s against ~2.9 s measured on an idle moment shows how much the shared
 cores slowed everything). How: the body is decoded by msgspec into GC-untracked structs with
 the collector paused (pydantic took ~300 ms for the same body, mostly in the GC); countries come
-from `CountryResolver.resolve_many` (`dispatcher/number_prefixes.py`): a memo keyed by a
+from `CountryResolver.resolve_many` (`dispatcher/pricing/number_prefixes.py`): a memo keyed by a
 number's leading digits (first all but its last six, then as many as still needed, always with
 its length) holds what every number so starting is (region, not valid, or "check this one
 alone"), learned from exact decision diagrams of libphonenumber's metadata
-(`dispatcher/digit_diagrams.py`), so 100k numbers take a few C-level `map`/`compress` passes and
+(`dispatcher/pricing/digit_diagrams.py`), so 100k numbers take a few C-level
+`map`/`compress` passes and
 only numbers a national prefix might touch (here Argentina's mobiles) are checked one by one;
 SMS parts are counted column by column (`Template.segments_of`: each variable's values read once
 and shared with the missing-variable check, lengths summed, one scan of each variable's joined

@@ -11,16 +11,16 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.audit import format_report, run_audit
+from dispatcher.credits.audit import format_report, run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import CADENCES, Plan, create_account, renew_due
 from dispatcher.db import connect
-from dispatcher.demo_options import DemoOptions
+from dispatcher.demo.options import DemoOptions
 from dispatcher.errors import DispatcherError
-from dispatcher.ledger import CreditStore
 from dispatcher.logs import configure_logging
 from dispatcher.migrate import migrate
 from dispatcher.queries import q
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import CADENCES, Plan, create_account, renew_due
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -133,7 +133,7 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from dispatcher.demo import run_demo
+    from dispatcher.demo.run import run_demo
 
     configure_logging(settings.log_format, "warning")
     options = DemoOptions(recipients=args.recipients, balance=args.balance,
@@ -148,7 +148,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_jobs_unresolved(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from dispatcher.jobstore import JobStore
+    from dispatcher.jobs.store import JobStore
 
     async def work(pool: asyncpg.Pool) -> int:
         cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
@@ -162,7 +162,7 @@ async def cmd_jobs_unresolved(args: argparse.Namespace, settings: Settings) -> i
 
 
 async def cmd_jobs_resolve(args: argparse.Namespace, settings: Settings) -> int:
-    from dispatcher.jobstore import JobStore
+    from dispatcher.jobs.store import JobStore
 
     async def work(pool: asyncpg.Pool) -> int:
         jobs = JobStore(pool)

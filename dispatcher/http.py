@@ -8,8 +8,8 @@ import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from dispatcher.callbacks import StatusCallbacks
 from dispatcher.metrics import Metrics
+from dispatcher.twilio.callbacks import StatusCallbacks
 
 MAX_BODY_BYTES = 1024 * 1024
 

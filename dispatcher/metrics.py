@@ -94,7 +94,7 @@ class Metrics:
         self.end_to_end_seconds = Histogram(
             "dispatcher_end_to_end_seconds", "From the job's publish time to provider acceptance.",
             ["kind"], buckets=END_TO_END_BUCKETS, registry=registry)
-        # Sampled from the ledger (credit_flow.py): database-wide, aggregate replicas with max.
+        # Sampled from the ledger (credits/flow.py): database-wide, aggregate replicas with max.
         self.credits = Counter("dispatcher_credits_total",
                                "Credits moved, by ledger operation (database-wide).",
                                ["operation"], registry=registry)

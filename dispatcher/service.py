@@ -23,31 +23,31 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from dispatcher.api import add_api_routes
-from dispatcher.broadcasts import BroadcastRunner, Broadcasts
-from dispatcher.callbacks import StatusCallbacks
-from dispatcher.consumer import Consumer
-from dispatcher.credit_flow import CreditFlowSampler
-from dispatcher.credits_listener import CreditsListener, declare_credits_queue
+from dispatcher.broadcasts.runner import BroadcastRunner, Broadcasts
+from dispatcher.credits.flow import CreditFlowSampler
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.rates import RateCache
 from dispatcher.db import connect, create_pool
+from dispatcher.dispatch.consumer import Consumer
+from dispatcher.dispatch.handler import HandlerConfig, JobHandler
+from dispatcher.dispatch.ratelimit import SenderRateLimiter
 from dispatcher.errors import ServiceUnavailable
-from dispatcher.handler import HandlerConfig, JobHandler
+from dispatcher.events.grants import CreditsListener, declare_credits_queue
+from dispatcher.events.outbox import OutboxRelay
+from dispatcher.events.resumer import Resumer, sweep_holds
+from dispatcher.events.topology import Names
 from dispatcher.http import build_app
-from dispatcher.jobstore import JobStore
-from dispatcher.ledger import CreditStore
-from dispatcher.lookup import TwilioLookup
+from dispatcher.jobs.outcomes import Outcome
+from dispatcher.jobs.store import JobStore
 from dispatcher.metrics import Metrics
-from dispatcher.numbers import default_resolver
-from dispatcher.outbox import OutboxRelay
-from dispatcher.outcomes import Outcome
-from dispatcher.provider import build_twilio_client, credentials
-from dispatcher.ratelimit import SenderRateLimiter
-from dispatcher.rates import RateCache
-from dispatcher.reconcile import Reconciler
-from dispatcher.resolver_warmup import warm_up
-from dispatcher.resumer import Resumer, sweep_holds
-from dispatcher.sender import TwilioSender
+from dispatcher.pricing.numbers import default_resolver
+from dispatcher.pricing.warmup import warm_up
 from dispatcher.settings import Settings
-from dispatcher.topology import Names
+from dispatcher.twilio.callbacks import StatusCallbacks
+from dispatcher.twilio.lookup import TwilioLookup
+from dispatcher.twilio.provider import build_twilio_client, credentials
+from dispatcher.twilio.reconcile import Reconciler
+from dispatcher.twilio.sender import TwilioSender
 
 log = structlog.get_logger(__name__)
 

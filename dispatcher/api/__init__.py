@@ -15,8 +15,8 @@ from dispatcher.api.broadcasts import BroadcastsApi
 from dispatcher.api.errors import Handler, error_middleware
 from dispatcher.api.openapi import OPERATIONS, serve_openapi
 from dispatcher.api.optouts import InboundWebhook, OptOutsApi, is_opted_out, record_opt_out
-from dispatcher.broadcasts import Broadcasts
-from dispatcher.rates import RateCache
+from dispatcher.broadcasts.runner import Broadcasts
+from dispatcher.credits.rates import RateCache
 
 __all__ = ["add_api_routes", "is_opted_out", "record_opt_out"]
 

@@ -33,9 +33,9 @@ from dispatcher.api.schemas import (
     RefundIn,
     RefundOut,
 )
+from dispatcher.credits.ledger import CreditStore, Executor
 from dispatcher.db import Connection
 from dispatcher.errors import InvalidGrant
-from dispatcher.ledger import CreditStore, Executor
 from dispatcher.queries import q
 
 log = structlog.get_logger(__name__)

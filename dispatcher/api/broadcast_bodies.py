@@ -15,8 +15,8 @@ import msgspec
 from pydantic import TypeAdapter, ValidationError
 
 from dispatcher.api.errors import InvalidJson, InvalidRequest
-from dispatcher.contract import MAX_BROADCAST_BYTES, SenderId, template_variables
-from dispatcher.preflight import Recipients, gc_paused
+from dispatcher.broadcasts.preflight import Recipients, gc_paused
+from dispatcher.jobs.contract import MAX_BROADCAST_BYTES, SenderId, template_variables
 
 MAX_BODY_BYTES = MAX_BROADCAST_BYTES
 """Body limit of the broadcast routes (32 MiB: ~400k personalised recipients)."""

@@ -26,10 +26,16 @@ from dispatcher.api.broadcast_bodies import (
 from dispatcher.api.errors import NotFound
 from dispatcher.api.idempotency import Outcome, run_once
 from dispatcher.api.parsing import idempotency_key, read_body
-from dispatcher.broadcasts import Broadcasts, BroadcastSpec, cancel, progress, store_broadcast
+from dispatcher.broadcasts.preflight import gc_paused
+from dispatcher.broadcasts.runner import (
+    Broadcasts,
+    BroadcastSpec,
+    cancel,
+    progress,
+    store_broadcast,
+)
 from dispatcher.db import Connection
-from dispatcher.preflight import gc_paused
-from dispatcher.templates import Template
+from dispatcher.pricing.templates import Template
 
 log = structlog.get_logger(__name__)
 

@@ -26,8 +26,8 @@ from dispatcher.api.errors import (
 )
 from dispatcher.api.parsing import bad_cursor, decode_cursor, encode_cursor, query
 from dispatcher.api.schemas import ACCOUNT_PATTERN, E164_PATTERN, OptOut, OptOutPage, PageQuery
+from dispatcher.credits.ledger import Executor
 from dispatcher.errors import InvalidRecipient, UnknownAccount
-from dispatcher.ledger import Executor
 from dispatcher.queries import q
 
 log = structlog.get_logger(__name__)

@@ -12,12 +12,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from dispatcher.audit import run_audit
-from dispatcher.ledger import CreditStore
-from dispatcher.publisher import JobPublisher
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.events.publisher import JobPublisher
+from dispatcher.events.topology import Names
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
-from dispatcher.topology import Names
 from tests.acceptance.process import DispatcherProcess
 from tests.integration.dispatcher_fixture import dispatcher_settings, drop_topology, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, unused_port
 
 from dispatcher.api import add_api_routes
-from dispatcher.subscriptions import Plan, create_account
+from dispatcher.credits.subscriptions import Plan, create_account
 from dispatcher.tokens import ROLES, create_token
 
 TWILIO_AUTH_TOKEN = "test-twilio-auth-token"

@@ -28,7 +28,7 @@ from billing_client.reference import (
     ReferenceBillingService,
     set_payment_methods,
 )
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.ledger import CreditStore
 from dispatcher.queries import q
 from tests.integration.dispatcher_fixture import RunningDispatcher
 

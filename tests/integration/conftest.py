@@ -1,7 +1,7 @@
 import pytest
 
-from dispatcher.digit_diagrams import forget_patterns
-from dispatcher.numbers import CALLING_CODES, NSN_LENGTHS, default_resolver
+from dispatcher.pricing.digit_diagrams import forget_patterns
+from dispatcher.pricing.numbers import CALLING_CODES, NSN_LENGTHS, default_resolver
 from tests.integration.dispatcher_fixture import dispatcher  # noqa: F401
 from tests.integration.sandbox_fixture import twilio_sandbox  # noqa: F401
 

@@ -14,13 +14,13 @@ import aio_pika
 import asyncpg
 import pytest_asyncio
 
-from dispatcher.contract import SmsJob
-from dispatcher.ledger import CreditStore
-from dispatcher.publisher import JobPublisher
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.events.publisher import JobPublisher
+from dispatcher.events.topology import Names, delete_all
+from dispatcher.jobs.contract import SmsJob
 from dispatcher.service import Service
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
-from dispatcher.topology import Names, delete_all
 from tests.integration.sandbox_fixture import SandboxHandle
 
 

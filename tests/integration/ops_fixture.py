@@ -10,8 +10,8 @@ import asyncpg
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher.events.topology import Names
 from dispatcher.settings import Settings
-from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import (
     RunningDispatcher,
     running_dispatcher,

@@ -11,8 +11,8 @@ import sys
 
 import asyncpg
 
+from dispatcher.credits.ledger import CreditStore
 from dispatcher.errors import InsufficientCredits
-from dispatcher.ledger import CreditStore
 
 
 async def main(dsn: str, account: str, tasks: int, job_ids: list[str]) -> None:

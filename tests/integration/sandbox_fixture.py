@@ -10,7 +10,7 @@ import pytest_asyncio
 from twilio.rest import Client
 
 from dispatcher.sandbox import SandboxServer, SandboxState
-from dispatcher.twilio_http import SandboxAwareHttpClient
+from dispatcher.twilio.http import SandboxAwareHttpClient
 
 
 @dataclass

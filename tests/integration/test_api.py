@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.ledger import CreditStore
 from dispatcher.tokens import revoke_token
 from tests.integration.api_fixture import Api, api_server, bearer  # noqa: F401
 

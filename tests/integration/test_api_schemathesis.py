@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 import dispatcher.api
 from dispatcher.api.openapi import build_document, render
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.ledger import CreditStore
 from tests.integration.api_fixture import (  # noqa: F401
     Api,
     api_server,

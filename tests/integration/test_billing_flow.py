@@ -18,14 +18,14 @@ from twilio.request_validator import RequestValidator
 
 from billing_client import BillingEventPublisher, CreditsGranted
 from billing_client.reference import BillingSettings, FakeGateway, ReferenceBillingService
-from dispatcher.audit import run_audit
-from dispatcher.credits_listener import CreditsListener, declare_credits_queue
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.events.grants import CreditsListener, declare_credits_queue
+from dispatcher.events.outbox import OutboxRelay
+from dispatcher.events.topology import Names, declare
 from dispatcher.metrics import Metrics
-from dispatcher.outbox import OutboxRelay
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
-from dispatcher.topology import Names, declare
 from tests.integration.billing_stack import (  # noqa: F401
     BillingStack,
     billing_stack_fixture,

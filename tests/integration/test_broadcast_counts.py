@@ -7,14 +7,14 @@ import uuid
 
 import asyncpg
 
-from dispatcher.broadcasts import BroadcastRunner, Broadcasts
-from dispatcher.contract import BroadcastJob
-from dispatcher.jobstore import JobStore
-from dispatcher.ledger import CreditStore
-from dispatcher.outcomes import Done, Outcome
+from dispatcher.broadcasts.runner import BroadcastRunner, Broadcasts
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.rates import RateCache
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.jobs.contract import BroadcastJob
+from dispatcher.jobs.outcomes import Done, Outcome
+from dispatcher.jobs.store import JobStore
 from dispatcher.queries import q
-from dispatcher.rates import RateCache
-from dispatcher.subscriptions import create_account
 from tests.integration.test_api_broadcasts import numbers_of
 
 

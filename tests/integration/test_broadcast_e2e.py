@@ -16,7 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from dispatcher.audit import run_audit
+from dispatcher.credits.audit import run_audit
 from dispatcher.settings import Settings
 from dispatcher.tokens import create_token
 from tests.integration.dispatcher_fixture import (

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import uuid
 
-from dispatcher.broadcasts import Broadcasts, BroadcastSpec, store_broadcast
+from dispatcher.broadcasts.preflight import Recipients
+from dispatcher.broadcasts.runner import Broadcasts, BroadcastSpec, store_broadcast
+from dispatcher.credits.rates import RateCache
 from dispatcher.metrics import END_TO_END_BUCKETS, Metrics
-from dispatcher.preflight import Recipients
-from dispatcher.rates import RateCache
 from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
 from tests.integration.test_api_broadcasts import numbers_of
 

@@ -9,12 +9,12 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dispatcher.audit import run_audit
-from dispatcher.callbacks import StatusCallbacks
-from dispatcher.jobstore import JobReport, JobStore, NewJob
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.jobs.store import JobReport, JobStore, NewJob
 from dispatcher.metrics import Metrics
-from dispatcher.subscriptions import create_account
+from dispatcher.twilio.callbacks import StatusCallbacks
 
 
 def uid(prefix: str) -> str:

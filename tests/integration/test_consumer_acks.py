@@ -17,11 +17,11 @@ from dataclasses import replace
 import aio_pika
 from prometheus_client import CollectorRegistry
 
-from dispatcher.consumer import Consumer
+from dispatcher.dispatch.consumer import Consumer
+from dispatcher.events.topology import Names, delete_all
+from dispatcher.jobs.outcomes import Done, Outcome
 from dispatcher.metrics import Metrics
-from dispatcher.outcomes import Done, Outcome
 from dispatcher.settings import Settings
-from dispatcher.topology import Names, delete_all
 from tests.integration.dispatcher_fixture import wait_for
 
 JOBS = 300

@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from dispatcher.audit import run_audit
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import Plan, create_account
 from dispatcher.errors import (
     AccountExists,
     AlreadySettled,
@@ -20,8 +22,6 @@ from dispatcher.errors import (
     UnknownAccount,
     UnknownReservation,
 )
-from dispatcher.ledger import CreditStore
-from dispatcher.subscriptions import Plan, create_account
 
 
 def new_id(prefix: str = "acct") -> str:

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.audit import run_audit
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
 from dispatcher.errors import DispatcherError
-from dispatcher.ledger import CreditStore
-from dispatcher.subscriptions import create_account
 
 OLD = "reserve_batch_0001"
 NAMES = [f"j{i}" for i in range(8)]

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.audit import run_audit
-from dispatcher.coalesce import reserve_coalesced
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.coalesce import reserve_coalesced
+from dispatcher.credits.ledger import BatchReservation, CreditStore
+from dispatcher.credits.subscriptions import create_account
 from dispatcher.errors import InvalidAmount, ReservationConflict
-from dispatcher.ledger import BatchReservation, CreditStore
 from dispatcher.queries import q
-from dispatcher.subscriptions import create_account
 
 
 class Recording:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import asyncpg
 
-from dispatcher.audit import run_audit
-from dispatcher.ledger import CreditStore
-from dispatcher.subscriptions import create_account
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = 4

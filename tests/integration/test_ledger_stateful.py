@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from dispatcher.audit import run_audit
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
 from dispatcher.errors import DispatcherError
-from dispatcher.ledger import CreditStore
-from dispatcher.subscriptions import create_account
 from tests.integration.ledger_model import LedgerModel, ModelRefused
 
 T = TypeVar("T")

@@ -18,9 +18,10 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from dispatcher import outbox, service
+from dispatcher import service
+from dispatcher.credits.ledger import CreditStore
 from dispatcher.db import LISTEN_APPLICATION_PREFIX
-from dispatcher.ledger import CreditStore
+from dispatcher.events import outbox
 from dispatcher.settings import Settings
 from tests.integration.dispatcher_fixture import RunningDispatcher, running_dispatcher, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import asyncpg
 
-from dispatcher.ledger import CreditStore
-from dispatcher.publisher import JobPublisher
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.events.publisher import JobPublisher
+from dispatcher.events.topology import Names
 from dispatcher.sandbox import NumberRule
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
-from dispatcher.topology import Names
 from tests.acceptance.process import DispatcherProcess
 from tests.integration.dispatcher_fixture import dispatcher_settings, drop_topology, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle

@@ -9,9 +9,9 @@ import aio_pika
 import aiohttp
 
 from billing_client.events import CreditsGranted, encode_event
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.events.topology import Names
 from dispatcher.sandbox import NumberRule
-from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
 from tests.integration.ops_fixture import Samples, ops_dispatcher, scrape, value
 

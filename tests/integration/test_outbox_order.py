@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncpg
 from prometheus_client import CollectorRegistry
 
+from dispatcher.events.outbox import BATCH, OutboxRelay
 from dispatcher.metrics import Metrics
-from dispatcher.outbox import BATCH, OutboxRelay
 
 
 class RecordingExchange:

@@ -20,11 +20,11 @@ import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
-from dispatcher import outbox
+from dispatcher.events import outbox
+from dispatcher.events.outbox import OutboxRelay
+from dispatcher.events.topology import Names, Topology, declare
 from dispatcher.metrics import Metrics
-from dispatcher.outbox import OutboxRelay
 from dispatcher.settings import Settings
-from dispatcher.topology import Names, Topology, declare
 from tests.integration.dispatcher_fixture import drop_topology, wait_for
 
 

@@ -13,16 +13,16 @@ import aio_pika
 import asyncpg
 from prometheus_client import CollectorRegistry
 
-from dispatcher.audit import run_audit
-from dispatcher.contract import encode_job, parse_job
-from dispatcher.jobstore import JobStore, NewJob
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.events.resumer import Resumer, sweep_holds
+from dispatcher.events.topology import Names
+from dispatcher.jobs.contract import encode_job, parse_job
+from dispatcher.jobs.outcomes import Done, Outcome
+from dispatcher.jobs.store import JobStore, NewJob
 from dispatcher.metrics import Metrics
-from dispatcher.outcomes import Done, Outcome
 from dispatcher.queries import q
-from dispatcher.resumer import Resumer, sweep_holds
-from dispatcher.subscriptions import create_account
-from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
 
 

@@ -14,12 +14,12 @@ import asyncpg
 import pytest
 from twilio.request_validator import RequestValidator
 
-from dispatcher.audit import run_audit
-from dispatcher.contract import StatusEvent
-from dispatcher.ledger import CreditStore
+from dispatcher.credits.audit import run_audit
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.events.topology import Names
+from dispatcher.jobs.contract import StatusEvent
 from dispatcher.sandbox.state import NumberRule
 from dispatcher.settings import Settings
-from dispatcher.topology import Names
 from tests.integration.dispatcher_fixture import (
     RunningDispatcher,
     running_dispatcher,

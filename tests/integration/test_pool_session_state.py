@@ -15,13 +15,13 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dispatcher import outbox
+from dispatcher.credits.subscriptions import create_account
 from dispatcher.db import connect, create_pool, listening
+from dispatcher.events import outbox
+from dispatcher.events.resumer import Resumer
+from dispatcher.jobs.outcomes import Done, Outcome
 from dispatcher.metrics import Metrics
-from dispatcher.outcomes import Done, Outcome
-from dispatcher.resumer import Resumer
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import create_account
 from tests.integration.dispatcher_fixture import wait_for
 
 POOL_SIZE = 3

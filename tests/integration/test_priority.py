@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from dispatcher.topology import Names
+from dispatcher.events.topology import Names
 from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
 
 BULK = 2000

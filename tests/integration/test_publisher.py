@@ -18,9 +18,9 @@ from billing_client import (
     PublishFailed,
     decode_event,
 )
-from dispatcher.contract import InvalidJob, SmsJob, parse_job, validate_job
 from dispatcher.errors import ServiceUnavailable
-from dispatcher.publisher import JobNotPublished, JobPublisher
+from dispatcher.events.publisher import JobNotPublished, JobPublisher
+from dispatcher.jobs.contract import InvalidJob, SmsJob, parse_job, validate_job
 from dispatcher.settings import Settings
 
 AMQP_URL = Settings.from_env().amqp_url

@@ -21,7 +21,7 @@ from twilio.request_validator import RequestValidator
 
 from dispatcher.sandbox import NumberRule, SandboxState, Scenario
 from dispatcher.sandbox.resources import count_segments
-from dispatcher.twilio_http import basic_auth, rewrite_url
+from dispatcher.twilio.http import basic_auth, rewrite_url
 from tests.integration.sandbox_fixture import SandboxHandle
 
 SENDER = "+15005550006"

@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 
 import dispatcher.sandbox.app as sandbox_app
-from dispatcher.twilio_http import basic_auth
+from dispatcher.twilio.http import basic_auth
 from tests.integration.sandbox_fixture import SandboxHandle
 
 SPEC_PATH = Path(__file__).resolve().parents[3] / "shared" / "twilio" / "twilio_api_v2010.json"

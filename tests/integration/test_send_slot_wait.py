@@ -13,7 +13,7 @@ from collections import Counter
 
 import asyncpg
 
-from dispatcher.audit import run_audit
+from dispatcher.credits.audit import run_audit
 from dispatcher.settings import Settings
 from tests.integration.dispatcher_fixture import running_dispatcher, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle

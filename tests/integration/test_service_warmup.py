@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from dispatcher.numbers import CALLING_CODES, default_resolver
+from dispatcher.pricing.numbers import CALLING_CODES, default_resolver
 from dispatcher.settings import Settings
 from tests.integration.dispatcher_fixture import running_dispatcher
 from tests.integration.sandbox_fixture import SandboxHandle

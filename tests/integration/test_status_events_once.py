@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import pytest
 
-from dispatcher.jobstore import JobStore, NewJob
-from dispatcher.ledger import CreditStore
-from dispatcher.subscriptions import create_account
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.credits.subscriptions import create_account
+from dispatcher.jobs.store import JobStore, NewJob
 
 Step = Callable[[JobStore, str], Awaitable[object]]
 

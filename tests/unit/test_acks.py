@@ -10,7 +10,7 @@ from typing import cast
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.acks import AckCoalescer
+from dispatcher.dispatch.acks import AckCoalescer
 
 
 @dataclass(eq=False)

@@ -6,13 +6,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dispatcher.callbacks import read_call_status, read_sms_status
+from dispatcher.credits.subscriptions import Plan, next_period, period_containing
 from dispatcher.errors import InvalidPlan
+from dispatcher.events.topology import Names
 from dispatcher.queries import parse, q
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import Plan, next_period, period_containing
-from dispatcher.topology import Names
-from dispatcher.twilio_errors import classify, code_class
+from dispatcher.twilio.callbacks import read_call_status, read_sms_status
+from dispatcher.twilio.errors import classify, code_class
 
 
 def test_settings_from_env_and_secrets_not_in_repr() -> None:

@@ -13,8 +13,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from billing_client import events as billing
-from dispatcher import contract
-from dispatcher.contract import (
+from dispatcher.jobs import contract
+from dispatcher.jobs.contract import (
     REASON_CODES,
     ROUTING_KEYS,
     BroadcastJob,

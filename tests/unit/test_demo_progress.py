@@ -6,9 +6,9 @@ import io
 
 import pytest
 
-from dispatcher.demo_progress import ProgressView, Snapshot
-from dispatcher.demo_report import key_metric_lines
-from dispatcher.demo_setup import DemoFailed, database_url, demo_recipients, extra_recipients
+from dispatcher.demo.progress import ProgressView, Snapshot
+from dispatcher.demo.report import key_metric_lines
+from dispatcher.demo.setup import DemoFailed, database_url, demo_recipients, extra_recipients
 
 
 class Terminal(io.StringIO):

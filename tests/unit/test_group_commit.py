@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dispatcher.group_commit import GroupCommit
+from dispatcher.jobs.group_commit import GroupCommit
 
 
 class Recorder:

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.listener import ListenPolicy, keep_listening
+from dispatcher.events.listener import ListenPolicy, keep_listening
 
 POLICY = ListenPolicy(check_seconds=0.01, check_timeout_seconds=0.01, backoff_min_seconds=0.01,
                       backoff_max_seconds=0.01)

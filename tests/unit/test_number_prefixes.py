@@ -8,8 +8,8 @@ import re
 import phonenumbers
 import pytest
 
-from dispatcher.digit_diagrams import Diagrams, Unsupported
-from dispatcher.numbers import CountryResolver
+from dispatcher.pricing.digit_diagrams import Diagrams, Unsupported
+from dispatcher.pricing.numbers import CountryResolver
 from tests.unit.test_numbers import PREFIX_CASES, example_numbers, mutants, reference
 
 DIGITS = "0123456789"

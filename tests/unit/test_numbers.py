@@ -9,7 +9,7 @@ import pytest
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
 from dispatcher.errors import InvalidRecipient
-from dispatcher.numbers import CountryResolver, country_of, mask
+from dispatcher.pricing.numbers import CountryResolver, country_of, mask
 
 E164 = PhoneNumberFormat.E164
 TYPES = [getattr(PhoneNumberType, name) for name in dir(PhoneNumberType) if name.isupper()]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher.errors import InvalidAmount, InvalidRecipient, UnknownChannel
-from dispatcher.pricing import (
+from dispatcher.pricing.quotes import (
     GSM7_BASIC,
     GSM7_EXTENDED,
     InvalidRate,

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from dispatcher.ratelimit import SenderRateLimiter
+from dispatcher.dispatch.ratelimit import SenderRateLimiter
 
 
 class FakeClock:

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from dispatcher import digit_diagrams, numbers
-from dispatcher.numbers import CALLING_CODES, CountryResolver
-from dispatcher.resolver_warmup import warm_up
+from dispatcher.pricing import digit_diagrams, numbers
+from dispatcher.pricing.numbers import CALLING_CODES, CountryResolver
+from dispatcher.pricing.warmup import warm_up
 from tests.unit.test_numbers import example_numbers, mutants, random_numbers, reference
 
 

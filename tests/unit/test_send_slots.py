@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dispatcher.send_slots import SendSlots
+from dispatcher.dispatch.send_slots import SendSlots
 
 
 async def test_never_more_than_the_limit_hold_a_slot() -> None:

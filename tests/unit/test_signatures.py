@@ -7,8 +7,8 @@ from urllib.parse import urlencode
 import pytest
 from twilio.request_validator import RequestValidator
 
-from dispatcher.callbacks import SignatureCheck, job_report
 from dispatcher.sandbox.callbacks import form_body, sign
+from dispatcher.twilio.callbacks import SignatureCheck, job_report
 
 TOKEN = "the-auth-token"
 BASE = "http://127.0.0.1:8080"

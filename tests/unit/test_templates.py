@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.pricing import GSM7_BASIC, GSM7_EXTENDED, count_segments
-from dispatcher.templates import Template
+from dispatcher.pricing.quotes import GSM7_BASIC, GSM7_EXTENDED, count_segments
+from dispatcher.pricing.templates import Template
 
 EMOJI = "😀"
 ALPHABET = st.sampled_from(list(GSM7_BASIC[:40] + GSM7_EXTENDED + "aZ9 Łé李ж`" + EMOJI))

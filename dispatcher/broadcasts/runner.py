@@ -1,0 +1,345 @@
+"""Broadcasts: store one submission, then fan it out to per-recipient SMS jobs in batches.
+
+Each batch is priced in Python and reserved in one round trip (``reserve_batch`` through
+``begin_broadcast_batch``); what the balance cannot cover is held and the account pauses, so a
+broadcast pauses and resumes with its account. Recipient job ids are ``<broadcast>:<seq>``,
+which makes a re-run of a batch after a crash a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+
+from dispatcher.broadcasts.preflight import (
+    AutoRecharge,
+    PreflightResult,
+    Recipients,
+    gc_paused,
+    preflight,
+)
+from dispatcher.credits.rates import RateCache
+from dispatcher.db import Connection
+from dispatcher.errors import DispatcherError, UnknownAccount
+from dispatcher.jobs.contract import BroadcastJob, CallJob, SmsJob
+from dispatcher.jobs.outcomes import Outcome
+from dispatcher.metrics import Kind
+from dispatcher.pricing.numbers import default_resolver
+from dispatcher.pricing.quotes import count_segments
+from dispatcher.pricing.templates import Template
+from dispatcher.queries import q
+
+log = structlog.get_logger(__name__)
+
+SendReleased = Callable[[bytes, int], Awaitable[Outcome]]
+OptedOut = Callable[[asyncpg.Pool, str, list[str]], Awaitable[set[str]]]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a broadcast stands."""
+
+    broadcast_id: str
+    account: str
+    status: str
+    total: int
+    skipped: int
+    pending: int
+    sending: int
+    sent: int
+    delivered: int
+    failed: int
+    held: int
+    canceled: int
+    credits_reserved: int
+    credits_spent: int
+    created_at: str
+    finished_at: str | None
+
+    def as_json(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+class BroadcastShort(DispatcherError):
+    """The account cannot pay for this broadcast and auto-recharge is off."""
+
+    code = "insufficient_credits"
+
+
+@dataclass(frozen=True)
+class BroadcastSpec:
+    """What a broadcast sends, from whom, to whom."""
+
+    account: str
+    body: str
+    footer: bool
+    priority: str
+    sender: str | None
+    messaging_service_sid: str | None
+    recipients: Recipients
+
+    @classmethod
+    def from_job(cls, job: BroadcastJob) -> BroadcastSpec:
+        """The spec of an AMQP broadcast job."""
+        return cls(job.account, job.body, job.footer, job.priority, job.from_,
+                   job.messaging_service_sid,
+                   Recipients.from_dicts([dict(r) for r in job.recipients]))
+
+
+async def account_opt_outs(pool: asyncpg.Pool, account: str, numbers: list[str]) -> set[str]:
+    """The account's opted-out numbers among ``numbers``, in one query either way.
+
+    Opt-out lists are usually far shorter than a broadcast: read the whole list then; look the
+    numbers up by index only when the list is the longer one.
+    """
+    rows = await pool.fetch(q("broadcast_account_opt_outs"), account, len(numbers) + 1)
+    if len(rows) <= len(numbers):
+        return {row["number"] for row in rows}.intersection(numbers)
+    return {row["number"] for row in await pool.fetch(q("api_opted_out_among"), account,
+                                                        numbers)}
+
+
+class Broadcasts:
+    """Pre-flight and submission, shared by the HTTP API and AMQP broadcast jobs."""
+
+    def __init__(self, pool: asyncpg.Pool, rates: RateCache,
+                 opted_out: OptedOut = account_opt_outs,
+                 wake: Callable[[], None] = lambda: None) -> None:
+        self.pool = pool
+        self._rates = rates
+        self._opted_out = opted_out
+        self.wake = wake
+        self._resolver = default_resolver()
+
+    async def preflight(self, account: str, template: Template,
+                        recipients: Recipients) -> PreflightResult:
+        """Price a broadcast without writing anything."""
+        row = await self.pool.fetchrow(q("preflight_account"), account)
+        if row is None:
+            raise UnknownAccount(f"no account {account!r}", account_id=account)
+        opted_out = await self._opted_out(self.pool, account, list(recipients.numbers))
+        auto = AutoRecharge(row["auto_recharge_enabled"], row["auto_recharge_threshold"],
+                            row["auto_recharge_amount"])
+        rates = await self._rates.get()
+        with gc_paused():
+            return preflight(template, recipients, rates, opted_out, row["available"], auto,
+                             self._resolver)
+
+    async def check(self, spec: BroadcastSpec, *, refuse_if_short: bool) -> PreflightResult:
+        """The pre-flight of a submission; ``BroadcastShort`` if refused for lack of credits."""
+        result = await self.preflight(spec.account, Template(spec.body, spec.footer),
+                                      spec.recipients)
+        if refuse_if_short and result.advice in ("enable_auto_recharge", "top_up"):
+            raise BroadcastShort(
+                f"{result.shortfall} more credits are needed", shortfall=result.shortfall,
+                advice=result.advice, preflight=result.as_json())
+        return result
+
+    async def submit(self, broadcast_id: str, job: BroadcastJob, *,
+                     refuse_if_short: bool) -> tuple[PreflightResult, bool]:
+        """Pre-flight, then store and start it; (result, False) for a replayed id."""
+        spec = BroadcastSpec.from_job(job)
+        result = await self.check(spec, refuse_if_short=refuse_if_short)
+        async with self.pool.acquire() as conn, conn.transaction():
+            stored = await store_broadcast(conn, broadcast_id, spec, result)
+        if stored:
+            self.wake()
+        return result, stored
+
+
+async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSpec,
+                          result: PreflightResult) -> bool:
+    """Write the broadcast and its recipients (COPY); False if that id already exists."""
+    created = await conn.fetchval(
+        q("broadcast_insert"), broadcast_id, spec.account, spec.priority, spec.sender,
+        spec.messaging_service_sid, spec.body, spec.footer, result.recipients,
+        result.recipients - result.billable, result.credits)
+    if created is None:
+        return False
+    skips = result.skip_reasons
+    encode = msgspec.json.encode
+    rows = [(broadcast_id, i, to, encode(variables).decode(),
+             "skipped" if i in skips else "pending", skips.get(i))
+            for i, (to, variables) in enumerate(zip(spec.recipients.numbers,
+                                                    spec.recipients.variables, strict=True))]
+    await conn.copy_records_to_table(
+        "broadcast_recipients", records=rows,
+        columns=["broadcast_id", "seq", "to_number", "vars", "status", "skip_reason"])
+    await conn.execute(q("broadcast_counts_insert"), broadcast_id,
+                       sum(1 for row in rows if row[4] == "pending"))
+    log.info("broadcast_stored", broadcast_id=broadcast_id, account_id=spec.account,
+             recipients=result.recipients, billable=result.billable)
+    return True
+
+
+class BroadcastRunner:
+    """Fans running broadcasts out, batch by batch, sending each reserved job once.
+
+    Sends run as tasks in a bounded window: the next batch is reserved while the previous one
+    is still being sent, but never more than ``window`` recipients are reserved and unsent, so
+    a crash leaves at most that many for the reconciler.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, rates: RateCache, send: SendReleased, *,
+                 batch: int = 100, window: int = 150) -> None:
+        if window < batch:
+            raise ValueError("the window must hold at least one batch")
+        self._pool = pool
+        self._rates = rates
+        self._send = send
+        self._batch = batch
+        self._slots = asyncio.Semaphore(window)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._resolver = default_resolver()
+        self._wake = asyncio.Event()
+        self._last_seq: dict[str, int] = {}  # per running broadcast: the last seq claimed
+
+    def wake(self) -> None:
+        """A broadcast was submitted: look for work now."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work through running broadcasts until ``stop``; sleep until woken when idle."""
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                worked = False
+                running = await self._pool.fetch(q("running_broadcasts"))
+                self._last_seq = {r["id"]: self._last_seq[r["id"]] for r in running
+                                  if r["id"] in self._last_seq}
+                for row in running:
+                    worked |= await self.step(row)
+                if not worked:
+                    await self._idle(stop)
+        finally:
+            await self.drain(5.0)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for a submission or a stop; while sends are in flight, only until they end."""
+        waiters: list[asyncio.Task[object]] = [asyncio.create_task(self._wake.wait()),
+                                               asyncio.create_task(stop.wait())]
+        timeout = 5.0
+        if self._in_flight:
+            waiters.append(asyncio.create_task(self.drain(1.0)))
+            timeout = 1.0
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the sends in flight."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=seconds)
+
+    async def step(self, broadcast: asyncpg.Record) -> bool:
+        """Reserve one batch of a broadcast and start sending it; False when none was pending."""
+        pending = await self._pending(broadcast["id"])
+        if not pending:
+            await self._pool.fetchval(q("broadcast_finish_if_done"), broadcast["id"])
+            return False
+        for _ in pending:
+            await self._slots.acquire()
+        to_send: list[str] = []
+        try:
+            args = await self._batch_args(broadcast, pending)
+            to_send = [r["job_id"] for r in await self._pool.fetch(
+                q("begin_broadcast_batch"), broadcast["id"], *args)]
+            self._last_seq[broadcast["id"]] = pending[-1]["seq"]
+        finally:
+            for _ in range(len(pending) - len(to_send)):  # held, canceled or failed: no send
+                self._slots.release()
+        payloads = dict(zip(args[1], args[2], strict=True))
+        for job_id in to_send:
+            task = asyncio.create_task(self._send_one(payloads[job_id]), name="broadcast-send")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+        return bool(to_send)
+
+    async def _pending(self, broadcast_id: str) -> list[asyncpg.Record]:
+        """The next batch of pending recipients, after the last one this runner claimed.
+
+        Only a batch that failed before its claim (here or in another process) leaves
+        recipients pending behind that seq: look from the start before calling it done.
+        """
+        last = self._last_seq.get(broadcast_id, -1)
+        pending: list[asyncpg.Record] = await self._pool.fetch(
+            q("broadcast_pending_batch"), broadcast_id, last, self._batch)
+        if not pending and last >= 0:
+            pending = await self._pool.fetch(q("broadcast_pending_batch"), broadcast_id, -1,
+                                             self._batch)
+        return pending
+
+    async def _send_one(self, payload: str) -> None:
+        try:
+            await self._send(payload.encode(), 1)
+        except Exception:
+            # The job stays 'sending' with its credits reserved; the reconciler resolves it.
+            log.exception("broadcast_send_failed")
+        finally:
+            self._slots.release()
+
+    async def _batch_args(self, b: asyncpg.Record,
+                          pending: Sequence[asyncpg.Record]) -> list[Any]:
+        rates = await self._rates.get()
+        template = Template(b["body"], b["footer"])
+        created_at = b["created_at"].isoformat()
+        seqs, ids, payloads, estimates, countries, units, unit_rates = [], [], [], [], [], [], []
+        for r in pending:
+            country = self._resolver.resolve(r["to_number"]) or "*"
+            text = template.render(json.loads(r["vars"]))
+            segments = count_segments(text).segments
+            rate = rates.rate("sms", country)
+            job_id = f"{b['id']}:{r['seq']}"
+            # created_at: the submission's, so end-to-end latency counts the fan-out's wait.
+            payload: dict[str, Any] = {
+                "schema_version": 1, "id": job_id, "kind": "sms", "account": b["account_id"],
+                "to": r["to_number"], "body": text, "priority": b["priority"],
+                "metadata": {"broadcast_id": b["id"]}, "created_at": created_at}
+            if b["messaging_service_sid"]:
+                payload["messaging_service_sid"] = b["messaging_service_sid"]
+            else:
+                payload["from"] = b["sender"]
+            seqs.append(r["seq"])
+            ids.append(job_id)
+            payloads.append(json.dumps(payload))
+            estimates.append(max(segments * rate, 1))
+            countries.append(country)
+            units.append(segments)
+            unit_rates.append(rate)
+        return [seqs, ids, payloads, estimates, countries, units, unit_rates]
+
+
+def end_to_end_kind(job: SmsJob | CallJob) -> Kind:
+    """The ``kind`` label of a job's end-to-end latency: ``broadcast`` for a broadcast's
+    recipients (measured from the submission, a whole fan-out long), else the job's kind."""
+    broadcast = job.metadata.get("broadcast_id")
+    if broadcast is not None and job.id.startswith(f"{broadcast}:"):
+        return "broadcast"
+    return job.kind
+
+
+async def progress(pool: asyncpg.Pool, broadcast_id: str) -> Progress | None:
+    """Counts by state, or None for an unknown broadcast."""
+    b = await pool.fetchrow(q("broadcast_get"), broadcast_id)
+    if b is None:
+        return None
+    p = await pool.fetchrow(q("broadcast_progress"), broadcast_id)
+    assert p is not None
+    finished = b["finished_at"]
+    return Progress(broadcast_id, b["account_id"], b["status"], b["total"], b["skipped"],
+                    p["pending"], p["sending"], p["sent"], p["delivered"], p["failed"],
+                    p["held"], p["canceled"], p["credits_reserved"], p["credits_spent"],
+                    b["created_at"].isoformat(),
+                    finished.isoformat() if finished is not None else None)
+
+
+async def cancel(pool: asyncpg.Pool, broadcast_id: str) -> str:
+    """Stop unsent recipients; returns the broadcast's status afterwards."""
+    return str(await pool.fetchval(q("broadcast_cancel"), broadcast_id))

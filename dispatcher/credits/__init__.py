@@ -1,0 +1,1 @@
+"""Credits: the ledger (reserve, capture, release, grants), rates, subscriptions and the audit."""

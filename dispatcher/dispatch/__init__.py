@@ -1,0 +1,1 @@
+"""The dispatch pipeline: consume, handle (reserve, send, settle) and acknowledge."""

@@ -1,0 +1,215 @@
+"""The AMQP side of dispatching: consume, schedule transactional before bulk, ack by outcome.
+
+Messages from both work queues go into one in-process priority queue served by a fixed number
+of workers, so a bulk backlog can delay a transactional job by at most one job's handling time.
+A handler that raises gets its message requeued; the quorum queue's delivery limit then
+dead-letters a job that keeps crashing, without stopping its neighbours. Acks of committed
+outcomes are coalesced into multiple-acks (see ``acks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from dispatcher.dispatch.acks import AckCoalescer
+from dispatcher.events.topology import PRIORITIES, Names, Topology, declare
+from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
+from dispatcher.metrics import DEAD_LETTER_REASONS, Metrics
+
+log = structlog.get_logger(__name__)
+
+Handle = Callable[[bytes], Awaitable[Outcome]]
+PUBLISH_TIMEOUT_SECONDS = 10.0
+
+
+class Consumer:
+    """Consumes both work queues and turns each handler outcome into ack, retry or dead letter."""
+
+    def __init__(self, connection: AbstractRobustConnection, names: Names, handle: Handle,
+                 metrics: Metrics, *, prefetch: int, workers: int, delivery_limit: int) -> None:
+        self._connection = connection
+        self._names = names
+        self._handle = handle
+        self._metrics = metrics
+        self._prefetch = prefetch
+        self._workers = workers
+        self._delivery_limit = delivery_limit
+        # (priority rank, arrival order, delivered at, message)
+        self._pending: asyncio.PriorityQueue[
+            tuple[int, int, float, AbstractIncomingMessage]] = asyncio.PriorityQueue()
+        self._order = itertools.count()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._consumer_tags: dict[str, str] = {}
+        self._consume_channel: AbstractChannel | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._topology: Topology | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._acks = AckCoalescer(hold_limit=max(1, prefetch // 8))
+
+    async def start(self) -> None:
+        """Declare the topology and start consuming."""
+        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._topology = await declare(self._publish_channel, self._names, self._delivery_limit)
+        self._consume_channel = await self._connection.channel()
+        await self._consume_channel.set_qos(prefetch_count=self._prefetch)
+        self._tasks = [asyncio.create_task(self._work(), name=f"dispatch-worker-{i}")
+                       for i in range(self._workers)]
+        for rank, priority in enumerate(PRIORITIES):
+            queue = await self._consume_channel.get_queue(self._names.work_queue(priority))
+            self._consumer_tags[priority] = await queue.consume(self._enqueue_for(rank))
+        self._metrics.consumers_attached.set(len(self._consumer_tags))
+        log.info("consumer_started", workers=self._workers, prefetch=self._prefetch)
+
+    @property
+    def topology(self) -> Topology:
+        """The declared exchanges and queues (after ``start``)."""
+        assert self._topology is not None, "start() first"
+        return self._topology
+
+    def consumers_attached(self) -> int:
+        """How many work queues this process is consuming right now."""
+        channel = self._consume_channel
+        if channel is None or channel.is_closed or self._stopping:
+            return 0
+        return len(self._consumer_tags)
+
+    @property
+    def ack_frames(self) -> int:
+        """How many ack frames were sent (fewer than jobs when acks coalesce)."""
+        return self._acks.frames
+
+    def _enqueue_for(self, rank: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def enqueue(message: AbstractIncomingMessage) -> None:
+            self._pending.put_nowait((rank, next(self._order), time.monotonic(), message))
+        return enqueue
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.nack(requeue=True)
+        finally:
+            self._acks.nacked(message)
+
+    async def _work(self) -> None:
+        while True:
+            _, _, delivered, message = await self._pending.get()
+            self._metrics.queue_wait_seconds.observe(time.monotonic() - delivered)
+            if self._stopping:
+                await self._requeue(message)
+                continue
+            self._in_flight += 1
+            self._idle.clear()
+            self._metrics.in_flight.set(self._in_flight)
+            try:
+                await self._process(message)
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+                self._metrics.in_flight.set(self._in_flight)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        kind = message.type or "unknown"
+        self._metrics.jobs.labels(kind=_kind_label(kind), outcome="consumed").inc()
+        try:
+            outcome = await self._handle(message.body)
+        except Exception:
+            log.exception("job_handler_crashed", message_id=message.message_id,
+                          redelivered=message.redelivered)
+            await self._requeue(message)
+            return
+        try:
+            await self._settle(message, outcome)
+        except Exception:
+            log.exception("job_settle_failed", message_id=message.message_id)
+            await self._requeue(message)
+
+    async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        if isinstance(outcome, Done):
+            self._acks.ack(message)
+            return
+        assert self._topology is not None
+        assert self._publish_channel is not None
+        if isinstance(outcome, RetryLater):
+            priority = _priority_of(message)
+            delay = self._names.retry_delay(outcome.attempt)
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                await self._publish_channel.default_exchange.publish(
+                    _copy(message, {"x-retry-reason": outcome.reason}),
+                    routing_key=self._names.retry_queue(priority, delay))
+            self._acks.ack(message)
+            return
+        await self._dead_letter(message, outcome)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, outcome: DeadLetter) -> None:
+        assert self._topology is not None
+        headers = {"x-reason": outcome.reason, "x-detail": outcome.detail[:500]}
+        if outcome.job_id:
+            headers["x-job-id"] = outcome.job_id
+        if outcome.account_id:
+            headers["x-account"] = outcome.account_id
+        async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+            await self._topology.dead.publish(_copy(message, headers), routing_key=outcome.reason)
+        self._acks.ack(message)
+        self._metrics.dead_letters.labels(reason=_reason_label(outcome.reason)).inc()
+        self._metrics.jobs.labels(kind=_kind_label(message.type or "unknown"),
+                                  outcome="dead_lettered").inc()
+        log.warning("job_dead_lettered", reason=outcome.reason, job_id=outcome.job_id,
+                    account_id=outcome.account_id)
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop consuming, hand back what was not started, let in-flight jobs finish."""
+        self._stopping = True
+        if self._consume_channel is not None and not self._consume_channel.is_closed:
+            for priority, tag in self._consumer_tags.items():
+                queue = await self._consume_channel.get_queue(self._names.work_queue(priority))
+                await queue.cancel(tag)
+        self._metrics.consumers_attached.set(0)
+        while not self._pending.empty():
+            *_, message = self._pending.get_nowait()
+            await self._requeue(message)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._acks.close()
+        log.info("consumer_stopped", unfinished=self._in_flight, ack_frames=self._acks.frames)
+        for channel in (self._consume_channel, self._publish_channel):
+            if channel is not None and not channel.is_closed:
+                await channel.close()
+
+
+def _copy(message: AbstractIncomingMessage, extra_headers: dict[str, str]) -> aio_pika.Message:
+    headers = dict(message.headers or {})
+    headers.update(extra_headers)
+    return aio_pika.Message(
+        message.body, headers=headers, content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message.message_id,
+        type=message.type, timestamp=message.timestamp)
+
+
+def _priority_of(message: AbstractIncomingMessage) -> str:
+    # Either `<kind>.<priority>` from the jobs exchange, or the work queue's name after a retry.
+    return "bulk" if (message.routing_key or "").endswith(".bulk") else "transactional"
+
+
+KINDS = frozenset({"sms", "call", "broadcast"})
+
+
+def _kind_label(kind: str) -> str:
+    return kind if kind in KINDS else "unknown"
+
+
+def _reason_label(reason: str) -> str:
+    return reason if reason in DEAD_LETTER_REASONS else "handler_error"

@@ -1,0 +1,231 @@
+"""Handle one job: validate, price, begin (reserve or hold), send once, record the outcome.
+
+Knows nothing of AMQP: it returns an ``Outcome`` and the consumer acks, retries or dead-letters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from dispatcher.broadcasts.runner import Broadcasts, end_to_end_kind
+from dispatcher.credits.rates import RateCache
+from dispatcher.dispatch.ordering import AccountTurns
+from dispatcher.dispatch.ratelimit import SenderRateLimiter
+from dispatcher.dispatch.send_slots import SendSlots
+from dispatcher.errors import DispatcherError
+from dispatcher.jobs.contract import (
+    BroadcastJob,
+    CallJob,
+    InvalidJob,
+    SmsJob,
+    decode_stored_job,
+    encode_job,
+    parse_job,
+)
+from dispatcher.jobs.group_commit import GroupCommit
+from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
+from dispatcher.jobs.store import Begin, JobStore, NewJob
+from dispatcher.metrics import Metrics
+from dispatcher.pricing.quotes import call_quote, sms_quote
+from dispatcher.twilio.sender import Accepted, CallRequest, Sender, SendResult, SmsRequest
+
+log = structlog.get_logger(__name__)
+
+MAX_SEND_ATTEMPTS = 6
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """What the handler needs from the settings."""
+
+    callback_base_url: str
+    max_job_bytes: int = 256 * 1024
+    # Provider calls in flight at once (see send_slots).
+    max_in_flight: int = 200
+    # A job that waited longer than this for a provider slot re-claims itself before sending:
+    # past the reconciler's grace, a `sending` job looks crashed and is taken over (a quarter
+    # of the grace leaves the provider call itself the rest of it).
+    reclaim_after_seconds: float = 15.0
+    # Begins and acceptances of concurrent jobs share round trips (see group_commit).
+    max_batch: int = 200
+    batch_concurrency: int = 2
+
+
+class JobHandler:
+    """Turns one raw job into exactly one provider call at most, and its outcome."""
+
+    def __init__(self, jobs: JobStore, sender: Sender, rates: RateCache,
+                 limiter: SenderRateLimiter, metrics: Metrics, config: HandlerConfig,
+                 broadcasts: Broadcasts | None = None) -> None:
+        self._broadcasts = broadcasts
+        self._turns = AccountTurns()
+        self._jobs = jobs
+        self._sender = sender
+        self._rates = rates
+        self._limiter = limiter
+        self._metrics = metrics
+        self._config = config
+        self._slots = SendSlots(config.max_in_flight)
+        # Keyed by account: an account's jobs begin in the order they were queued, even when
+        # they go in different batches.
+        self._begins: GroupCommit[NewJob, Begin] = GroupCommit(
+            self._begin_batch, jobs.begin, max_batch=config.max_batch,
+            concurrency=config.batch_concurrency, key=lambda job: job.account_id,
+            rank=lambda job: _rank(job.priority))
+        self._accepts: GroupCommit[tuple[str, str, int], str] = GroupCommit(
+            self._accepted_batch, lambda accepted: jobs.accepted(accepted[0], accepted[1]),
+            max_batch=config.max_batch, concurrency=config.batch_concurrency,
+            rank=lambda accepted: accepted[2])
+
+    @property
+    def round_trips(self) -> dict[str, int]:
+        """Group-commit round trips so far, by kind (for the shutdown log)."""
+        return {"begins": self._begins.batches, "accepts": self._accepts.batches}
+
+    async def _begin_batch(self, batch: list[NewJob]) -> list[Begin]:
+        # Account rows are locked in account order (arrival order within an account), so
+        # concurrent batches cannot deadlock on them.
+        order = sorted(range(len(batch)), key=lambda i: batch[i].account_id)
+        begun = await self._jobs.begin_many([batch[i] for i in order])
+        results: list[Begin] = [begun[0]] * len(batch)
+        for position, i in enumerate(order):
+            results[i] = begun[position]
+        return results
+
+    async def _accepted_batch(self, batch: list[tuple[str, str, int]]) -> list[str]:
+        order = sorted(range(len(batch)), key=lambda i: batch[i][0])
+        statuses = await self._jobs.accepted_many([batch[i][:2] for i in order])
+        results = [""] * len(batch)
+        for position, i in enumerate(order):
+            results[i] = statuses[position]
+        return results
+
+    async def handle(self, raw: bytes) -> Outcome:
+        """Validate, begin and send one job."""
+        try:
+            job = parse_job(raw, max_bytes=self._config.max_job_bytes)
+        except InvalidJob as exc:
+            return DeadLetter(exc.reason, exc.detail, exc.job_id, exc.account)
+        if isinstance(job, BroadcastJob):
+            return await self._broadcast(job)
+        async with self._turns.turn(job.account):
+            try:
+                new_job = await self._price(job)
+            except DispatcherError as exc:
+                return DeadLetter(exc.code, str(exc), job.id, job.account)
+            # The sender's turn comes before the job becomes `sending`: a wait in `sending`
+            # longer than the reconciler's grace would look like a crash and be resent.
+            await self._limiter.acquire(_sender_of(job))
+            reserving = time.perf_counter()
+            # Queued in arrival order: the turn can go to the account's next job now, and the
+            # group commit keeps the order (see ``_begins``), so one account is not limited to
+            # one job per round trip.
+            begun = self._begins.enqueue(new_job)
+        begin = await begun
+        self._metrics.reservation_seconds.observe(time.perf_counter() - reserving)
+        bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
+        if begin.outcome == "unknown_account":
+            return DeadLetter("unknown_account", f"no account {job.account!r}", job.id, job.account)
+        if begin.outcome == "conflict":
+            return DeadLetter("job_id_conflict", "this job id belongs to another account",
+                              job.id, job.account)
+        if begin.outcome in ("held", "duplicate"):
+            bound.info("job_" + begin.outcome, status=begin.status)
+            self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()
+            return Done(begin.outcome)
+        return await self._send(job, begin.attempts)
+
+    async def _broadcast(self, job: BroadcastJob) -> Outcome:
+        if self._broadcasts is None:
+            return DeadLetter("unknown_kind", "this dispatcher does not run broadcasts",
+                              job.id, job.account)
+        try:
+            # Over AMQP nobody waits for an answer: a broadcast the account cannot pay for
+            # yet is accepted and held, like single jobs, until credits arrive.
+            await self._broadcasts.submit(job.id, job, refuse_if_short=False)
+        except DispatcherError as exc:
+            return DeadLetter(exc.code, str(exc), job.id, job.account)
+        return Done("broadcast_accepted")
+
+    async def send_released(self, payload: bytes, attempt: int) -> Outcome:
+        """Send a job that was held and has just been released (already reserved)."""
+        job = decode_stored_job(payload)
+        await self._limiter.acquire(_sender_of(job))
+        if not await self._jobs.claim_for_send(job.id, attempt):
+            log.warning("released_job_taken_over", job_id=job.id, account_id=job.account)
+            return Done("taken_over")
+        return await self._send(job, attempt)
+
+    async def _price(self, job: SmsJob | CallJob) -> NewJob:
+        rates = await self._rates.get()
+        if isinstance(job, SmsJob):
+            quote = sms_quote(job.to, job.body, rates)
+            units = quote.segments
+        else:
+            quote = call_quote(job.to, job.max_minutes, rates)
+            units = job.max_minutes
+        return NewJob(job.id, job.account, job.kind, job.priority,
+                      encode_job(job).decode(), max(quote.credits, 1), quote.country,
+                      units, quote.rate)
+
+    async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
+        bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
+        callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
+        async with self._slots.slot(_rank(job.priority)) as waited:
+            self._metrics.send_slot_wait_seconds.observe(waited)
+            if waited > self._config.reclaim_after_seconds and not await self._jobs.claim_for_send(
+                    job.id, attempt):
+                bound.warning("job_taken_over_while_waiting", waited_seconds=round(waited, 3))
+                return Done("taken_over")
+            started = time.perf_counter()
+            result = await self._call_provider(job, callback)
+            self._metrics.send_seconds.labels(kind=job.kind).observe(
+                time.perf_counter() - started)
+        if isinstance(result, Accepted):
+            accepted = time.perf_counter()
+            await self._accepts.submit((job.id, result.sid, _rank(job.priority)))
+            self._metrics.record_seconds.observe(time.perf_counter() - accepted)
+            bound.info("job_sent", attempt=attempt)
+            self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
+            if job.created_at is not None:
+                self._metrics.end_to_end_seconds.labels(kind=end_to_end_kind(job)).observe(
+                    max(0.0, (datetime.now(UTC) - job.created_at).total_seconds()))
+            return Done("sent")
+        self._metrics.twilio_errors.labels(code_class=result.code_class).inc()
+        bound = bound.bind(reason=result.reason, code=result.code, attempt=attempt)
+        if result.decision == "retry" and attempt < MAX_SEND_ATTEMPTS:
+            await self._jobs.retry_later(job.id, result.reason, result.code)
+            bound.warning("send_retry_later")
+            return RetryLater(attempt, result.reason)
+        if result.decision == "unknown":
+            await self._jobs.unknown(job.id, result.reason)
+            bound.warning("send_outcome_unknown")
+            self._metrics.jobs.labels(kind=job.kind, outcome="unknown").inc()
+            return Done("unknown")
+        await self._jobs.not_sent(job.id, result.reason, result.code)
+        bound.info("send_failed")
+        self._metrics.jobs.labels(kind=job.kind, outcome="failed").inc()
+        return Done("failed")
+
+    async def _call_provider(self, job: SmsJob | CallJob, callback: str) -> SendResult:
+        if isinstance(job, SmsJob):
+            return await self._sender.send_sms(SmsRequest(
+                job.to, job.body, job.from_, job.messaging_service_sid, callback))
+        return await self._sender.send_call(CallRequest(
+            job.to, job.from_, job.twiml, job.url, job.max_minutes * 60, callback))
+
+
+def _rank(priority: str) -> int:
+    """Transactional work first (0), then bulk (1): at every queue a job waits in."""
+    return 0 if priority == "transactional" else 1
+
+
+def _sender_of(job: SmsJob | CallJob) -> str:
+    """The rate-limit key: the sending number or Messaging Service."""
+    if isinstance(job, SmsJob):
+        return job.from_ or job.messaging_service_sid or ""
+    return job.from_

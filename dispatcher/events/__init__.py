@@ -1,0 +1,1 @@
+"""Events over RabbitMQ and PostgreSQL: topology, the outbox relay, grants, resume, publishing."""

@@ -1,0 +1,92 @@
+"""Apply ``credits.granted`` events from the billing service, each exactly once.
+
+The payment reference is the grant's ledger reference, so a redelivered or duplicated event
+changes nothing. Granting credits to a paused account wakes the resumer through PostgreSQL.
+``topup.failed`` is logged: the account stays paused with its jobs held until credits arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from billing_client.events import CreditsGranted, InvalidEvent, TopupFailed, decode_event
+from dispatcher.credits.ledger import CreditStore
+from dispatcher.errors import DispatcherError
+from dispatcher.events.topology import Names, Topology
+from dispatcher.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+LISTENED = ("credits.granted", "topup.failed")
+RETRY_DELAY_SECONDS = 1.0
+PREFETCH = 32
+
+
+async def declare_credits_queue(channel: AbstractChannel, names: Names,
+                                topology: Topology) -> AbstractQueue:
+    """The dispatcher's queue of billing replies; bounds the channel's unacked messages."""
+    await channel.set_qos(prefetch_count=PREFETCH)
+    queue = await channel.declare_queue(
+        f"{names.prefix}.credits", durable=True, arguments={
+            "x-queue-type": "quorum", "x-delivery-limit": 10,
+            "x-dead-letter-exchange": names.dead_exchange,
+            "x-dead-letter-routing-key": "delivery_limit"})
+    for routing_key in LISTENED:
+        await queue.bind(topology.billing, routing_key=routing_key)
+    return queue
+
+
+class CreditsListener:
+    """Consumes grants and writes them to the ledger (idempotent by payment reference)."""
+
+    def __init__(self, store: CreditStore, topology: Topology,
+                 metrics: Metrics | None = None) -> None:
+        self._store = store
+        self._topology = topology
+        self._metrics = metrics
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Apply one event; a database outage requeues it (the delivery limit ends a loop)."""
+        try:
+            await self._apply(message)
+        except (InvalidEvent, DispatcherError) as exc:
+            await self._reject(message, exc)
+        except Exception:
+            log.exception("credits_event_failed", message_id=message.message_id)
+            await asyncio.sleep(RETRY_DELAY_SECONDS)
+            await message.nack(requeue=True)
+
+    async def _apply(self, message: AbstractIncomingMessage) -> None:
+        event = decode_event(message.body)
+        if isinstance(event, TopupFailed):
+            # The account stays paused and its jobs held; billing retries or gave up.
+            await message.ack()
+            log.warning("topup_failed", account_id=event.account, reason=event.reason,
+                        attempts=event.attempts, gave_up=event.next_attempt_at is None)
+            return
+        if not isinstance(event, CreditsGranted):
+            raise InvalidEvent(f"unexpected event type {event.type!r} on the credits queue")
+        new = await self._store.grant(event.account, event.amount, event.kind,
+                                      event.payment_reference)
+        await message.ack()
+        if self._metrics is not None:
+            self._metrics.topups.labels(result="applied" if new else "duplicate").inc()
+        log.info("credits_granted", account_id=event.account, amount=event.amount,
+                 duplicate=not new)
+
+    async def _reject(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        code = getattr(exc, "code", "invalid_event")
+        async with asyncio.timeout(10):
+            await self._topology.dead.publish(
+                aio_pika.Message(message.body, headers={"x-reason": str(code),
+                                                        "x-detail": str(exc)[:500]},
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=str(code))
+        await message.ack()
+        if self._metrics is not None:
+            self._metrics.topups.labels(result="rejected").inc()
+        log.warning("credits_event_rejected", reason=code)

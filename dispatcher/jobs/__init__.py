@@ -1,0 +1,1 @@
+"""Jobs: the publishers' contract, the job state store and the outcomes handlers return."""

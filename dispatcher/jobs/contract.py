@@ -1,0 +1,414 @@
+"""Job contract v1: what publishers send, the status events and dead letters they get back.
+
+Jobs are UTF-8 JSON objects, one per AMQP message, discriminated by ``kind``, versioned by
+``schema_version``; the publisher-chosen ``id`` is the idempotency key. Jobs are strict (unknown
+fields rejected); events we emit ignore unknown fields, so optional fields may be added within v1.
+Broadcast recipients are only checked for E.164 *format* (a regex: 100k parse in ~0.2 s); real
+validity is left to the pre-flight and the dispatcher, which skip bad numbers one by one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal, NotRequired, Self, get_args
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import phonenumbers
+import pydantic_core
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
+
+from dispatcher.errors import DispatcherError
+from dispatcher.pricing.templates import STOP_FOOTER
+
+SCHEMA_VERSION = 1
+MAX_JOB_BYTES = 256 * 1024
+MAX_BROADCAST_BYTES = 32 * 1024 * 1024
+
+JobKind = Literal["sms", "call", "broadcast"]
+Priority = Literal["transactional", "bulk"]
+ReasonCode = Literal["too_large", "not_utf8", "not_json", "unsupported_version", "unknown_kind",
+                     "invalid_field", "invalid_recipient"]
+REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
+JobStatus = Literal["accepted", "held", "sent", "delivered", "undelivered", "failed", "unknown",
+                    "expired", "dead_lettered"]
+ROUTING_KEYS = tuple(f"{k}.{p}" for k in ("sms", "call", "broadcast")
+                     for p in ("transactional", "bulk"))
+
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+_E164 = re.compile(E164_PATTERN)
+_ALPHA_SENDER = re.compile(r"^[A-Za-z0-9 +\-_&]{1,11}$")
+_SNIFF = {"job_id": re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"'),
+          "account": re.compile(rb'"account"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')}
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}|[{}]")
+
+
+class InvalidJob(DispatcherError):
+    """The job does not follow the job contract."""
+
+    code = "invalid_job"
+
+    def __init__(self, reason: ReasonCode, detail: str, *, job_id: str | None = None,
+                 account: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}", reason=reason, job_id=job_id, account=account)
+        self.reason, self.detail, self.job_id, self.account = reason, detail, job_id, account
+
+
+def _phone_number(value: str, info: ValidationInfo) -> str:
+    """A real, canonical E.164 number (``phonenumbers`` decides; no national forms)."""
+    if isinstance(info.context, dict) and info.context.get("stored") is True:
+        return value  # checked on the way in, before it was stored
+    try:
+        number = phonenumbers.parse(value, None) if _E164.match(value) else None
+    except phonenumbers.NumberParseException:
+        number = None
+    if number is None or not phonenumbers.is_valid_number(number) or phonenumbers.format_number(
+            number, phonenumbers.PhoneNumberFormat.E164) != value:
+        raise ValueError("not a valid E.164 phone number (e.g. +14155552671)")
+    return value
+
+
+def _sender_id(value: str) -> str:
+    """An E.164 number or an alphanumeric sender id (≤ 11 chars, at least one letter)."""
+    if _E164.match(value) or (_ALPHA_SENDER.match(value) and any(map(str.isalpha, value))):
+        return value
+    raise ValueError("must be an E.164 number or an alphanumeric sender id (1-11 characters "
+                     "of A-Z a-z 0-9 space + - _ &, at least one letter)")
+
+
+def _http_url(value: str) -> str:
+    """An absolute http(s) URL."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http or https URL")
+    return value
+
+
+def template_variables(template: str) -> frozenset[str]:
+    """The ``{name}`` placeholders of a body template; ``{{`` and ``}}`` are literal braces."""
+    matches = list(_PLACEHOLDER.finditer(template))
+    if any(match.group(0) in ("{", "}") for match in matches):
+        raise ValueError("unbalanced brace: write {{ or }} for a literal brace")
+    return frozenset(match.group(1) for match in matches if match.group(1))
+
+
+def render_template(template: str, variables: Mapping[str, str]) -> str:
+    """Fill a body template's placeholders from ``variables`` (all must be present)."""
+    def fill(match: re.Match[str]) -> str:
+        token = match.group(0)
+        return token[0] if token in ("{{", "}}") else variables[match.group(1)]
+    return _PLACEHOLDER.sub(fill, template)
+
+
+JobId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+AccountId = Annotated[str, StringConstraints(pattern=ACCOUNT_PATTERN)]
+PhoneNumber = Annotated[str, AfterValidator(_phone_number), WithJsonSchema(
+    {"type": "string", "pattern": E164_PATTERN, "description": "E.164, valid per libphonenumber"})]
+E164Format = Annotated[str, StringConstraints(pattern=E164_PATTERN)]
+SenderId = Annotated[str, AfterValidator(_sender_id), WithJsonSchema({"type": "string", "pattern": (
+    r"^(\+[1-9][0-9]{6,14}|[A-Za-z0-9 +\-_&]{1,11})$"), "description": "E.164 or sender id"})]
+MessagingServiceSid = Annotated[str, StringConstraints(pattern=r"^MG[0-9a-fA-F]{32}$")]
+Body = Annotated[str, StringConstraints(min_length=1, max_length=1600)]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+Metadata = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=64)],
+                          ShortText], Field(max_length=16)]
+Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
+# Not Literal[1]: pydantic lets ``true`` and ``1.0`` through a literal even in strict mode.
+Version = Annotated[int, Field(ge=1, le=1), WithJsonSchema({"type": "integer", "const": 1})]
+
+
+class _Job(BaseModel):
+    """Fields every job kind has; strict types, unknown fields rejected, immutable."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
+
+    schema_version: Version
+    id: JobId
+    kind: JobKind
+    account: AccountId
+    metadata: Metadata = Field(default_factory=dict)
+    created_at: AwareDatetime | None = None
+
+
+class _MessagingJob(_Job):
+    """A job sent from a number / sender id, or through a Messaging Service."""
+
+    from_: SenderId | None = Field(None, validation_alias="from", serialization_alias="from")
+    messaging_service_sid: MessagingServiceSid | None = None
+
+    @model_validator(mode="after")
+    def _one_sender(self) -> Self:
+        if (self.from_ is None) == (self.messaging_service_sid is None):
+            raise ValueError("from, messaging_service_sid: exactly one of them is required")
+        return self
+
+
+class SmsJob(_MessagingJob):
+    """One text message to one recipient."""
+
+    kind: Literal["sms"]
+    to: PhoneNumber
+    body: Body
+    priority: Priority = "transactional"
+
+
+class CallJob(_Job):
+    """One voice call, driven by inline TwiML or a TwiML URL."""
+
+    kind: Literal["call"]
+    to: PhoneNumber
+    from_: E164Format = Field(validation_alias="from", serialization_alias="from")
+    twiml: Annotated[str, StringConstraints(min_length=1, max_length=4000)] | None = None
+    url: Annotated[str, StringConstraints(max_length=2048), AfterValidator(_http_url)] | None = None
+    max_minutes: Annotated[int, Field(ge=1, le=240)]
+    priority: Priority = "transactional"
+
+    @model_validator(mode="after")
+    def _one_script(self) -> Self:
+        if (self.twiml is None) == (self.url is None):
+            raise ValueError("twiml, url: exactly one of them is required")
+        return self
+
+
+# A plain dict, not a model: 100k model instances parse several times slower (mostly GC).
+@with_config(ConfigDict(strict=True, extra="forbid"))
+class Recipient(TypedDict):
+    """One broadcast recipient and the values of the body's ``{variables}``."""
+
+    to: E164Format
+    vars: NotRequired[Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                                     ShortText], Field(max_length=16)]]
+
+
+class BroadcastJob(_MessagingJob):
+    """One templated message to many recipients (up to a million)."""
+
+    kind: Literal["broadcast"]
+    body: Body
+    recipients: Annotated[list[Recipient], Field(min_length=1, max_length=1_000_000)]
+    footer: bool = False
+    priority: Priority = "bulk"
+
+    @field_validator("body")
+    @classmethod
+    def _template(cls, body: str) -> str:
+        template_variables(body)
+        return body
+
+    @model_validator(mode="after")
+    def _variables_supplied(self) -> Self:
+        needed = template_variables(self.body)
+        for index, recipient in enumerate(self.recipients):
+            for name in needed:
+                if name not in recipient.get("vars", ()):
+                    raise ValueError(f"recipients[{index}].vars: missing {name!r} used in body")
+        return self
+
+    def render(self, recipient: Recipient) -> str:
+        """The text this recipient gets: the template filled in, plus the STOP footer if asked."""
+        text = render_template(self.body, recipient.get("vars", {}))
+        return text + STOP_FOOTER if self.footer else text
+
+
+Job = SmsJob | CallJob | BroadcastJob
+_JOBS: TypeAdapter[Job] = TypeAdapter(Annotated[Job, Field(discriminator="kind")])
+
+
+def routing_key(job: Job) -> str:
+    """``<kind>.<priority>``, the routing key on the ``<prefix>.jobs`` topic exchange."""
+    return f"{job.kind}.{job.priority}"
+
+
+def encode_job(job: Job | Mapping[str, Any]) -> bytes:
+    """The wire form of a job model (aliases such as ``from``, no nulls), or of a dict as is."""
+    if isinstance(job, SmsJob | CallJob | BroadcastJob):
+        return job.model_dump_json(by_alias=True, exclude_none=True).encode()
+    try:
+        return pydantic_core.to_json(job)
+    except pydantic_core.PydanticSerializationError:
+        raise InvalidJob("not_json", "the job holds values JSON cannot represent") from None
+
+
+def parse_job(raw: bytes, *, max_bytes: int = MAX_JOB_BYTES,
+              max_broadcast_bytes: int = MAX_BROADCAST_BYTES) -> Job:
+    """Validate one raw job; the size is checked before any parsing. Raises ``InvalidJob``."""
+    size = len(raw)
+    if size > max_bytes and (size > max_broadcast_bytes or b'"broadcast"' not in raw):
+        # Only a broadcast may be bigger; anything else is refused without being parsed.
+        raise InvalidJob("too_large", f"{size} bytes is over the limit ({max_bytes} bytes, "
+                         f"{max_broadcast_bytes} for a broadcast)", **_sniff_ids(raw))
+    try:
+        job = _JOBS.validate_json(raw, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        raise _invalid(raw, exc) from None
+    limit = max_broadcast_bytes if job.kind == "broadcast" else max_bytes
+    if size > limit:
+        raise InvalidJob("too_large", f"{size} bytes is over the {limit}-byte limit for "
+                         f"{job.kind}", job_id=job.id, account=job.account)
+    return job
+
+
+# Validation context of payloads we stored ourselves after parse_job had accepted them.
+STORED: Final = {"stored": True}
+
+
+def decode_stored_job(payload: bytes) -> SmsJob | CallJob:
+    """A job payload from our own jobs table: already validated, so the costly phone-number
+    check is not run again (everything else is, so a corrupt row still fails loudly)."""
+    try:
+        job = _JOBS.validate_json(payload, by_alias=True, by_name=False, context=STORED)
+    except ValidationError as exc:
+        raise _invalid(payload, exc) from None
+    if not isinstance(job, SmsJob | CallJob):
+        raise InvalidJob("unknown_kind", f"a stored {job.kind} job cannot be sent",
+                         job_id=job.id, account=job.account)
+    return job
+
+
+def validate_job(data: Job | Mapping[str, Any], **limits: int) -> Job:
+    """Validate a job given as a dict in wire form (``from``, not ``from_``), or re-check one."""
+    return parse_job(encode_job(data), **limits)
+
+
+def _sniff_ids(raw: bytes) -> dict[str, str | None]:
+    """Best effort ``id``/``account`` from the start of a job that cannot be parsed."""
+    matches = {field: pattern.search(raw, 0, 65536) for field, pattern in _SNIFF.items()}
+    return {field: m.group(1).decode() if m else None for field, m in matches.items()}
+
+
+def _envelope_ids(envelope: object) -> dict[str, str | None]:
+    """``id``/``account`` of a parsed but invalid job, when they are themselves valid."""
+    fields = envelope if isinstance(envelope, dict) else {}
+    found = {"job_id": (fields.get("id"), ID_PATTERN),
+             "account": (fields.get("account"), ACCOUNT_PATTERN)}
+    return {key: value if isinstance(value, str) and re.match(pattern, value) else None
+            for key, (value, pattern) in found.items()}
+
+
+def _invalid(raw: bytes, exc: ValidationError) -> InvalidJob:
+    """Turn a validation failure into one reason code and a detail that echoes no content."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if errors[0]["type"] == "json_invalid":
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return InvalidJob("not_utf8", f"invalid UTF-8 at byte {bad.start}", **_sniff_ids(raw))
+        return InvalidJob("not_json", errors[0]["msg"], **_sniff_ids(raw))
+    envelope = pydantic_core.from_json(raw)
+    reason, detail = _classify(envelope, errors)
+    return InvalidJob(reason, detail, **_envelope_ids(envelope))
+
+
+def _classify(envelope: object, errors: list[Any]) -> tuple[ReasonCode, str]:
+    """The reason code for a JSON document that is not a valid v1 job."""
+    if not isinstance(envelope, dict):
+        return "invalid_field", "a job must be a JSON object"
+    version = envelope.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        return "unsupported_version", f"schema_version must be {SCHEMA_VERSION}"
+    if errors[0]["type"] == "union_tag_not_found":
+        return "invalid_field", "kind: field required (sms, call or broadcast)"
+    if errors[0]["type"] == "union_tag_invalid":
+        return "unknown_kind", "kind must be one of: sms, call, broadcast"
+    paths = [_path(e["loc"][1:]) for e in errors]
+    messages = [(f"{p}: " if p else "") + e["msg"].removeprefix("Value error, ")
+                for p, e in zip(paths, errors, strict=True)]
+    more = f"; and {len(messages) - 5} more" if len(messages) > 5 else ""
+    detail = "; ".join(messages[:5]) + more
+    on_numbers = all(re.fullmatch(r"to|recipients\[\d+\]\.to", p) for p in paths)
+    return ("invalid_recipient" if on_numbers else "invalid_field"), detail
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """``recipients[3].to`` from ``('recipients', 3, 'to')``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text[:120]
+
+
+class _Event(BaseModel):
+    """Events we emit: strict types, immutable, unknown (newer optional) fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True,
+                              json_schema_serialization_defaults_required=True)
+
+
+class StatusEvent(_Event):
+    """A job's status change, published on ``<prefix>.events`` as ``status.<kind>.<status>``."""
+
+    schema_version: Version = 1
+    event_id: UUID
+    job_id: JobId
+    account: AccountId
+    kind: JobKind
+    status: JobStatus
+    reason: Code | None = None
+    provider_sid: Annotated[str, StringConstraints(max_length=64)] | None = None
+    broadcast_id: JobId | None = None
+    segments: Annotated[int, Field(ge=0)] | None = None
+    credits: int | None = None
+    metadata: Metadata = Field(default_factory=dict)
+    occurred_at: AwareDatetime
+
+    @property
+    def routing_key(self) -> str:
+        """``status.<kind>.<status>``."""
+        return f"status.{self.kind}.{self.status}"
+
+
+class OriginalMessage(_Event):
+    """What is known of the dead-lettered AMQP message (never its content)."""
+
+    message_id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    routing_key: Annotated[str, StringConstraints(max_length=256)] | None = None
+    type: Annotated[str, StringConstraints(max_length=64)] | None = None
+    body_bytes: Annotated[int, Field(ge=0)] = 0
+
+
+class DeadLetter(_Event):
+    """Why a job was parked on ``<prefix>.dead``; carried in headers of the original message."""
+
+    schema_version: Version = 1
+    reason: Code
+    detail: Annotated[str, StringConstraints(max_length=500)] = ""
+    job_id: JobId | None = None
+    account: AccountId | None = None
+    original: OriginalMessage = Field(default_factory=OriginalMessage)
+
+    def to_headers(self) -> dict[str, str]:
+        """The ``x-reason``/``x-detail``/``x-job-id``/``x-account`` headers."""
+        headers = {"x-reason": self.reason, "x-detail": self.detail, "x-job-id": self.job_id,
+                   "x-account": self.account}
+        return {key: value for key, value in headers.items() if value is not None}
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, object], original: OriginalMessage) -> Self:
+        """Read a dead letter back; a delivery-limit dead letter has only its routing key."""
+        def text(key: str) -> str | None:
+            value = headers.get(key)
+            return value.decode() if isinstance(value, bytes) else value if isinstance(
+                value, str) else None
+        return cls(reason=text("x-reason") or original.routing_key or "unknown",
+                   detail=text("x-detail") or "", job_id=text("x-job-id"),
+                   account=text("x-account"), original=original)

@@ -1,0 +1,1 @@
+"""Pricing: phone numbers and their countries, SMS segments, templates, and what a send costs."""

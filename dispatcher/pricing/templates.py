@@ -1,0 +1,147 @@
+"""Broadcast body templates: ``{name}`` placeholders, rendering, and SMS parts for many at once.
+
+``Template.segments`` gives, for every recipient, exactly what ``count_segments(render(vars))``
+would, without rendering or counting each message in Python: the literal text is classified
+once, each variable's values are scanned as one joined string, and lengths are summed column by
+column. A value with a character outside GSM-7 makes its message UCS-2 of the same length; only
+messages with a character that takes two units (GSM-7 extension characters, characters outside
+the BMP) are counted one by one.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from bisect import bisect_right
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, chain
+from typing import Literal, cast
+
+from dispatcher.pricing.quotes import GSM7_BASIC, GSM7_EXTENDED, LIMITS, Encoding, count_segments
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
+_NOT_BASIC = re.compile(f"[^{re.escape(GSM7_BASIC)}]")
+_NOT_GSM = re.compile(f"[^{re.escape(GSM7_BASIC + GSM7_EXTENDED)}]")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_ASCII_BASIC = bytes(c for c in range(128) if chr(c) in GSM7_BASIC)
+_EXTENDED = frozenset(GSM7_EXTENDED)
+_SEPARATOR = "\n"  # any character: rows are found by offsets, never by splitting
+Literals = Literal["basic", "extended", "ucs2", "astral"]
+
+# Appended to a body whose job asks for the opt-out footer (counted in its segments).
+STOP_FOOTER = "\nReply STOP to unsubscribe"
+
+
+def _literal_class(text: str) -> Literals:
+    """How the fixed text of a template constrains every message made from it."""
+    if _NOT_BASIC.search(text) is None:
+        return "basic"
+    if _NOT_GSM.search(text) is None:
+        return "extended"
+    return "astral" if _ASTRAL.search(text) else "ucs2"
+
+
+def _parts(encoding: Encoding, units: int) -> int:
+    single, per_part = LIMITS[encoding]
+    return 1 if units <= single else -(-units // per_part)
+
+
+def _odd_characters(column: Sequence[str], lengths: Sequence[int],
+                    pattern: re.Pattern[str]) -> Iterator[tuple[int, str]]:
+    """(row, character) for each character ``pattern`` finds in the values."""
+    joined = _SEPARATOR.join(column)
+    if (pattern is _NOT_BASIC and joined.isascii()
+            and not joined.encode("ascii").translate(None, _ASCII_BASIC)):
+        return
+    matches = pattern.finditer(joined)
+    first = next(matches, None)
+    if first is None:
+        return
+    ends = list(accumulate(map((1).__add__, lengths)))  # where each value's separator sits
+    for match in chain((first,), matches):
+        yield bisect_right(ends, match.start()), match.group()
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """A template's variables, each as one value per recipient (None where one lacks it)."""
+
+    values: Mapping[str, list[str] | list[str | None]]
+    incomplete: frozenset[str]  # the variables some recipient lacks
+
+
+class Template:
+    """A body template, split once into literal text and variable names."""
+
+    def __init__(self, body: str, footer: bool) -> None:
+        literals: list[str] = []
+        names: list[str] = []
+        text, last = "", 0
+        for match in _PLACEHOLDER.finditer(body):
+            text += body[last:match.start()]
+            last = match.end()
+            if match.group(1) is None:
+                text += match.group(0)[0]  # '{{' or '}}': a literal brace
+            else:
+                literals.append(text)
+                names.append(match.group(1))
+                text = ""
+        literals.append(text + body[last:] + (STOP_FOOTER if footer else ""))
+        self.literals = tuple(literals)
+        self.names = tuple(names)
+        self.variables = frozenset(names)
+        self.static = not names
+
+    def render(self, variables: Mapping[str, str]) -> str:
+        """The message for one recipient; a missing variable renders as nothing."""
+        out = [self.literals[0]]
+        for name, literal in zip(self.names, self.literals[1:], strict=True):
+            out += (variables.get(name, ""), literal)
+        return "".join(out)
+
+    def columns(self, variables: Sequence[Mapping[str, str]]) -> Columns:
+        """Each variable's values, recipient by recipient."""
+        values: dict[str, list[str] | list[str | None]] = {}
+        for name in dict.fromkeys(self.names):
+            try:
+                values[name] = list(map(operator.itemgetter(name), variables))
+            except KeyError:
+                values[name] = [v.get(name) for v in variables]
+        return Columns(values, frozenset(n for n, c in values.items() if None in c))
+
+    def segments(self, variables: Sequence[Mapping[str, str]]) -> list[int]:
+        """SMS parts of each recipient's message, as ``count_segments`` counts them."""
+        return self.segments_of(self.columns(variables), variables)
+
+    def segments_of(self, columns: Columns, variables: Sequence[Mapping[str, str]]) -> list[int]:
+        """``segments``, given the recipients' ``columns`` too."""
+        fixed = "".join(self.literals)
+        if self.static:
+            return [count_segments(fixed).segments] * len(variables)
+        kind = _literal_class(fixed)
+        if kind in ("extended", "astral"):
+            return [count_segments(self.render(v)).segments for v in variables]
+        encoding: Encoding = "GSM-7" if kind == "basic" else "UCS-2"
+        pattern = _NOT_BASIC if kind == "basic" else _ASTRAL
+        units = [len(fixed)] * len(variables)
+        odd: defaultdict[int, str] = defaultdict(str)
+        for name in dict.fromkeys(self.names):
+            given = columns.values[name]
+            column = [value or "" for value in given] if name in columns.incomplete else cast(
+                "list[str]", given)
+            lengths = list(map(len, column))
+            for _ in range(self.names.count(name)):
+                units = list(map(operator.add, units, lengths))
+            for row, char in _odd_characters(column, lengths, pattern):
+                odd[row] += char
+        table = [_parts(encoding, n) for n in range(max(units, default=0) + 1)]
+        parts = list(map(table.__getitem__, units))
+        for row, chars in odd.items():
+            if kind == "basic" and not _EXTENDED.issuperset(chars) and not _ASTRAL.search(chars):
+                # A character outside GSM-7, none taking two units: UCS-2, one unit each.
+                parts[row] = _parts("UCS-2", units[row])
+            else:
+                parts[row] = count_segments(self.render(variables[row])).segments
+        return parts

@@ -1,0 +1,1 @@
+"""Twilio: the official client, its error codes, status callbacks and reconciliation."""
