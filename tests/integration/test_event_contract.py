@@ -27,11 +27,12 @@ from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.rates import RateCache
 from dispatcher.credits.subscriptions import create_account
 from dispatcher.events.outbox import MANDATORY_EXCHANGES
-from dispatcher.events.topology import Names
+from dispatcher.events.topology import Names, declare, delete_all
 from dispatcher.jobs.contract import BroadcastJob, StatusEvent, parse_job
 from dispatcher.jobs.outcomes import Done, Outcome
 from dispatcher.queries import q
 from dispatcher.sandbox.state import NumberRule
+from dispatcher.settings import Settings
 from tests.integration.billing_stack import (  # noqa: F401
     BillingStack,
     billing_stack_fixture,
@@ -339,3 +340,39 @@ async def test_canceled_pending_recipients_get_events(pool: asyncpg.Pool) -> Non
                and e["metadata"] == {"campaign": "c"} for e in canceled)
     held = [e["job_id"] for e in events if e["status"] == "held"]
     assert held == [f"{job.id}:2", f"{job.id}:3"]
+
+
+async def test_delivery_limit_dead_letters_follow_the_document(settings: Settings) -> None:
+    """A job the broker parks itself (its handler crashed too often) has no ``x-reason``: the
+    document says what it has instead."""
+    names = Names(uid("dl"))
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        topology = await declare(channel, names, delivery_limit=1)
+        try:
+            await topology.jobs.publish(aio_pika.Message(
+                b"{}", content_type="application/json", content_encoding="utf-8",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id="job-1", type="sms"),
+                routing_key="sms.bulk")
+            for _ in range(2):  # two deliveries that crash: over the limit of one
+                message = await get(topology.work_queues["bulk"])
+                await message.nack(requeue=True)
+            dead = await get(await channel.get_queue(names.dead_queue))
+            contract = Contract()
+            channel_found, problems = contract.check(Seen.of(dead, names.prefix, source="dead"))
+            assert channel_found is not None and channel_found.name == "dispatcher.dead"
+            assert problems == []
+            assert (dead.routing_key, dead.message_id, dead.type) == ("delivery_limit", "job-1",
+                                                                      "sms")
+        finally:
+            await delete_all(channel, names)
+
+
+async def get(queue: aio_pika.abc.AbstractQueue) -> AbstractIncomingMessage:
+    for _ in range(100):
+        message = await queue.get(fail=False)
+        if message is not None:
+            return message
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing on {queue.name}")
