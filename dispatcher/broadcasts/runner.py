@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -28,9 +28,8 @@ from dispatcher.broadcasts.preflight import (
 from dispatcher.credits.rates import RateCache
 from dispatcher.db import Connection
 from dispatcher.errors import DispatcherError, UnknownAccount
-from dispatcher.jobs.contract import BroadcastJob, CallJob, SmsJob
+from dispatcher.jobs.contract import BroadcastJob
 from dispatcher.jobs.outcomes import Outcome
-from dispatcher.metrics import Kind
 from dispatcher.pricing.numbers import default_resolver
 from dispatcher.pricing.quotes import count_segments
 from dispatcher.pricing.templates import Template
@@ -84,13 +83,15 @@ class BroadcastSpec:
     sender: str | None
     messaging_service_sid: str | None
     recipients: Recipients
+    # The publisher's metadata, echoed in every recipient's status events.
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_job(cls, job: BroadcastJob) -> BroadcastSpec:
         """The spec of an AMQP broadcast job."""
         return cls(job.account, job.body, job.footer, job.priority, job.from_,
                    job.messaging_service_sid,
-                   Recipients.from_dicts([dict(r) for r in job.recipients]))
+                   Recipients.from_dicts([dict(r) for r in job.recipients]), dict(job.metadata))
 
 
 async def account_opt_outs(pool: asyncpg.Pool, account: str, numbers: list[str]) -> set[str]:
@@ -160,7 +161,7 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
     created = await conn.fetchval(
         q("broadcast_insert"), broadcast_id, spec.account, spec.priority, spec.sender,
         spec.messaging_service_sid, spec.body, spec.footer, result.recipients,
-        result.recipients - result.billable, result.credits)
+        result.recipients - result.billable, result.credits, json.dumps(spec.metadata))
     if created is None:
         return False
     skips = result.skip_reasons
@@ -174,6 +175,8 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
         columns=["broadcast_id", "seq", "to_number", "vars", "status", "skip_reason"])
     await conn.execute(q("broadcast_counts_insert"), broadcast_id,
                        sum(1 for row in rows if row[4] == "pending"))
+    if skips:
+        await conn.execute(q("broadcast_emit_skipped"), broadcast_id)
     log.info("broadcast_stored", broadcast_id=broadcast_id, account_id=spec.account,
              recipients=result.recipients, billable=result.billable)
     return True
@@ -290,6 +293,7 @@ class BroadcastRunner:
         rates = await self._rates.get()
         template = Template(b["body"], b["footer"])
         created_at = b["created_at"].isoformat()
+        metadata = json.loads(b["metadata"])
         seqs, ids, payloads, estimates, countries, units, unit_rates = [], [], [], [], [], [], []
         for r in pending:
             country = self._resolver.resolve(r["to_number"]) or "*"
@@ -301,7 +305,7 @@ class BroadcastRunner:
             payload: dict[str, Any] = {
                 "schema_version": 1, "id": job_id, "kind": "sms", "account": b["account_id"],
                 "to": r["to_number"], "body": text, "priority": b["priority"],
-                "metadata": {"broadcast_id": b["id"]}, "created_at": created_at}
+                "metadata": metadata, "created_at": created_at}
             if b["messaging_service_sid"]:
                 payload["messaging_service_sid"] = b["messaging_service_sid"]
             else:
@@ -314,15 +318,6 @@ class BroadcastRunner:
             units.append(segments)
             unit_rates.append(rate)
         return [seqs, ids, payloads, estimates, countries, units, unit_rates]
-
-
-def end_to_end_kind(job: SmsJob | CallJob) -> Kind:
-    """The ``kind`` label of a job's end-to-end latency: ``broadcast`` for a broadcast's
-    recipients (measured from the submission, a whole fan-out long), else the job's kind."""
-    broadcast = job.metadata.get("broadcast_id")
-    if broadcast is not None and job.id.startswith(f"{broadcast}:"):
-        return "broadcast"
-    return job.kind
 
 
 async def progress(pool: asyncpg.Pool, broadcast_id: str) -> Progress | None:

@@ -5,13 +5,14 @@ Knows nothing of AMQP: it returns an ``Outcome`` and the consumer acks, retries 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
 
-from dispatcher.broadcasts.runner import Broadcasts, end_to_end_kind
+from dispatcher.broadcasts.runner import Broadcasts
 from dispatcher.credits.rates import RateCache
 from dispatcher.dispatch.ordering import AccountTurns
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
@@ -105,18 +106,28 @@ class JobHandler:
         return results
 
     async def handle(self, raw: bytes) -> Outcome:
-        """Validate, begin and send one job."""
+        """Validate, begin and send one job; a refused job readable enough gets its event."""
+        outcome = await self._handle(raw)
+        if (isinstance(outcome, DeadLetter) and outcome.job_id and outcome.account_id
+                and outcome.kind):
+            # Written before the consumer parks the message: a failed park redelivers the job
+            # and it is refused again, so the event is at least once, like every other.
+            await self._jobs.dead_lettered(outcome.job_id, outcome.account_id, outcome.kind,
+                                           outcome.reason, outcome.metadata)
+        return outcome
+
+    async def _handle(self, raw: bytes) -> Outcome:
         try:
             job = parse_job(raw, max_bytes=self._config.max_job_bytes)
         except InvalidJob as exc:
-            return DeadLetter(exc.reason, exc.detail, exc.job_id, exc.account)
+            return DeadLetter(exc.reason, exc.detail, exc.job_id, exc.account, _sniff_kind(raw))
         if isinstance(job, BroadcastJob):
             return await self._broadcast(job)
         async with self._turns.turn(job.account):
             try:
                 new_job = await self._price(job)
             except DispatcherError as exc:
-                return DeadLetter(exc.code, str(exc), job.id, job.account)
+                return _refused(exc.code, str(exc), job)
             # The sender's turn comes before the job becomes `sending`: a wait in `sending`
             # longer than the reconciler's grace would look like a crash and be resent.
             await self._limiter.acquire(_sender_of(job))
@@ -129,10 +140,9 @@ class JobHandler:
         self._metrics.reservation_seconds.observe(time.perf_counter() - reserving)
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         if begin.outcome == "unknown_account":
-            return DeadLetter("unknown_account", f"no account {job.account!r}", job.id, job.account)
+            return _refused("unknown_account", f"no account {job.account!r}", job)
         if begin.outcome == "conflict":
-            return DeadLetter("job_id_conflict", "this job id belongs to another account",
-                              job.id, job.account)
+            return _refused("job_id_conflict", "this job id belongs to another account", job)
         if begin.outcome in ("held", "duplicate"):
             bound.info("job_" + begin.outcome, status=begin.status)
             self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()
@@ -141,24 +151,24 @@ class JobHandler:
 
     async def _broadcast(self, job: BroadcastJob) -> Outcome:
         if self._broadcasts is None:
-            return DeadLetter("unknown_kind", "this dispatcher does not run broadcasts",
-                              job.id, job.account)
+            return _refused("unknown_kind", "this dispatcher does not run broadcasts", job)
         try:
             # Over AMQP nobody waits for an answer: a broadcast the account cannot pay for
             # yet is accepted and held, like single jobs, until credits arrive.
             await self._broadcasts.submit(job.id, job, refuse_if_short=False)
         except DispatcherError as exc:
-            return DeadLetter(exc.code, str(exc), job.id, job.account)
+            return _refused(exc.code, str(exc), job)
         return Done("broadcast_accepted")
 
     async def send_released(self, payload: bytes, attempt: int) -> Outcome:
         """Send a job that was held and has just been released (already reserved)."""
         job = decode_stored_job(payload)
         await self._limiter.acquire(_sender_of(job))
-        if not await self._jobs.claim_for_send(job.id, attempt):
+        claimed = await self._jobs.claim_released(job.id, attempt)
+        if claimed is None:
             log.warning("released_job_taken_over", job_id=job.id, account_id=job.account)
             return Done("taken_over")
-        return await self._send(job, attempt)
+        return await self._send(job, attempt, recipient=claimed.broadcast_id is not None)
 
     async def _price(self, job: SmsJob | CallJob) -> NewJob:
         rates = await self._rates.get()
@@ -172,7 +182,8 @@ class JobHandler:
                       encode_job(job).decode(), max(quote.credits, 1), quote.country,
                       units, quote.rate)
 
-    async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
+    async def _send(self, job: SmsJob | CallJob, attempt: int, *,
+                    recipient: bool = False) -> Outcome:
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
         async with self._slots.slot(_rank(job.priority)) as waited:
@@ -192,7 +203,10 @@ class JobHandler:
             bound.info("job_sent", attempt=attempt)
             self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
             if job.created_at is not None:
-                self._metrics.end_to_end_seconds.labels(kind=end_to_end_kind(job)).observe(
+                # A broadcast's recipients count from the submission, a whole fan-out long:
+                # kept apart from the sms latency.
+                kind = "broadcast" if recipient else job.kind
+                self._metrics.end_to_end_seconds.labels(kind=kind).observe(
                     max(0.0, (datetime.now(UTC) - job.created_at).total_seconds()))
             return Done("sent")
         self._metrics.twilio_errors.labels(code_class=result.code_class).inc()
@@ -217,6 +231,20 @@ class JobHandler:
                 job.to, job.body, job.from_, job.messaging_service_sid, callback))
         return await self._sender.send_call(CallRequest(
             job.to, job.from_, job.twiml, job.url, job.max_minutes * 60, callback))
+
+
+_KIND = re.compile(rb'"kind"\s*:\s*"(sms|call|broadcast)"')
+
+
+def _sniff_kind(raw: bytes) -> str | None:
+    """Best effort ``kind`` of a job that did not validate (for its dead_lettered event)."""
+    match = _KIND.search(raw, 0, 65536)
+    return match.group(1).decode() if match else None
+
+
+def _refused(reason: str, detail: str, job: SmsJob | CallJob | BroadcastJob) -> DeadLetter:
+    """Dead-letter a job that validated: its event echoes its kind and metadata."""
+    return DeadLetter(reason, detail, job.id, job.account, job.kind, dict(job.metadata))
 
 
 def _rank(priority: str) -> int:

@@ -45,6 +45,16 @@ RELAY_ERRORS = (TimeoutError, OSError, aio_pika.exceptions.AMQPError,
                 asyncpg.InterfaceError)
 
 
+def event_type(routing_key: str) -> str:
+    """The AMQP ``type`` of an event: its message's ``messageType`` in docs/asyncapi.yaml
+    (``status``, ``account_status``; a billing event's own type)."""
+    if routing_key.startswith("status."):
+        return "status"
+    if routing_key.startswith("account."):
+        return "account_status"
+    return routing_key
+
+
 class OutboxRelay:
     """Wakes on NOTIFY and publishes every unpublished outbox row: billing first, oldest first."""
 
@@ -132,8 +142,9 @@ class OutboxRelay:
         """Publish and wait for the confirm; False when the broker returned it unroutable."""
         body = row["body"] if isinstance(row["body"], str) else json.dumps(row["body"])
         message = aio_pika.Message(
-            body.encode(), content_type="application/json", message_id=str(row["event_id"]),
-            type=row["routing_key"], delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            body.encode(), content_type="application/json", content_encoding="utf-8",
+            message_id=str(row["event_id"]), type=event_type(row["routing_key"]),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         mandatory = row["exchange"] in MANDATORY_EXCHANGES
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):

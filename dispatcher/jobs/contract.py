@@ -46,8 +46,8 @@ Priority = Literal["transactional", "bulk"]
 ReasonCode = Literal["too_large", "not_utf8", "not_json", "unsupported_version", "unknown_kind",
                      "invalid_field", "invalid_recipient"]
 REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
-JobStatus = Literal["accepted", "held", "sent", "delivered", "undelivered", "failed", "unknown",
-                    "expired", "dead_lettered"]
+JobStatus = Literal["held", "sent", "delivered", "undelivered", "failed", "unknown", "canceled",
+                    "skipped", "dead_lettered"]
 ROUTING_KEYS = tuple(f"{k}.{p}" for k in ("sms", "call", "broadcast")
                      for p in ("transactional", "bulk"))
 

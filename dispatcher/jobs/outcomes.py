@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class DeadLetter:
     detail: str
     job_id: str | None = None
     account_id: str | None = None
+    # The job's kind and metadata when known: a ``dead_lettered`` status event echoes them.
+    kind: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 Outcome = Done | RetryLater | DeadLetter

@@ -43,6 +43,13 @@ class Begin:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """A reserved job claimed for its provider call; ``broadcast_id`` if a recipient."""
+
+    broadcast_id: str | None
+
+
+@dataclass(frozen=True)
 class UnresolvedJob:
     """A job whose provider outcome nobody knows yet (crash while sending, timeout, 5xx)."""
 
@@ -106,7 +113,18 @@ class JobStore:
 
     async def claim_for_send(self, job_id: str, attempt: int) -> bool:
         """True when the job is still ``sending`` at ``attempt``: ours to send now."""
-        return await self._db.fetchval(q("claim_for_send"), job_id, attempt) is not None
+        return await self.claim_released(job_id, attempt) is not None
+
+    async def claim_released(self, job_id: str, attempt: int) -> Claimed | None:
+        """``claim_for_send`` that also says whose recipient the job is; None if not ours."""
+        row = await self._db.fetchrow(q("claim_for_send"), job_id, attempt)
+        return None if row is None else Claimed(row["broadcast_id"])
+
+    async def dead_lettered(self, job_id: str, account_id: str, kind: str, reason: str,
+                            metadata: dict[str, str]) -> None:
+        """Tell subscribers a job was refused before it existed (a ``dead_lettered`` event)."""
+        await self._db.fetchval(q("job_dead_lettered"), job_id, account_id, kind, reason,
+                                json.dumps(metadata))
 
     async def retry_later(self, job_id: str, reason: str, error_code: int | None) -> str:
         """Refused before sending (rate limit): keep the credits and try again later."""

@@ -1,9 +1,13 @@
 -- name: broadcast_insert
 INSERT INTO broadcasts (id, account_id, priority, sender, messaging_service_sid, body, footer,
-                        total, skipped, estimate)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                        total, skipped, estimate, metadata)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)
 ON CONFLICT (id) DO NOTHING
 RETURNING id;
+
+-- name: broadcast_emit_skipped
+-- A `skipped` status event for each skipped recipient, in the transaction that stores them.
+SELECT emit_broadcast_skipped($1);
 
 -- name: broadcast_pending_batch
 -- From a seq on: entries of recipients already queued stay in the pending index until a
@@ -17,7 +21,8 @@ SELECT seq, to_number, vars FROM broadcast_recipients
 SELECT job_id FROM begin_broadcast_batch($1, $2, $3, $4::jsonb[], $5, $6, $7, $8);
 
 -- name: running_broadcasts
-SELECT id, account_id, sender, messaging_service_sid, body, footer, priority, created_at
+SELECT id, account_id, sender, messaging_service_sid, body, footer, priority, created_at,
+       metadata::text AS metadata
   FROM broadcasts WHERE status = 'running' ORDER BY created_at;
 
 -- name: broadcast_get

@@ -56,7 +56,7 @@ RETURNING job_id;
 -- updated_at is fresh, so the reconciler's own claim cannot match before the send is over.
 UPDATE jobs SET updated_at = now()
  WHERE job_id = $1 AND status = 'sending' AND attempts = $2
-RETURNING job_id;
+RETURNING job_id, broadcast_id;
 
 -- name: unknown_job_count
 SELECT count(*) FROM jobs WHERE status IN ('unknown', 'sending') AND updated_at < $1;
@@ -131,3 +131,7 @@ SELECT i, CASE WHEN NOT found THEN 'unknown_job'
                ELSE job_provider_status(job_id, sid, status, cost, error_code, settle)
           END AS status
   FROM items;
+
+-- name: job_dead_lettered
+-- A `dead_lettered` status event for a job refused before it existed.
+SELECT emit_dead_lettered($1, $2, $3, $4, $5::jsonb);

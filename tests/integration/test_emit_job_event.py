@@ -1,4 +1,5 @@
-"""emit_job_event in plpgsql (0012) writes the outbox rows 0009's LANGUAGE sql version wrote."""
+"""emit_job_event in plpgsql (0012) writes the outbox rows 0009's LANGUAGE sql version wrote,
+but for a broadcast's recipients, whose events are ``status.broadcast.*`` since 0017."""
 
 from __future__ import annotations
 
@@ -81,6 +82,17 @@ async def written_since(conn: asyncpg.Connection, last_id: int) -> list[dict[str
     return [dict(r) for r in rows]
 
 
+def as_since_0017(row: dict[str, Any]) -> tuple[str, str]:
+    """0009's row as 0017 writes it: a broadcast's recipient is kind ``broadcast``."""
+    columns, body = row["columns"], row["body"]
+    if json.loads(body)["broadcast_id"] is not None:
+        kind = f'"kind": "{json.loads(body)["kind"]}"'
+        body = body.replace(kind, '"kind": "broadcast"')
+        columns = re.sub(r'"routing_key": "status\.[a-z]+\.', '"routing_key": "status.broadcast.',
+                         columns)
+    return columns, body
+
+
 async def test_emit_job_event_is_plpgsql(conn: asyncpg.Connection) -> None:
     language = await conn.fetchval(
         "SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang"
@@ -102,16 +114,16 @@ async def test_writes_the_rows_0009_wrote(conn: asyncpg.Connection) -> None:
         assert row["body_event_id"] == row["event_id"]
     assert len({row["event_id"] for row in rows}) == len(rows)
     old, new = rows[0::2], rows[1::2]
-    assert [(r["columns"], r["body"]) for r in new] == [(r["columns"], r["body"]) for r in old]
+    assert [(r["columns"], r["body"]) for r in new] == [as_since_0017(r) for r in old]
 
     # Not two identical wrong answers: the first case's event as the contract has it.
     first = json.loads(new[0]["body"])
     columns = json.loads(new[0]["columns"])
     assert columns["exchange"] == "events"
-    assert columns["routing_key"] == "status.sms.held"
+    assert columns["routing_key"] == "status.broadcast.held"
     assert columns["published_at"] is None
     assert first == {
-        "schema_version": 1, "job_id": "job-1", "account": "acct-1", "kind": "sms",
+        "schema_version": 1, "job_id": "job-1", "account": "acct-1", "kind": "broadcast",
         "status": "held", "reason": None, "provider_sid": "SM1", "segments": 3, "credits": 3,
         "metadata": {"campaign": "c1", "n": [1, 2.5]}, "broadcast_id": "bc-1",
         "occurred_at": first["occurred_at"]}

@@ -342,10 +342,11 @@ def test_job_examples_are_valid_jobs(asyncapi: dict[str, Any], message: str) -> 
 
 def test_job_channels_are_the_routing_keys(asyncapi: dict[str, Any]) -> None:
     channels = asyncapi["channels"]
-    assert set(ROUTING_KEYS) <= set(channels)
     for key in ROUTING_KEYS:
-        kind = key.split(".")[0]
-        message = channels[key]["publish"]["message"]["$ref"].rsplit("/", 1)[1]
+        kind, priority = key.split(".")
+        channel = channels[f"{kind}.{{priority}}"]
+        assert priority in channel["parameters"]["priority"]["schema"]["enum"]
+        message = channel["publish"]["message"]["$ref"].rsplit("/", 1)[1]
         assert message == {"sms": "SmsJob", "call": "CallJob",
                            "broadcast": "BroadcastJob"}[kind]
         for example in examples(asyncapi, message):
