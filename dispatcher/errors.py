@@ -19,6 +19,18 @@ class ServiceUnavailable(DispatcherError):
     code = "service_unavailable"
 
 
+class DatabaseMissing(DispatcherError):
+    """The configured PostgreSQL database does not exist."""
+
+    code = "database_missing"
+
+
+class DatabaseNotMigrated(DispatcherError):
+    """The database is not migrated: run `dispatcher migrate`."""
+
+    code = "database_not_migrated"
+
+
 class InvalidAmount(DispatcherError):
     """The amount must be a positive whole number of credits."""
 
