@@ -31,6 +31,12 @@ class DatabaseNotMigrated(DispatcherError):
     code = "database_not_migrated"
 
 
+class PortUnavailable(DispatcherError):
+    """The HTTP port cannot be listened on."""
+
+    code = "port_unavailable"
+
+
 class InvalidAmount(DispatcherError):
     """The amount must be a positive whole number of credits."""
 

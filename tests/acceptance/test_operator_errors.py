@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -13,8 +14,9 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from dispatcher.settings import DEFAULT_DATABASE_URL
-from tests.acceptance.process import ROOT
+from dispatcher.settings import DEFAULT_DATABASE_URL, Settings
+from tests.acceptance.process import ROOT, settings_env
+from tests.integration.dispatcher_fixture import drop_topology
 
 SERVER_URL = DEFAULT_DATABASE_URL.rsplit("/", 1)[0]
 
@@ -26,13 +28,14 @@ def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The single line the command printed on stderr, after checking it failed with code 2."""
+def one_line_error(result: subprocess.CompletedProcess[str], *, last: bool = False) -> str:
+    """The single line the command printed on stderr (with ``last``: the last line, after
+    the service's own logs), after checking it failed with code 2 and no traceback."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    assert last or len(lines) == 1, result.stderr
+    return lines[-1]
 
 
 @pytest.mark.parametrize(("variable", "value", "accepted"), [
@@ -95,3 +98,28 @@ def test_postgres_down_still_says_not_reachable() -> None:
     line = one_line_error(run("dispatcher", "migrate", env={
         "DISPATCHER_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/dispatcher"}))
     assert "PostgreSQL is not reachable" in line
+
+
+async def test_a_taken_http_port_is_named_not_a_traceback(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            result = await asyncio.to_thread(
+                run, "dispatcher", "run", env={**settings_env(settings),
+                                               "DISPATCHER_HTTP_PORT": str(port)})
+        finally:
+            await drop_topology(settings)
+    line = one_line_error(result, last=True)
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "DISPATCHER_HTTP_PORT" in line
+
+
+@pytest.mark.parametrize(("variable", "value", "accepted"), [
+    ("BILLING_LOG_FORMAT", "xml", "one of console, json"),
+    ("BILLING_MAX_ATTEMPTS", "three", "a whole number"),
+])
+def test_the_billing_reference_refuses_a_bad_setting_in_one_line(variable: str, value: str,
+                                                                 accepted: str) -> None:
+    line = one_line_error(run("billing_client.reference", "run", env={variable: value}))
+    assert line == f"error: {variable}={value!r} is not accepted: use {accepted}"
