@@ -52,8 +52,9 @@ def test_a_bad_setting_stops_start_up_naming_it(variable: str, value: str,
     assert line == f"error [invalid_setting]: {variable}={value!r} is not accepted: use {accepted}"
 
 
-def test_the_sandbox_refuses_a_bad_setting_the_same_way() -> None:
-    line = one_line_error(run("dispatcher.sandbox", env={"DISPATCHER_LOG_FORMAT": "xml"}))
+@pytest.mark.parametrize("module", ["dispatcher.sandbox", "dispatcher.demo.services"])
+def test_the_other_entry_points_refuse_a_bad_setting_the_same_way(module: str) -> None:
+    line = one_line_error(run(module, env={"DISPATCHER_LOG_FORMAT": "xml"}))
     assert "DISPATCHER_LOG_FORMAT='xml'" in line and "console, json" in line
 
 
