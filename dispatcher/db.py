@@ -62,7 +62,9 @@ async def create_pool(settings: Settings, *, min_size: int | None = None,
         )
     except asyncpg.InvalidCatalogNameError as exc:
         raise database_missing(settings.database_url) from exc
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except asyncpg.PostgresError as exc:
+        raise refused(exc) from exc
+    except (OSError, TimeoutError) as exc:
         raise ServiceUnavailable(
             f"PostgreSQL is not reachable ({type(exc).__name__}: {exc}); {START_POSTGRES_HINT}"
         ) from exc
@@ -76,10 +78,18 @@ async def connect(dsn: str) -> asyncpg.Connection:
         return await asyncpg.connect(dsn, timeout=10)
     except asyncpg.InvalidCatalogNameError as exc:
         raise database_missing(dsn) from exc
+    except asyncpg.PostgresError as exc:
+        raise refused(exc) from exc
     except (OSError, TimeoutError) as exc:
         raise ServiceUnavailable(
             f"PostgreSQL is not reachable ({type(exc).__name__}: {exc}); {START_POSTGRES_HINT}"
         ) from exc
+
+
+def refused(exc: asyncpg.PostgresError) -> ServiceUnavailable:
+    """PostgreSQL answered but refused us (a role, a password, too many connections)."""
+    return ServiceUnavailable(f"PostgreSQL refused the connection ({exc}) — check "
+                              "DISPATCHER_DATABASE_URL")
 
 
 def database_missing(dsn: str) -> DatabaseMissing:

@@ -124,3 +124,10 @@ def test_the_billing_reference_refuses_a_bad_setting_in_one_line(variable: str, 
                                                                  accepted: str) -> None:
     line = one_line_error(run("billing_client.reference", "run", env={variable: value}))
     assert line == f"error: {variable}={value!r} is not accepted: use {accepted}"
+
+
+def test_a_refused_login_is_not_called_unreachable() -> None:
+    line = one_line_error(run("dispatcher", "migrate", env={
+        "DISPATCHER_DATABASE_URL": "postgresql://no_such_role@127.0.0.1:5432/postgres"}))
+    assert "PostgreSQL refused the connection" in line and "no_such_role" in line
+    assert "DISPATCHER_DATABASE_URL" in line and "not reachable" not in line
