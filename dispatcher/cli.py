@@ -14,13 +14,13 @@ import asyncpg
 from dispatcher.credits.audit import format_report, run_audit
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.subscriptions import CADENCES, Plan, create_account, renew_due
-from dispatcher.db import connect
+from dispatcher.db import connect, require_migrated
 from dispatcher.demo.options import DemoOptions
 from dispatcher.errors import DispatcherError
 from dispatcher.logs import configure_logging
 from dispatcher.migrate import migrate
 from dispatcher.queries import q
-from dispatcher.settings import Settings
+from dispatcher.settings import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, InvalidSetting, Settings
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -30,6 +30,7 @@ async def _with_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitabl
 
     pool = await create_pool(settings, min_size=1, max_size=2)
     try:
+        await require_migrated(pool)
         return await work(pool)
     finally:
         await pool.close()
@@ -129,6 +130,12 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.migrate:
         await cmd_migrate(args, settings)
+    else:
+        conn = await connect(settings.database_url)
+        try:
+            await require_migrated(conn)
+        finally:
+            await conn.close()
     return await run(settings)
 
 
@@ -229,17 +236,48 @@ def _non_negative(text: str) -> int:
     return value
 
 
+DATABASE_NEEDS = (
+    "needs: PostgreSQL at DISPATCHER_DATABASE_URL (default " + DEFAULT_DATABASE_URL + "),\n"
+    "       migrated with `dispatcher migrate` (create the database first with createdb)")
+RUN_NEEDS = (
+    DATABASE_NEEDS + "\n"
+    "       RabbitMQ at DISPATCHER_AMQP_URL (default " + DEFAULT_AMQP_URL + "),\n"
+    "       its exchanges and queues named DISPATCHER_AMQP_PREFIX.* (default dispatcher)\n"
+    "       Twilio: DISPATCHER_TWILIO_ACCOUNT_SID and DISPATCHER_TWILIO_AUTH_TOKEN, and\n"
+    "       DISPATCHER_TWILIO_BASE_URL to send to a sandbox instead (python -m\n"
+    "       dispatcher.sandbox listens on http://127.0.0.1:8765)\n"
+    "listens: DISPATCHER_HTTP_HOST:DISPATCHER_HTTP_PORT (default 127.0.0.1:8080): the API,\n"
+    "       Twilio status callbacks (reached at DISPATCHER_PUBLIC_BASE_URL), /healthz,\n"
+    "       /readyz, /metrics\n"
+    "every setting: DISPATCHER_* variables, see the README's Configuration table")
+DEMO_NEEDS = (
+    "needs: PostgreSQL at 127.0.0.1:5432 (user postgres) and RabbitMQ at 127.0.0.1:5672;\n"
+    "       starts its own dispatcher, Twilio sandbox and billing service, on free ports.\n"
+    "       With DISPATCHER_TWILIO_ACCOUNT_SID / _AUTH_TOKEN set (and no _BASE_URL) it sends\n"
+    "       for real to --to numbers; DISPATCHER_PUBLIC_BASE_URL must reach it then")
+
+
+def _command(sub: Any, name: str, help_: str, needs: str = DATABASE_NEEDS
+             ) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with what it needs (variables, services, ports)."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_, description=help_, epilog=needs,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__, epilog=RUN_NEEDS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
-    sub.add_parser("audit", help="check the ledger's invariants").set_defaults(func=cmd_audit)
-    sub.add_parser("renew", help="start subscription periods that are due").set_defaults(
+    _command(sub, "migrate", "apply database migrations").set_defaults(func=cmd_migrate)
+    _command(sub, "audit", "check the ledger's invariants").set_defaults(func=cmd_audit)
+    _command(sub, "renew", "start subscription periods that are due").set_defaults(
         func=cmd_renew)
 
     accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(
         dest="accounts_command", required=True)
-    create = accounts.add_parser("create", help="create an account")
+    create = _command(accounts, "create", "create an account")
     create.add_argument("account")
     create.add_argument("--name", default="")
     create.add_argument("--allocation", type=_non_negative, default=0,
@@ -249,13 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--auto-recharge-threshold", type=_non_negative)
     create.add_argument("--auto-recharge-amount", type=_positive)
     create.set_defaults(func=cmd_accounts_create)
-    show = accounts.add_parser("show", help="show an account")
+    show = _command(accounts, "show", "show an account")
     show.add_argument("account")
     show.set_defaults(func=cmd_accounts_show)
 
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="credits_command", required=True)
-    grant = credits.add_parser("grant", help="grant rollover credits (idempotent by reference)")
+    grant = _command(credits, "grant", "grant rollover credits (idempotent by reference)")
     grant.add_argument("account")
     grant.add_argument("amount", type=_positive)
     grant.add_argument("--kind", choices=("purchase", "auto_recharge", "adjustment"),
@@ -263,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--reference", required=True, help="unique, e.g. the payment id")
     grant.set_defaults(func=cmd_credits_grant)
 
-    run = sub.add_parser("run", help="run the dispatcher until SIGTERM")
+    run = _command(sub, "run", "run the dispatcher until SIGTERM", RUN_NEEDS)
     run.add_argument("--migrate", action="store_true", help="apply migrations first")
     run.set_defaults(func=cmd_run)
 
@@ -272,29 +310,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="inspect and resolve jobs").add_subparsers(
         dest="jobs_command", required=True)
-    unresolved = jobs.add_parser("unresolved", help="jobs whose provider outcome is unknown")
+    unresolved = _command(jobs, "unresolved", "jobs whose provider outcome is unknown")
     unresolved.add_argument("--older-than", type=float, default=0.0, help="seconds")
     unresolved.add_argument("--limit", type=int, default=500)
     unresolved.set_defaults(func=cmd_jobs_unresolved)
-    resolve = jobs.add_parser("resolve", help="settle an unknown job by hand")
+    resolve = _command(jobs, "resolve", "settle an unknown job by hand")
     resolve.add_argument("job_id")
     how = resolve.add_mutually_exclusive_group(required=True)
     how.add_argument("--sent", metavar="SID", help="the provider SID it was sent as")
     how.add_argument("--not-sent", action="store_true", help="it was never sent: release")
     resolve.set_defaults(func=cmd_jobs_resolve)
 
-    balance = sub.add_parser("balance", help="show an account's balance")
+    balance = _command(sub, "balance", "show an account's balance")
     balance.add_argument("account")
     balance.set_defaults(func=cmd_balance)
 
     rates = sub.add_parser("rates", help="per-country rates").add_subparsers(
         dest="rates_command", required=True)
-    rate_set = rates.add_parser("set", help="set a rate (credits per segment or minute)")
+    rate_set = _command(rates, "set", "set a rate (credits per segment or minute)")
     rate_set.add_argument("channel", choices=("sms", "call"))
     rate_set.add_argument("country", help="ISO alpha-2 code, or 'default'")
     rate_set.add_argument("credits", type=_non_negative)
     rate_set.set_defaults(func=cmd_rates_set)
-    rates.add_parser("list", help="list rates").set_defaults(func=cmd_rates_list)
+    _command(rates, "list", "list rates").set_defaults(func=cmd_rates_list)
     return parser
 
 
@@ -303,21 +341,22 @@ def _add_tokens(sub: Any) -> None:
 
     tokens = sub.add_parser("tokens", help="API bearer tokens").add_subparsers(
         dest="tokens_command", required=True)
-    create = tokens.add_parser("create", help="create a token (printed once, stored hashed)")
+    create = _command(tokens, "create", "create a token (printed once, stored hashed)")
     scope = create.add_mutually_exclusive_group(required=True)
     scope.add_argument("--account", help="the account the token acts for")
     scope.add_argument("--operator", action="store_true", help="cross-account operator token")
     create.add_argument("--role", choices=ROLES, required=True)
     create.add_argument("--name", default="", help="what the token is for")
     create.set_defaults(func=cmd_tokens_create)
-    revoke = tokens.add_parser("revoke", help="revoke a token by its id (dsp_<id>_...)")
+    revoke = _command(tokens, "revoke", "revoke a token by its id (dsp_<id>_...)")
     revoke.add_argument("token_id")
     revoke.set_defaults(func=cmd_tokens_revoke)
 
 
 def _add_demo(sub: Any) -> None:
     d = DemoOptions()
-    demo = sub.add_parser("demo", help="run the whole flow end to end on this machine, then stop")
+    demo = _command(sub, "demo", "run the whole flow end to end on this machine, then stop",
+                    DEMO_NEEDS)
     demo.add_argument("--recipients", type=_positive, default=d.recipients,
                       help="broadcast size (sandbox)")
     demo.add_argument("--balance", type=_non_negative, default=d.balance,
@@ -341,7 +380,11 @@ def _add_demo(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except InvalidSetting as exc:
+        print(f"error [invalid_setting]: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_format, settings.log_level)
     func: Command = args.func
     try:
@@ -349,6 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return runner.run(func(args, settings))
     except DispatcherError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as exc:
+        print(f"database error: {exc} — is the database migrated? run `dispatcher migrate`",
+              file=sys.stderr)
         return 2
     except asyncpg.PostgresError as exc:
         print(f"database error: {exc}", file=sys.stderr)

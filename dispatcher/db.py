@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from dispatcher.errors import ServiceUnavailable
+from dispatcher.errors import DatabaseMissing, DatabaseNotMigrated, ServiceUnavailable
+from dispatcher.migrate import available_migrations
 from dispatcher.queries import q
 from dispatcher.settings import Settings
 
@@ -58,7 +60,11 @@ async def create_pool(settings: Settings, *, min_size: int | None = None,
                 "tcp_keepalives_count": "3",
             },
         )
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise database_missing(settings.database_url) from exc
+    except asyncpg.PostgresError as exc:
+        raise refused(exc) from exc
+    except (OSError, TimeoutError) as exc:
         raise ServiceUnavailable(
             f"PostgreSQL is not reachable ({type(exc).__name__}: {exc}); {START_POSTGRES_HINT}"
         ) from exc
@@ -70,10 +76,43 @@ async def connect(dsn: str) -> asyncpg.Connection:
     """One connection with a bounded connect timeout and a clear error if PostgreSQL is down."""
     try:
         return await asyncpg.connect(dsn, timeout=10)
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise database_missing(dsn) from exc
+    except asyncpg.PostgresError as exc:
+        raise refused(exc) from exc
     except (OSError, TimeoutError) as exc:
         raise ServiceUnavailable(
             f"PostgreSQL is not reachable ({type(exc).__name__}: {exc}); {START_POSTGRES_HINT}"
         ) from exc
+
+
+def refused(exc: asyncpg.PostgresError) -> ServiceUnavailable:
+    """PostgreSQL answered but refused us (a role, a password, too many connections)."""
+    return ServiceUnavailable(f"PostgreSQL refused the connection ({exc}) — check "
+                              "DISPATCHER_DATABASE_URL")
+
+
+def database_missing(dsn: str) -> DatabaseMissing:
+    """The error for a database that does not exist, with the command that creates it."""
+    url = urlsplit(dsn)
+    name = unquote(url.path.lstrip("/")) or unquote(url.username or "postgres")
+    port = f" -p {url.port}" if url.port not in (None, 5432) else ""
+    create = f"createdb -h {url.hostname or '127.0.0.1'}{port} -U {url.username or 'postgres'}"
+    return DatabaseMissing(f"database {name} does not exist — create it with `{create} {name}`"
+                           ", then run `dispatcher migrate`")
+
+
+async def require_migrated(conn: Connection | asyncpg.Pool) -> None:
+    """Refuse to work on a database that lacks migrations, saying how to apply them."""
+    try:
+        applied = {row["name"] for row in await conn.fetch(q("applied_migrations"))}
+    except asyncpg.UndefinedTableError:
+        applied = set()
+    pending = [name for name, _ in available_migrations() if name not in applied]
+    if pending:
+        raise DatabaseNotMigrated(
+            f"the database is not migrated ({len(pending)} migration(s) pending, first "
+            f"{pending[0]}) — run `dispatcher migrate` (or `dispatcher run --migrate`)")
 
 
 @contextlib.asynccontextmanager

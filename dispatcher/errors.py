@@ -19,6 +19,24 @@ class ServiceUnavailable(DispatcherError):
     code = "service_unavailable"
 
 
+class DatabaseMissing(DispatcherError):
+    """The configured PostgreSQL database does not exist."""
+
+    code = "database_missing"
+
+
+class DatabaseNotMigrated(DispatcherError):
+    """The database is not migrated: run `dispatcher migrate`."""
+
+    code = "database_not_migrated"
+
+
+class PortUnavailable(DispatcherError):
+    """The HTTP port cannot be listened on."""
+
+    code = "port_unavailable"
+
+
 class InvalidAmount(DispatcherError):
     """The amount must be a positive whole number of credits."""
 

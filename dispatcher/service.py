@@ -31,7 +31,7 @@ from dispatcher.db import connect, create_pool
 from dispatcher.dispatch.consumer import Consumer
 from dispatcher.dispatch.handler import HandlerConfig, JobHandler
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
-from dispatcher.errors import ServiceUnavailable
+from dispatcher.errors import PortUnavailable, ServiceUnavailable
 from dispatcher.events.grants import CreditsListener, declare_credits_queue
 from dispatcher.events.outbox import OutboxRelay
 from dispatcher.events.resumer import Resumer, sweep_holds
@@ -147,7 +147,12 @@ class Service:
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.http_host, s.http_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise PortUnavailable(
+                f"cannot listen on {s.http_host}:{s.http_port} ({exc.strerror or exc}) — stop "
+                "what uses it or set DISPATCHER_HTTP_PORT to a free port") from exc
         self.http_port = self.runner.addresses[0][1]
         log.info("dispatcher_started", http_port=self.http_port, prefix=s.amqp_prefix)
 

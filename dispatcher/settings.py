@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/dispatcher"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+LOG_FORMATS = ("console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class InvalidSetting(ValueError):
+    """A ``DISPATCHER_*`` variable holds a value the service cannot use (the message names it)."""
+
+
+def _num(default: float, low: float = 0.0, high: float | None = None, *,
+         above: bool = False) -> Any:
+    """A numeric field accepted from ``low`` (exclusive when ``above``) to ``high``."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above})
+
+
+def _one_of(default: str, choices: tuple[str, ...]) -> Any:
+    """A text field that takes one of ``choices``."""
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass(frozen=True)
@@ -19,58 +39,54 @@ class Settings:
     # Prefix for every exchange and queue name, so deployments and test runs never collide.
     amqp_prefix: str = "dispatcher"
     http_host: str = "127.0.0.1"
-    http_port: int = 8080
+    http_port: int = _num(8080, 1, 65535)
     # Public base URL Twilio uses to reach our status callbacks.
     public_base_url: str = "http://127.0.0.1:8080"
     twilio_account_sid: str = ""
     twilio_auth_token: str = field(default="", repr=False)
     # Empty means the real api.twilio.com; set to a sandbox URL to send there instead.
     twilio_base_url: str = ""
-    twilio_timeout_seconds: float = 10.0
-    sender_rate_per_second: float = 100.0
+    twilio_timeout_seconds: float = _num(10.0, above=True)
+    sender_rate_per_second: float = _num(100.0, above=True)
     # Unacked deliveries per work queue.
-    prefetch: int = 200
+    prefetch: int = _num(200, 1)
     # Provider calls in flight at once (the bound Twilio sees).
-    max_in_flight: int = 200
+    max_in_flight: int = _num(200, 1)
     # Jobs handled at once: reserving, waiting for a provider slot, sending, recording; 0 means
     # max_in_flight. Above it, database round trips overlap provider calls (latency hidden
     # better), at the price of a longer wait for transactional jobs behind a bulk backlog.
-    workers: int = 0
-    delivery_limit: int = 5
-    hold_expiry_seconds: float = 72 * 3600.0
-    hold_sweep_interval_seconds: float = 30.0
+    workers: int = _num(0)
+    delivery_limit: int = _num(5, 1)
+    hold_expiry_seconds: float = _num(72 * 3600.0, above=True)
+    hold_sweep_interval_seconds: float = _num(30.0, above=True)
     # Safety net behind the resume NOTIFY: how often paused accounts with credits get a pass.
-    resume_sweep_interval_seconds: float = 60.0
+    resume_sweep_interval_seconds: float = _num(60.0, above=True)
     # How long a job may sit in `sending`/`unknown` before we ask the provider about it.
-    reconcile_grace_seconds: float = 60.0
-    reconcile_interval_seconds: float = 15.0
+    reconcile_grace_seconds: float = _num(60.0)
+    reconcile_interval_seconds: float = _num(15.0, above=True)
     # How often database-wide metrics (credits moved, from the ledger) are sampled.
-    metrics_interval_seconds: float = 5.0
-    shutdown_timeout_seconds: float = 25.0
-    db_pool_min: int = 2
-    db_pool_max: int = 10
-    db_command_timeout_seconds: float = 30.0
-    log_format: str = "console"
-    log_level: str = "info"
+    metrics_interval_seconds: float = _num(5.0, above=True)
+    shutdown_timeout_seconds: float = _num(25.0)
+    db_pool_min: int = _num(2)
+    db_pool_max: int = _num(10, 1)
+    db_command_timeout_seconds: float = _num(30.0, above=True)
+    log_format: str = _one_of("console", LOG_FORMATS)
+    log_level: str = _one_of("info", LOG_LEVELS)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read ``DISPATCHER_<FIELD>`` for every field; unset ones keep their defaults."""
+        """Read ``DISPATCHER_<FIELD>`` for every field; unset ones keep their defaults.
+
+        Raises ``InvalidSetting`` (one line: the variable, its value, what it accepts) rather
+        than starting with a value it would misread.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = env.get(f"DISPATCHER_{f.name.upper()}")
-            if raw is None:
-                continue
-            default = f.default
-            if isinstance(default, bool):
-                values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
-            elif isinstance(default, int):
-                values[f.name] = int(raw)
-            elif isinstance(default, float):
-                values[f.name] = float(raw)
-            else:
-                values[f.name] = raw
+            name = f"DISPATCHER_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is not None:
+                values[f.name] = _parse(name, raw, f)
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -84,3 +100,28 @@ class Settings:
         return not (self.twilio_account_sid and self.twilio_auth_token) or bool(
             self.twilio_base_url
         )
+
+
+def _parse(name: str, raw: str, f: Field[Any]) -> object:
+    """One variable's value as its field's type, within the field's accepted values."""
+    text, meta, default = raw.strip(), f.metadata, f.default
+    if "choices" in meta:
+        if text.lower() not in meta["choices"]:
+            raise InvalidSetting(f"{name}={raw!r} is not accepted: use one of "
+                                 + ", ".join(meta["choices"]))
+        return text.lower()
+    if not isinstance(default, int | float):
+        return raw
+    whole = isinstance(default, int)
+    low, high, above = meta.get("low", 0), meta.get("high"), meta.get("above", False)
+    bounds = (f" above {low:g}" if above else f" from {low:g} to {high:g}" if high is not None
+              else f", at least {low:g}")
+    accepted = ("a whole number" if whole else "a number") + bounds
+    try:
+        value: float = int(text) if whole else float(text)
+    except ValueError:
+        raise InvalidSetting(f"{name}={raw!r} is not accepted: use {accepted}") from None
+    if value != value or value < low or (above and value == low) or (
+            high is not None and value > high):
+        raise InvalidSetting(f"{name}={raw!r} is not accepted: use {accepted}")
+    return value

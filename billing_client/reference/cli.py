@@ -21,6 +21,16 @@ from billing_client.reference.store import PURPOSES
 
 log = structlog.get_logger(__name__)
 
+NEEDS = (
+    "needs: PostgreSQL at BILLING_DATABASE_URL (default the dispatcher's database,\n"
+    "       postgresql://postgres@127.0.0.1:5432/dispatcher; its own tables, created at start)\n"
+    "       RabbitMQ at BILLING_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/), the\n"
+    "       exchange BILLING_AMQP_PREFIX.billing (default dispatcher.billing) shared with\n"
+    "       the dispatcher (set it to the dispatcher's DISPATCHER_AMQP_PREFIX)\n"
+    "       BILLING_DEFAULT_PRIMARY / BILLING_DEFAULT_BACKUP: payment tokens of the fake\n"
+    "       gateway (tok_ok, tok_decline, ...) for accounts without their own methods\n"
+    "listens: on no port; every setting: BILLING_* (billing_client/reference/README.md)")
+
 
 def configure_logging(fmt: str, level: str) -> None:
     """structlog to stderr: JSON (``fmt='json'``) or readable console lines."""
@@ -74,19 +84,26 @@ def _jsonable(value: Any) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ``run`` (default), ``methods set``, ``invoices``."""
     parser = argparse.ArgumentParser(prog="python -m billing_client.reference",
-                                     description="Reference billing service (auto top-up).")
+                                     description="Reference billing service (auto top-up).",
+                                     epilog=NEEDS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
-    commands.add_parser("run", help="consume balance events and top up (default)")
-    methods = commands.add_parser("methods", help="payment methods").add_subparsers(
+    commands.add_parser("run", help="consume balance events and top up (default)",
+                        epilog=NEEDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    methods = commands.add_parser("methods", help="payment methods", epilog=NEEDS,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter
+                                  ).add_subparsers(
         dest="methods_command", required=True)
-    set_ = methods.add_parser("set", help="register an account's payment methods")
+    set_ = methods.add_parser("set", help="register an account's payment methods", epilog=NEEDS,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     set_.add_argument("account")
     set_.add_argument("--primary", required=True, help="gateway token of the primary method")
     backup = set_.add_mutually_exclusive_group()
     backup.add_argument("--backup", help="gateway token of the backup method")
     backup.add_argument("--no-backup", action="store_true", help="remove the backup method")
     set_.add_argument("--purpose", choices=PURPOSES, default="auto_recharge")
-    show = commands.add_parser("invoices", help="list an account's invoices (JSON lines)")
+    show = commands.add_parser("invoices", help="list an account's invoices (JSON lines)",
+                               epilog=NEEDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("account")
     return parser
 

@@ -76,13 +76,22 @@ class BillingSettings:
         return f"{self.queue}.dead"
 
 
+CHOICES = {"log_format": ("console", "json"),
+           "log_level": ("debug", "info", "warning", "error", "critical")}
+
+
 def _parse(name: str, raw: str, default: object) -> object:
     """Convert one environment value to the type of the field's default."""
+    variable = f"BILLING_{name.upper()}"
     try:
         if isinstance(default, int):
             return int(raw)
         if isinstance(default, float):
             return float(raw)
     except ValueError as exc:
-        raise InvalidSettings(f"BILLING_{name.upper()} is not a number") from exc
-    return raw.strip()
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise InvalidSettings(f"{variable}={raw!r} is not accepted: use {kind}") from exc
+    if name in CHOICES and raw.strip().lower() not in CHOICES[name]:
+        raise InvalidSettings(f"{variable}={raw!r} is not accepted: use one of "
+                              + ", ".join(CHOICES[name]))
+    return raw.strip().lower() if name in CHOICES else raw.strip()

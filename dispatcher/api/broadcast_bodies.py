@@ -15,6 +15,7 @@ import msgspec
 from pydantic import TypeAdapter, ValidationError
 
 from dispatcher.api.errors import InvalidJson, InvalidRequest
+from dispatcher.api.parsing import invalid_json, position
 from dispatcher.broadcasts.preflight import Recipients, gc_paused
 from dispatcher.jobs.contract import MAX_BROADCAST_BYTES, SenderId, template_variables
 
@@ -70,14 +71,34 @@ _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
 
 
 def _invalid(field: str, message: str, kind: str = "value_error") -> InvalidRequest:
-    return InvalidRequest("the request body is not valid", errors=[
+    return InvalidRequest(f"the request body is not valid: {field + ': ' if field else ''}"
+                          f"{message}", errors=[
         {"location": "body", "field": field, "message": message, "type": kind}])
 
 
 def _field_of(message: str) -> str:
-    """'Expected `str`, got `int` - at `$.recipients[3].to`' -> 'recipients.3.to'."""
-    _, _, where = message.rpartition(" - at `$")
-    return where.rstrip("`").lstrip(".").replace("[", ".").replace("]", "") if where else ""
+    """'Expected `str`, got `int` - at `$.recipients[3].to`' -> 'recipients.3.to'.
+
+    A missing field is named in the message, not the path: 'Object missing required field
+    `to` - at `$.recipients[0]`' -> 'recipients.0.to'.
+    """
+    text, at, where = message.rpartition(" - at `$")
+    if not at:
+        text, where = message, ""
+    path = where.rstrip("`").lstrip(".").replace("[", ".").replace("]", "")
+    missing = text.partition("missing required field `")[2]
+    if missing:
+        path = ".".join(part for part in (path, missing.rstrip("`")) if part)
+    return path
+
+
+def _malformed(raw: bytes, message: str) -> InvalidJson:
+    """'JSON is malformed: invalid character (byte 12)' -> where it broke, line and column."""
+    reason, _, byte = message.rpartition(" (byte ")
+    if not byte.rstrip(")").isdigit():
+        return InvalidJson(f"the body is not valid JSON: {message}")
+    line, column = position(raw, int(byte.rstrip(")")))
+    return invalid_json(reason.removeprefix("JSON is malformed: "), line, column)
 
 
 def decode(raw: bytes, kind: type[Body]) -> Body:
@@ -89,7 +110,7 @@ def decode(raw: bytes, kind: type[Body]) -> Body:
         raise _invalid(_field_of(str(exc)), str(exc).partition(" - at `")[0],
                        "validation") from exc
     except msgspec.DecodeError as exc:
-        raise InvalidJson("the body is not valid JSON") from exc
+        raise _malformed(raw, str(exc)) from exc
     try:
         template_variables(body.body)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""JSON error responses with stable codes: ``{"error": {"code", "message", "details"}}``.
+"""JSON error responses with stable codes: ``{"error": {code, message, field, details}}``.
 
 Handlers raise an ``ApiError`` (or a domain ``DispatcherError``, mapped here); the middleware
 turns it, aiohttp's own HTTP errors and anything unexpected into that shape. Bad input never
@@ -135,11 +135,20 @@ HTTP_ERRORS: dict[int, type[ApiError]] = {
 
 
 def error_body(code: str, message: str, details: dict[str, object]) -> dict[str, object]:
-    """The JSON body of every error response."""
-    return {"error": {"code": code, "message": message, "details": details}}
+    """The JSON body of every error response; ``field`` names the first field at fault."""
+    return {"error": {"code": code, "message": message, "field": _first_field(details),
+                      "details": details}}
 
 
-def error_response(exc: DispatcherError) -> web.Response:
+def _first_field(details: dict[str, object]) -> str | None:
+    errors = details.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        field = errors[0].get("field")
+        return field if isinstance(field, str) and field else None
+    return None
+
+
+def error_response(exc: DispatcherError, headers: dict[str, str] | None = None) -> web.Response:
     """The JSON response for an API or domain error."""
     if isinstance(exc, ApiError):
         status, code = exc.status, exc.code
@@ -147,18 +156,29 @@ def error_response(exc: DispatcherError) -> web.Response:
         status, code = DOMAIN_ERRORS.get(exc.code, (500, "internal_error"))
     details = exc.details if status < 500 else {}
     message = str(exc) if status < 500 else "internal error"
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return web.json_response(error_body(code, message, dict(details)), status=status,
-                             headers=headers)
+                             headers=headers or None)
 
 
 def _from_http(exc: web.HTTPException) -> ApiError:
     kind = HTTP_ERRORS.get(exc.status)
     if kind is not None:
-        return kind()
+        error = kind()
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            error = kind(f"{exc.method} is not allowed here: use "
+                         + ", ".join(sorted(exc.allowed_methods)),
+                         allowed=sorted(exc.allowed_methods))
+        return error
     error = ApiError(exc.reason)
     error.status, error.code = exc.status, exc.reason.lower().replace(" ", "_")
     return error
+
+
+# Headers of aiohttp's own errors that the JSON error keeps (405 must say what is allowed).
+KEPT_HEADERS = ("Allow",)
 
 
 def _route_name(request: web.Request) -> str:
@@ -179,7 +199,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http(exc))
+        kept = {name: exc.headers[name] for name in KEPT_HEADERS if name in exc.headers}
+        return error_response(_from_http(exc), kept)
     except Exception:
         log.exception("api_internal_error", route=_route_name(request), method=request.method)
         return error_response(InternalError())

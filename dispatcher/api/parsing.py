@@ -50,8 +50,28 @@ def parse_json(raw: bytes) -> Any:
     """Decode strict JSON (UTF-8, no NaN/Infinity); 400 ``invalid_json`` otherwise."""
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidJson(f"the body is not valid JSON: {type(exc).__name__}") from exc
+    except json.JSONDecodeError as exc:
+        raise invalid_json(exc.msg, exc.lineno, exc.colno) from exc
+    except UnicodeDecodeError as exc:
+        line, column = position(raw, exc.start)
+        raise invalid_json("not UTF-8", line, column) from exc
+    except RecursionError as exc:
+        raise InvalidJson("the body is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from exc
+
+
+def invalid_json(reason: str, line: int, column: int) -> InvalidJson:
+    """400 ``invalid_json`` saying where the body broke (1-based line and column)."""
+    return InvalidJson(f"the body is not valid JSON: {reason} at line {line}, column {column}",
+                       line=line, column=column)
+
+
+def position(raw: bytes, offset: int) -> tuple[int, int]:
+    """The 1-based (line, column) of a byte offset in a UTF-8 body."""
+    before = raw[:offset]
+    line_start = before.rfind(b"\n") + 1
+    return before.count(b"\n") + 1, len(before[line_start:].decode("utf-8", "replace")) + 1
 
 
 async def read_json(request: web.Request, model: type[Model],
@@ -65,8 +85,12 @@ def validate(model: type[Model], data: Any, location: str) -> Model:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(f"the request {location} is not valid",
-                             errors=field_errors(exc, location)) from exc
+        errors = field_errors(exc, location)
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        where = f"{first['field']}: " if first["field"] else ""
+        raise InvalidRequest(f"the request {location} is not valid: {where}"
+                             f"{first['message']}{more}", errors=errors) from exc
 
 
 def field_errors(exc: ValidationError, location: str) -> list[dict[str, str]]:

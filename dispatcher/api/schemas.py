@@ -182,6 +182,9 @@ class ErrorDetail(ResponseBody):
 
     code: str
     message: str
+    field: str | None = Field(
+        default=None, description="the request field at fault (the first one, when several "
+                                  "are: all are in details.errors); null when none is")
     details: dict[str, Any]
 
 

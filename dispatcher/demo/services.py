@@ -6,7 +6,7 @@ import socket
 import sys
 from urllib.parse import urlsplit
 
-from dispatcher.settings import Settings
+from dispatcher.settings import InvalidSetting, Settings
 
 HINTS = {
     "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
@@ -25,7 +25,11 @@ def _reachable(url: str, default_port: int) -> tuple[str, int, bool]:
 
 
 def main() -> int:
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except InvalidSetting as exc:
+        print(f"error [invalid_setting]: {exc}", file=sys.stderr)
+        return 2
     failed = False
     for name, url, port in (
         ("PostgreSQL", settings.database_url, 5432),

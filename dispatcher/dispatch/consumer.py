@@ -3,8 +3,9 @@
 Messages from both work queues go into one in-process priority queue served by a fixed number
 of workers, so a bulk backlog can delay a transactional job by at most one job's handling time.
 A handler that raises gets its message requeued; the quorum queue's delivery limit then
-dead-letters a job that keeps crashing, without stopping its neighbours. Acks of committed
-outcomes are coalesced into multiple-acks (see ``acks``).
+dead-letters a job that keeps crashing, without stopping its neighbours. Each delivery is acked
+on its own once its outcome is committed; an ack or nack on a channel that died is logged, not
+raised: the broker redelivers and the job id makes the redelivery harmless.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aio_pika
+import aio_pika.exceptions
+import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from dispatcher.dispatch.acks import AckCoalescer
 from dispatcher.events.topology import PRIORITIES, Names, Topology, declare
 from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
 from dispatcher.metrics import DEAD_LETTER_REASONS, Metrics
@@ -28,6 +30,10 @@ log = structlog.get_logger(__name__)
 
 Handle = Callable[[bytes], Awaitable[Outcome]]
 PUBLISH_TIMEOUT_SECONDS = 10.0
+
+# What acking or nacking on a closed channel or connection raises.
+ACK_ERRORS = (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError,
+              aio_pika.exceptions.ChannelInvalidStateError, ConnectionError, RuntimeError)
 
 
 class Consumer:
@@ -55,7 +61,6 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
-        self._acks = AckCoalescer(hold_limit=max(1, prefetch // 8))
 
     async def start(self) -> None:
         """Declare the topology and start consuming."""
@@ -84,11 +89,6 @@ class Consumer:
             return 0
         return len(self._consumer_tags)
 
-    @property
-    def ack_frames(self) -> int:
-        """How many ack frames were sent (fewer than jobs when acks coalesce)."""
-        return self._acks.frames
-
     def _enqueue_for(self, rank: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def enqueue(message: AbstractIncomingMessage) -> None:
             self._pending.put_nowait((rank, next(self._order), time.monotonic(), message))
@@ -97,8 +97,15 @@ class Consumer:
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
         try:
             await message.nack(requeue=True)
-        finally:
-            self._acks.nacked(message)
+        except ACK_ERRORS as exc:
+            log.warning("nack_failed", message_id=message.message_id, error=type(exc).__name__)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        """Ack a delivery whose outcome is committed; a dead channel means the broker redelivers."""
+        try:
+            await message.ack()
+        except ACK_ERRORS as exc:
+            log.warning("ack_failed", message_id=message.message_id, error=type(exc).__name__)
 
     async def _work(self) -> None:
         while True:
@@ -136,7 +143,7 @@ class Consumer:
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
-            self._acks.ack(message)
+            await self._ack(message)
             return
         assert self._topology is not None
         assert self._publish_channel is not None
@@ -147,7 +154,7 @@ class Consumer:
                 await self._publish_channel.default_exchange.publish(
                     _copy(message, {"x-retry-reason": outcome.reason}),
                     routing_key=self._names.retry_queue(priority, delay))
-            self._acks.ack(message)
+            await self._ack(message)
             return
         await self._dead_letter(message, outcome)
 
@@ -160,7 +167,7 @@ class Consumer:
             headers["x-account"] = outcome.account_id
         async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
             await self._topology.dead.publish(_copy(message, headers), routing_key=outcome.reason)
-        self._acks.ack(message)
+        await self._ack(message)
         self._metrics.dead_letters.labels(reason=_reason_label(outcome.reason)).inc()
         self._metrics.jobs.labels(kind=_kind_label(message.type or "unknown"),
                                   outcome="dead_lettered").inc()
@@ -183,8 +190,7 @@ class Consumer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._acks.close()
-        log.info("consumer_stopped", unfinished=self._in_flight, ack_frames=self._acks.frames)
+        log.info("consumer_stopped", unfinished=self._in_flight)
         for channel in (self._consume_channel, self._publish_channel):
             if channel is not None and not channel.is_closed:
                 await channel.close()

@@ -1,37 +1,31 @@
-"""Per-sender pacing: at most N provider calls per second for each sending number."""
+"""Per-sender pacing: at most N provider calls per second for each sending number (aiolimiter)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from aiolimiter import AsyncLimiter
 
 
 class SenderRateLimiter:
-    """A token bucket per sender; ``acquire`` waits until that sender may send again."""
+    """One leaky bucket per sender; ``acquire`` waits, first come first served, for its turn.
 
-    def __init__(self, per_second: float, burst: float | None = None, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    ``burst`` sends may go at once after an idle spell (default: one second's worth, at least
+    one); after that one every ``1 / per_second`` seconds.
+    """
+
+    def __init__(self, per_second: float, burst: float | None = None) -> None:
         if per_second <= 0:
             raise ValueError("per_second must be positive")
-        self._rate = per_second
         self._burst = burst if burst is not None else max(1.0, per_second)
-        self._buckets: dict[str, tuple[float, float]] = {}  # sender -> (tokens, updated)
-        self._lock = asyncio.Lock()
-        self._clock = clock
-        self._sleep = sleep
+        self._period = self._burst / per_second
+        self._limiters: dict[str, AsyncLimiter] = {}
+
+    def limiter_for(self, sender: str) -> AsyncLimiter:
+        """The sender's bucket (made on first use)."""
+        limiter = self._limiters.get(sender)
+        if limiter is None:
+            limiter = self._limiters[sender] = AsyncLimiter(self._burst, self._period)
+        return limiter
 
     async def acquire(self, sender: str) -> None:
-        """Take one token for ``sender``, sleeping as long as its bucket needs to refill."""
-        while True:
-            async with self._lock:
-                now = self._clock()
-                tokens, updated = self._buckets.get(sender, (self._burst, now))
-                tokens = min(self._burst, tokens + (now - updated) * self._rate)
-                if tokens >= 1.0 - 1e-9:  # float rounding must not leave us a hair short
-                    self._buckets[sender] = (max(tokens - 1.0, 0.0), now)
-                    return
-                self._buckets[sender] = (tokens, now)
-                wait = (1.0 - tokens) / self._rate
-            await self._sleep(wait)
+        """Wait until ``sender`` may send once more."""
+        await self.limiter_for(sender).acquire()

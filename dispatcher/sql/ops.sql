@@ -24,3 +24,7 @@ SELECT coalesce(sum(amount) FILTER (WHERE kind = 'reserve'), 0)::bigint AS reser
                 OR kind IN ('subscription_allocation', 'plan_upgrade')), 0)::bigint AS granted,
        coalesce(sum(forfeited), 0)::bigint AS forfeited
   FROM ledger WHERE id > $1 AND id <= $2;
+
+-- name: applied_migrations
+-- What `dispatcher migrate` has applied (the table is missing on a database never migrated).
+SELECT name FROM schema_migrations;

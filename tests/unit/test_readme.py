@@ -6,6 +6,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+import phonenumbers
 from prometheus_client import CollectorRegistry
 
 from dispatcher.metrics import Metrics
@@ -35,3 +36,11 @@ def test_the_two_commands_are_the_makefile_targets_ci_runs() -> None:
     assert "`make test`" in README
     ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text(encoding="utf-8")
     assert ci.strip().splitlines()[-1] == "make test"
+
+
+def test_every_phone_number_in_the_readme_is_one_libphonenumber_calls_valid() -> None:
+    numbers = set(re.findall(r"\+\d{8,15}\b", README))
+    assert numbers
+    invalid = [n for n in sorted(numbers)
+               if not phonenumbers.is_valid_number(phonenumbers.parse(n))]
+    assert not invalid, f"examples a publisher would have refused: {invalid}"
