@@ -44,6 +44,8 @@ class Settings:
     # How long a job may sit in `sending`/`unknown` before we ask the provider about it.
     reconcile_grace_seconds: float = 60.0
     reconcile_interval_seconds: float = 15.0
+    # How often retry_wait jobs that came due are claimed and sent.
+    retry_sweep_interval_seconds: float = 1.0
     # How often database-wide metrics (credits moved, from the ledger) are sampled.
     metrics_interval_seconds: float = 5.0
     shutdown_timeout_seconds: float = 25.0
