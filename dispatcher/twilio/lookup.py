@@ -48,9 +48,11 @@ class ProviderLookup(Protocol):
 class TwilioLookup:
     """Pages through Twilio's message and call lists for the job's numbers."""
 
-    def __init__(self, client: Any, timeout: float = LOOKUP_TIMEOUT_SECONDS) -> None:
+    def __init__(self, client: Any, timeout: float = LOOKUP_TIMEOUT_SECONDS,
+                 page_size: int = PAGE_SIZE) -> None:
         self._client = client
         self._timeout = timeout
+        self._page_size = page_size
 
     async def find(self, kind: str, payload: dict[str, Any],
                    since: datetime) -> list[Candidate]:
@@ -67,7 +69,7 @@ class TwilioLookup:
             return _call_status(await self._client.calls(sid).fetch_async())
 
     async def _find_sms(self, payload: dict[str, Any], after: datetime) -> list[Candidate]:
-        filters: dict[str, Any] = {"to": payload["to"], "page_size": PAGE_SIZE}
+        filters: dict[str, Any] = {"to": payload["to"], "page_size": self._page_size}
         if payload.get("from"):
             filters["from_"] = payload["from"]
         service = payload.get("messaging_service_sid")
@@ -86,7 +88,7 @@ class TwilioLookup:
     async def _find_call(self, payload: dict[str, Any], after: datetime) -> list[Candidate]:
         found: list[Candidate] = []
         async for call in await self._client.calls.stream_async(
-                to=payload["to"], from_=payload["from"], page_size=PAGE_SIZE):
+                to=payload["to"], from_=payload["from"], page_size=self._page_size):
             if _before(call.date_created, after):
                 break
             found.append(Candidate(_call_status(call) or _exists(call.sid), call.date_created))
