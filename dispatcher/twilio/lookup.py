@@ -3,8 +3,11 @@
 A "not there" answer makes the reconciler send the job again, so it must come from a complete
 search: every page of the provider's list for the job's numbers, newest first, down to the
 moment the job was claimed for sending (less ``CLOCK_SKEW`` between our clock and Twilio's).
-No ``DateSent`` / ``StartTime`` filter narrows the list: a message or call still queued at
-Twilio has none yet and would be left out. A failed or timed-out page raises: no answer.
+Twilio documents its message list as sorted by ``DateSent``, newest first (the sandbox sorts by
+creation): a resource created in the window was sent or started at or after that, so the search
+ends at the first one *sent* (started) before the window, whichever of the two orders the list
+uses; one not sent yet (no date) never ends it. No ``DateSent`` / ``StartTime`` filter narrows
+the list, since it would drop exactly those. A failed or timed-out page raises: no answer.
 """
 
 from __future__ import annotations
@@ -75,9 +78,9 @@ class TwilioLookup:
         service = payload.get("messaging_service_sid")
         found: list[Candidate] = []
         async for message in await self._client.messages.stream_async(**filters):
-            if _before(message.date_created, after):
-                break  # newest first: everything further down is older still
-            if message.body != payload["body"]:
+            if _before(message.date_sent, after):
+                break  # everything further down was sent (and created) before the window
+            if _before(message.date_created, after) or message.body != payload["body"]:
                 continue
             if service and message.messaging_service_sid not in (None, service):
                 continue
@@ -89,14 +92,16 @@ class TwilioLookup:
         found: list[Candidate] = []
         async for call in await self._client.calls.stream_async(
                 to=payload["to"], from_=payload["from"], page_size=self._page_size):
-            if _before(call.date_created, after):
+            if _before(call.start_time, after):
                 break
+            if _before(call.date_created, after):
+                continue
             found.append(Candidate(_call_status(call) or _exists(call.sid), call.date_created))
         return found
 
 
-def _before(created: datetime | None, after: datetime) -> bool:
-    return created is not None and created < after
+def _before(moment: datetime | None, after: datetime) -> bool:
+    return moment is not None and moment < after
 
 
 def _exists(sid: str) -> ProviderStatus:

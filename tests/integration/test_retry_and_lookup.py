@@ -89,7 +89,7 @@ async def test_the_lookup_reads_every_page_newest_first_down_to_the_window(
     old = await client.messages.create_async(to=to, from_=SENDER, body=body)
     # Sent long before this job began (an earlier, identical notification): outside its window.
     [record] = [r for r in twilio_sandbox.state.creates(to=to) if r.sid == old.sid]
-    record.received_at = datetime.now(UTC) - timedelta(hours=2)
+    record.received_at = record.date_sent = datetime.now(UTC) - timedelta(hours=2)
     since = datetime.now(UTC)
     target = await client.messages.create_async(to=to, from_=SENDER, body=body)
     for i in range(45):
