@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -18,7 +20,8 @@ from dispatcher.dispatch.retries import RetrySweeper
 from dispatcher.jobs.outcomes import Done, Outcome
 from dispatcher.jobs.store import JobStore, NewJob
 from dispatcher.metrics import Metrics
-from dispatcher.twilio.lookup import TwilioLookup
+from dispatcher.twilio.callbacks import ProviderStatus
+from dispatcher.twilio.lookup import Candidate, TwilioLookup
 from dispatcher.twilio.reconcile import Reconciler
 from tests.integration.sandbox_fixture import SandboxHandle
 
@@ -114,3 +117,41 @@ async def test_a_lookup_that_cannot_finish_resends_nothing(
     row = await pool.fetchrow("SELECT status, retry_at FROM jobs WHERE job_id = $1", job_id)
     assert row is not None
     assert row["status"] == "sending" and row["retry_at"] is None
+
+
+class SlowLookup:
+    """A provider that takes its time and holds nothing; counts lookups running at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.calls = 0
+
+    async def find(self, kind: str, payload: dict[str, Any], since: datetime) -> list[Candidate]:
+        self.running += 1
+        self.calls += 1
+        self.most = max(self.most, self.running)
+        await asyncio.sleep(0.2)
+        self.running -= 1
+        return []
+
+    async def fetch(self, kind: str, sid: str) -> ProviderStatus | None:
+        return None
+
+
+async def test_reconcile_lookups_run_eight_at_a_time(pool: asyncpg.Pool) -> None:
+    account = await account_with(pool, 100)
+    orphans = [uid("orphan") for _ in range(24)]
+    for job_id in orphans:
+        await begin(pool, account, job_id)
+    lookup = SlowLookup()
+    reconciler = Reconciler(pool, JobStore(pool), lookup, Metrics(CollectorRegistry()),
+                            grace=timedelta(seconds=0))
+    started = time.monotonic()
+    await reconciler.run_once(datetime.now(UTC) + timedelta(seconds=1))
+    assert lookup.most == 8 and lookup.calls >= len(orphans)
+    assert time.monotonic() - started < lookup.calls * 0.2 / 4  # not one at a time
+    # Certain that none was sent: each is due for the retry sweeper, none sent from here.
+    rows = await pool.fetch("SELECT status, retry_at <= now() AS due FROM jobs "
+                            "WHERE job_id = ANY($1)", orphans)
+    assert {(r["status"], r["due"]) for r in rows} == {("retry_wait", True)}
