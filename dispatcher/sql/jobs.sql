@@ -76,8 +76,9 @@ SELECT (SELECT count(*) FROM accounts WHERE paused_at IS NOT NULL) AS paused_acc
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_seconds
   FROM jobs WHERE status = 'held';
 
--- name: sid_is_bound
-SELECT EXISTS (SELECT 1 FROM jobs WHERE provider_sid = $1);
+-- name: bound_sids
+-- Which of these provider SIDs a job already owns (one round trip for a lookup's candidates).
+SELECT provider_sid FROM jobs WHERE provider_sid = ANY($1::text[]);
 
 -- name: begin_jobs
 -- begin_job for a batch in one round trip and one transaction. The caller orders the rows by

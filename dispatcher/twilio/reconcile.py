@@ -106,9 +106,9 @@ class Reconciler:
         except Exception as exc:
             bound.warning("reconcile_lookup_failed", error=type(exc).__name__)
             return "lookup_failed"
-        unclaimed = [c for c in candidates
-                     if c.status.sid and not await self._db.fetchval(q("sid_is_bound"),
-                                                                      c.status.sid)]
+        owned = {r["provider_sid"] for r in await self._db.fetch(
+            q("bound_sids"), [c.status.sid for c in candidates if c.status.sid])}
+        unclaimed = [c for c in candidates if c.status.sid and c.status.sid not in owned]
         if unclaimed and not await self._identifies(job, unclaimed):
             if job.status == "sending":
                 await self._jobs.unknown(job.job_id, "provider_lookup_ambiguous")
