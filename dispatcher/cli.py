@@ -159,10 +159,12 @@ async def cmd_jobs_unresolved(args: argparse.Namespace, settings: Settings) -> i
 
     async def work(pool: asyncpg.Pool) -> int:
         cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
-        stuck = await JobStore(pool).unresolved(cutoff, limit=args.limit)
+        # sending and unknown since the send began, retry_wait since it came due
+        stuck = await JobStore(pool).overdue(cutoff, limit=args.limit)
         for job in stuck:
+            since = job.retry_at if job.status == "retry_wait" else job.sending_at
             print(f"{job.job_id}\t{job.account_id}\t{job.kind}\t{job.status}\t"
-                  f"{job.reason or '-'}\tsince {job.updated_at.isoformat()}")
+                  f"{job.reason or '-'}\tsince {(since or job.updated_at).isoformat()}")
         print(f"{len(stuck)} unresolved job(s)", file=sys.stderr)
         return 0
     return await _with_pool(settings, work)
@@ -310,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="inspect and resolve jobs").add_subparsers(
         dest="jobs_command", required=True)
-    unresolved = _command(jobs, "unresolved", "jobs whose provider outcome is unknown")
+    unresolved = _command(jobs, "unresolved",
+                          "unfinished jobs past their time: sending, retry_wait due, unknown")
     unresolved.add_argument("--older-than", type=float, default=0.0, help="seconds")
     unresolved.add_argument("--limit", type=int, default=500)
     unresolved.set_defaults(func=cmd_jobs_unresolved)

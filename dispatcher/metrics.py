@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 Kind = Literal["sms", "call", "broadcast", "unknown"]
 Outcome = Literal["consumed", "sent", "failed", "held", "expired", "dead_lettered", "unknown",
-                  "duplicate", "released"]
+                  "duplicate", "released", "retried"]
 DeadLetterReason = Literal["too_large", "not_json", "not_utf8", "unsupported_version",
                            "unknown_kind", "unsupported_kind", "invalid_field",
                            "invalid_recipient", "unknown_account", "job_id_conflict",
@@ -23,6 +23,7 @@ CodeClass = Literal["4xx", "429", "5xx", "timeout", "network"]
 CallbackResult = Literal["accepted", "forged", "ignored"]
 TopupResult = Literal["applied", "duplicate", "rejected"]
 Listener = Literal["resumer", "outbox"]
+OverdueState = Literal["sending", "retry_wait", "unknown"]
 
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
@@ -33,6 +34,7 @@ CODE_CLASSES: Final[tuple[CodeClass, ...]] = get_args(CodeClass)
 CALLBACK_RESULTS: Final[tuple[CallbackResult, ...]] = get_args(CallbackResult)
 TOPUP_RESULTS: Final[tuple[TopupResult, ...]] = get_args(TopupResult)
 LISTENERS: Final[tuple[Listener, ...]] = get_args(Listener)
+OVERDUE_STATES: Final[tuple[OverdueState, ...]] = get_args(OverdueState)
 
 # The classic text format every Prometheus version scrapes; ``generate_latest`` writes exactly
 # this (prometheus_client's own ``CONTENT_TYPE_LATEST`` now announces 1.0.0, which older servers
@@ -133,6 +135,10 @@ class Metrics:
         self.unknown_jobs = Gauge("dispatcher_unknown_jobs",
                                   "Jobs whose send outcome is unknown and still unresolved.",
                                   registry=registry)
+        self.overdue_jobs = Gauge(
+            "dispatcher_overdue_jobs",
+            "Unfinished jobs past the reconcile grace in their state: sending (since the send "
+            "began), retry_wait (since due), unknown.", ["status"], registry=registry)
         self.outbox_backlog = Gauge("dispatcher_outbox_backlog",
                                     "Outbox events not yet relayed to RabbitMQ.",
                                     registry=registry)
@@ -164,6 +170,7 @@ class Metrics:
             (self.status_callbacks, "result", CALLBACK_RESULTS),
             (self.topups, "result", TOPUP_RESULTS),
             (self.listen_reconnects, "listener", LISTENERS),
+            (self.overdue_jobs, "status", OVERDUE_STATES),
         ):
             for value in values:
                 counter.labels(**{label: value})

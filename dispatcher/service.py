@@ -1,9 +1,9 @@
 """``dispatcher run``: open everything in order, run until a stop signal, close in reverse.
 
 Start-up: pool → broker → the country resolver's warm-up (~3 s) → topology and consumers →
-outbox relay, reconciler, resumer → HTTP. Shutdown (SIGTERM/SIGINT set one event): stop
-consuming and drain in-flight jobs up to the timeout, stop background tasks, then close HTTP,
-the broker and the pool.
+outbox relay, retry sweeper, reconciler, resumer → HTTP. Shutdown (SIGTERM/SIGINT set one
+event): stop consuming and drain in-flight jobs up to the timeout, stop background tasks, then
+close HTTP, the broker and the pool.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dispatcher.db import connect, create_pool
 from dispatcher.dispatch.consumer import Consumer
 from dispatcher.dispatch.handler import HandlerConfig, JobHandler
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
+from dispatcher.dispatch.retries import RetrySweeper
 from dispatcher.errors import PortUnavailable, ServiceUnavailable
 from dispatcher.events.grants import CreditsListener, declare_credits_queue
 from dispatcher.events.outbox import OutboxRelay
@@ -116,9 +117,12 @@ class Service:
             return await connect(s.database_url)
         relay = OutboxRelay(self.pool, {"events": topology.events, "billing": topology.billing},
                             self.metrics, listen_connect=listen_connect)
-        reconciler = Reconciler(self.pool, jobs, TwilioLookup(self.twilio_client),
-                                handler.handle, self.metrics,
+        reconciler = Reconciler(self.pool, jobs, TwilioLookup(self.twilio_client), self.metrics,
                                 grace=timedelta(seconds=s.reconcile_grace_seconds))
+        # Every retry_wait job, whoever decided the retry, is sent by this sweeper when due.
+        retries = RetrySweeper(self.pool, handler.send_released, self.metrics,
+                               interval=s.retry_sweep_interval_seconds,
+                               concurrency=s.max_in_flight)
         credits_channel = await self.amqp.channel()
         credits_queue = await declare_credits_queue(credits_channel, Names(s.amqp_prefix),
                                                     topology)
@@ -134,6 +138,7 @@ class Service:
             lambda: sweep_holds(pool, self.metrics, s.hold_expiry_seconds), stop), stop)
         self._watch("outbox-relay", relay.run(stop), stop)
         self._watch("broadcast-runner", runner.run(stop), stop)
+        self._watch("retry-sweeper", retries.run(stop), stop)
         self._watch("reconciler", _every(s.reconcile_interval_seconds, reconciler.run_once, stop),
                     stop)
         self._watch("credit-flow", CreditFlowSampler(self.pool, self.metrics).run(

@@ -18,6 +18,7 @@ from dispatcher.dispatch.ordering import AccountTurns
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
 from dispatcher.dispatch.send_slots import SendSlots
 from dispatcher.errors import DispatcherError
+from dispatcher.events.topology import RETRY_DELAYS_SECONDS
 from dispatcher.jobs.contract import (
     BroadcastJob,
     CallJob,
@@ -37,6 +38,9 @@ from dispatcher.twilio.sender import Accepted, CallRequest, Sender, SendResult, 
 log = structlog.get_logger(__name__)
 
 MAX_SEND_ATTEMPTS = 6
+# A consumed job's retry normally comes back as its retry-queue message; its due time is later
+# by this much, so the retry sweeper only sends it if that message was lost.
+QUEUED_RETRY_BACKSTOP_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class JobHandler:
             bound.info("job_" + begin.outcome, status=begin.status)
             self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()
             return Done(begin.outcome)
-        return await self._send(job, begin.attempts)
+        return await self._send(job, begin.attempts, queued=True)
 
     async def _broadcast(self, job: BroadcastJob) -> Outcome:
         if self._broadcasts is None:
@@ -161,7 +165,8 @@ class JobHandler:
         return Done("broadcast_accepted")
 
     async def send_released(self, payload: bytes, attempt: int) -> Outcome:
-        """Send a job that was held and has just been released (already reserved)."""
+        """Send an already reserved ``sending`` job: released from hold, a broadcast recipient,
+        or a retry that came due. Nobody retries its outcome: a retry is left to the sweeper."""
         job = decode_stored_job(payload)
         await self._limiter.acquire(_sender_of(job))
         claimed = await self._jobs.claim_released(job.id, attempt)
@@ -182,8 +187,14 @@ class JobHandler:
                       encode_job(job).decode(), max(quote.credits, 1), quote.country,
                       units, quote.rate)
 
-    async def _send(self, job: SmsJob | CallJob, attempt: int, *,
+    async def _send(self, job: SmsJob | CallJob, attempt: int, *, queued: bool = False,
                     recipient: bool = False) -> Outcome:
+        """Call the provider once and record what came of it.
+
+        ``queued``: the job came from a work queue, whose retry queue brings it back after a
+        refusal; otherwise the retry sweeper alone does (see ``dispatch.retries``).
+        ``recipient``: a broadcast's recipient (its latency counts from the submission).
+        """
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
         async with self._slots.slot(_rank(job.priority)) as waited:
@@ -212,9 +223,12 @@ class JobHandler:
         self._metrics.twilio_errors.labels(code_class=result.code_class).inc()
         bound = bound.bind(reason=result.reason, code=result.code, attempt=attempt)
         if result.decision == "retry" and attempt < MAX_SEND_ATTEMPTS:
-            await self._jobs.retry_later(job.id, result.reason, result.code)
-            bound.warning("send_retry_later")
-            return RetryLater(attempt, result.reason)
+            delay = retry_delay_seconds(attempt)
+            await self._jobs.retry_later(
+                job.id, result.reason, result.code,
+                delay + QUEUED_RETRY_BACKSTOP_SECONDS if queued else delay)
+            bound.warning("send_retry_later", delay_seconds=delay)
+            return RetryLater(attempt, result.reason) if queued else Done("retry_scheduled")
         if result.decision == "unknown":
             await self._jobs.unknown(job.id, result.reason)
             bound.warning("send_outcome_unknown")
@@ -245,6 +259,11 @@ def _sniff_kind(raw: bytes) -> str | None:
 def _refused(reason: str, detail: str, job: SmsJob | CallJob | BroadcastJob) -> DeadLetter:
     """Dead-letter a job that validated: its event echoes its kind and metadata."""
     return DeadLetter(reason, detail, job.id, job.account, job.kind, dict(job.metadata))
+
+
+def retry_delay_seconds(attempt: int) -> int:
+    """The wait before attempt ``attempt + 1``: the retry queues' delays (the last repeats)."""
+    return RETRY_DELAYS_SECONDS[min(max(attempt, 1), len(RETRY_DELAYS_SECONDS)) - 1]
 
 
 def _rank(priority: str) -> int:

@@ -63,6 +63,8 @@ class UnresolvedJob:
     payload: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    sending_at: datetime | None = None
+    retry_at: datetime | None = None
 
 
 class JobStore:
@@ -126,9 +128,14 @@ class JobStore:
         await self._db.fetchval(q("job_dead_lettered"), job_id, account_id, kind, reason,
                                 json.dumps(metadata))
 
-    async def retry_later(self, job_id: str, reason: str, error_code: int | None) -> str:
-        """Refused before sending (rate limit): keep the credits and try again later."""
-        return str(await self._scalar("job_retry_later", job_id, reason, error_code))
+    async def retry_later(self, job_id: str, reason: str, error_code: int | None,
+                          delay_seconds: float = 0.0) -> str:
+        """Refused before sending (rate limit): keep the credits, due again after the delay.
+
+        The retry sweeper sends it when due (see ``dispatch.retries``), whoever decided it.
+        """
+        return str(await self._scalar("job_retry_later", job_id, reason, error_code,
+                                      float(delay_seconds)))
 
     async def provider_status(self, job_id: str, sid: str | None, status: str, *,
                               cost: int | None = None, error_code: int | None = None,
@@ -145,10 +152,12 @@ class JobStore:
     async def unresolved(self, older_than: datetime, limit: int = 500) -> list[UnresolvedJob]:
         """Jobs stuck in ``sending`` or ``unknown`` since before ``older_than``."""
         rows = await self._db.fetch(q("unresolved_jobs"), older_than, limit)
-        return [UnresolvedJob(r["job_id"], r["account_id"], r["kind"], r["status"],
-                              r["attempts"], r["provider_sid"], r["reason"],
-                              json.loads(r["payload"]), r["created_at"], r["updated_at"])
-                for r in rows]
+        return [_unresolved(r) for r in rows]
+
+    async def overdue(self, older_than: datetime, limit: int = 500) -> list[UnresolvedJob]:
+        """Every unfinished, unheld job past ``older_than``: sending, unknown, retry_wait due."""
+        rows = await self._db.fetch(q("overdue_jobs"), older_than, limit)
+        return [_unresolved(r) for r in rows]
 
     async def _scalar(self, name: str, *args: Any) -> Any:
         row = await self._db.fetchrow(q(name), *args)
@@ -181,6 +190,13 @@ class JobReport:
     settle: bool
     units: int | None
     error_code: int | None
+
+
+def _unresolved(r: Any) -> UnresolvedJob:
+    return UnresolvedJob(r["job_id"], r["account_id"], r["kind"], r["status"], r["attempts"],
+                         r["provider_sid"], r["reason"], json.loads(r["payload"]),
+                         r["created_at"], r["updated_at"], r["sending_at"],
+                         r.get("retry_at"))
 
 
 def _json(payload: dict[str, Any] | str) -> str:

@@ -168,13 +168,21 @@ class SandboxServer:
 
     def _list(self, request: web.Request, kind: Kind, key: str,
               render: Callable[[CreateRecord, str], dict[str, Any]]) -> web.Response:
+        """Twilio's list read: newest first, filtered, in pages linked by ``next_page_uri``."""
         self._authenticate(request)
-        to, sender = request.query.get("To"), request.query.get("From")
-        page_size = int(request.query.get("PageSize", "50"))
-        found = [render(r, self.state.account_sid)
-                 for r in reversed(self.state.creates(kind=kind, to=to, accepted=True))
-                 if sender is None or r.from_ == sender]
-        return web.json_response(rs.list_json(key, request.path, found, page_size))
+        query = request.query
+        to, sender = query.get("To"), query.get("From")
+        try:
+            window = rs.DateWindow.from_query(query, "DateSent" if kind == "sms" else "StartTime")
+            page = rs.PageRequest.from_query(query)
+        except ValueError as exc:
+            raise rs.TwilioApiError(20001, 400, str(exc)) from exc
+        found = [r for r in reversed(self.state.creates(kind=kind, to=to, accepted=True))
+                 if (sender is None or r.from_ == sender)
+                 and window.holds(r.date_sent if kind == "sms" else r.start_time)]
+        return web.json_response(rs.list_page(
+            key, request.path, query, [(r.sid or "", render(r, self.state.account_sid))
+                                       for r in found], page))
 
     async def _get_scenario(self, request: web.Request) -> web.Response:
         return web.json_response(self.state.scenario.to_json())

@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 if TYPE_CHECKING:
     from dispatcher.sandbox.state import CreateRecord
@@ -172,9 +175,93 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-def list_json(key: str, path: str, items: list[dict[str, Any]], page_size: int) -> dict[str, Any]:
-    """One page (the only one) of a Twilio list answer."""
-    return {key: items[:page_size], "end": max(0, min(len(items), page_size) - 1),
-            "first_page_uri": f"{path}?PageSize={page_size}&Page=0", "next_page_uri": None,
-            "page": 0, "page_size": page_size, "previous_page_uri": None, "start": 0,
-            "uri": f"{path}?PageSize={page_size}&Page=0"}
+@dataclass(frozen=True)
+class DateWindow:
+    """A list's date filters (``DateSent``, ``DateSent<``, ``DateSent>`` and the same for
+    ``StartTime``): ``YYYY-MM-DD`` compares days, an ISO 8601 time compares instants; ``<``
+    and ``>`` include the bound, as Twilio's ``<=`` / ``>=`` do. A resource without the date
+    (not sent or started yet) is outside any filter."""
+
+    on: str | None = None
+    before: str | None = None
+    after: str | None = None
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str], field: str) -> DateWindow:
+        window = cls(query.get(field), query.get(f"{field}<"), query.get(f"{field}>"))
+        for bound in (window.on, window.before, window.after):
+            if bound is not None:
+                _moment(bound)  # raises ValueError when it is not a date
+        return window
+
+    def holds(self, moment: datetime | None) -> bool:
+        if self.on is None and self.before is None and self.after is None:
+            return True
+        if moment is None:
+            return False
+        return ((self.on is None or _compare(moment, self.on) == 0)
+                and (self.before is None or _compare(moment, self.before) <= 0)
+                and (self.after is None or _compare(moment, self.after) >= 0))
+
+
+def _moment(text: str) -> datetime:
+    if len(text) == 10:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _compare(moment: datetime, bound: str) -> int:
+    """-1, 0 or 1: ``moment`` before, at or after ``bound`` (a day, or an instant)."""
+    if len(bound) == 10:
+        day, other = moment.astimezone(UTC).date(), _moment(bound).date()
+        return (day > other) - (day < other)
+    limit = _moment(bound)
+    return (moment > limit) - (moment < limit)
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """``PageSize`` (default 50, at most 1000), ``Page`` and ``PageToken`` of a list read."""
+
+    size: int = 50
+    number: int = 0
+    token: str | None = None
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> PageRequest:
+        size = int(query.get("PageSize", "50"))
+        if not 1 <= size <= 1000:
+            raise ValueError("PageSize must be between 1 and 1000")
+        return cls(size, int(query.get("Page", "0")), query.get("PageToken"))
+
+
+def list_page(key: str, path: str, query: Mapping[str, str],
+              items: list[tuple[str, dict[str, Any]]], page: PageRequest) -> dict[str, Any]:
+    """One page of a Twilio list answer; ``items`` are (SID, resource), newest first.
+
+    The page token is the SID the previous page ended with (``PA`` + SID), so resources created
+    between two page reads push nothing out of the pages still to come (they may repeat one).
+    """
+    start = 0
+    if page.token:
+        sids = [sid for sid, _ in items]
+        after = page.token.removeprefix("PA")
+        start = sids.index(after) + 1 if after in sids else len(items)
+    chunk = items[start:start + page.size]
+    kept = {k: v for k, v in query.items() if k not in ("Page", "PageSize", "PageToken")}
+
+    def uri(number: int, token: str | None = None) -> str:
+        params = {**kept, "PageSize": str(page.size), "Page": str(number)}
+        if token:
+            params["PageToken"] = token
+        return f"{path}?{urlencode(params)}"
+
+    more = start + page.size < len(items)
+    return {key: [resource for _, resource in chunk],
+            "end": page.number * page.size + max(0, len(chunk) - 1),
+            "first_page_uri": uri(0),
+            "next_page_uri": uri(page.number + 1, "PA" + chunk[-1][0]) if more else None,
+            "page": page.number, "page_size": page.size,
+            "previous_page_uri": uri(page.number - 1) if page.number > 0 else None,
+            "start": page.number * page.size, "uri": uri(page.number, page.token)}

@@ -14,7 +14,7 @@ SELECT job_not_sent($1, $2, $3, $4);
 SELECT job_unknown($1, $2);
 
 -- name: job_retry_later
-SELECT job_retry_later($1, $2, $3);
+SELECT job_retry_later($1, $2, $3, $4);
 
 -- name: job_provider_status
 SELECT job_provider_status($1, $2, $3, $4, $5, $6);
@@ -76,8 +76,9 @@ SELECT (SELECT count(*) FROM accounts WHERE paused_at IS NOT NULL) AS paused_acc
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_seconds
   FROM jobs WHERE status = 'held';
 
--- name: sid_is_bound
-SELECT EXISTS (SELECT 1 FROM jobs WHERE provider_sid = $1);
+-- name: bound_sids
+-- Which of these provider SIDs a job already owns (one round trip for a lookup's candidates).
+SELECT provider_sid FROM jobs WHERE provider_sid = ANY($1::text[]);
 
 -- name: begin_jobs
 -- begin_job for a batch in one round trip and one transaction. The caller orders the rows by
@@ -135,3 +136,43 @@ SELECT i, CASE WHEN NOT found THEN 'unknown_job'
 -- name: job_dead_lettered
 -- A `dead_lettered` status event for a job refused before it existed.
 SELECT emit_dead_lettered($1, $2, $3, $4, $5::jsonb);
+
+-- name: claim_due_retries
+-- The retry sweeper's claim: due retry_wait jobs become `sending` (a new attempt) in one
+-- statement; SKIP LOCKED lets replicas (and begin_job taking a consumed job's retry message)
+-- share them without waiting, and each job is claimed once. The claimer then sends it.
+UPDATE jobs j
+   SET status = 'sending', attempts = j.attempts + 1, updated_at = now(), sending_at = now(),
+       retry_at = NULL
+  FROM (SELECT job_id FROM jobs
+         WHERE status = 'retry_wait' AND retry_at <= now()
+         ORDER BY retry_at
+         LIMIT $1
+           FOR UPDATE SKIP LOCKED) due
+ WHERE j.job_id = due.job_id AND j.status = 'retry_wait'
+RETURNING j.job_id, j.kind, j.payload, j.attempts;
+
+-- name: overdue_jobs
+-- Every unfinished job that is not held, for operators (`dispatcher jobs unresolved`):
+-- `sending` and `unknown` since before $1, `retry_wait` due before $1.
+SELECT job_id, account_id, kind, status, attempts, provider_sid, reason, payload, created_at,
+       updated_at, sending_at, retry_at
+  FROM jobs
+ WHERE (status IN ('sending', 'unknown') AND sending_at < $1)
+    OR (status = 'retry_wait' AND retry_at < $1)
+ ORDER BY sending_at
+ LIMIT $2;
+
+-- name: overdue_job_counts
+-- The dispatcher_overdue_jobs gauge: unfinished jobs past the time they should have moved on
+-- (each count reads one partial index).
+SELECT (SELECT count(*) FROM jobs WHERE status = 'sending' AND sending_at < $1) AS sending,
+       (SELECT count(*) FROM jobs WHERE status = 'retry_wait' AND retry_at < $1) AS retry_wait,
+       (SELECT count(*) FROM jobs WHERE status = 'unknown' AND sending_at < $1) AS unknown;
+
+-- name: unresolved_calls_to
+-- Other unresolved calls between the same numbers: while there are any, a call the provider
+-- holds for this pair cannot be told apart from theirs.
+SELECT count(*) FROM jobs
+ WHERE kind = 'call' AND status IN ('sending', 'unknown') AND job_id <> $1
+   AND payload ->> 'to' = $2 AND payload ->> 'from' = $3;

@@ -36,6 +36,7 @@ EXPECTED = {
     "dispatcher_held_jobs": ("gauge", set()),
     "dispatcher_oldest_held_job_age_seconds": ("gauge", set()),
     "dispatcher_unknown_jobs": ("gauge", set()),
+    "dispatcher_overdue_jobs": ("gauge", {"status"}),
     "dispatcher_outbox_backlog": ("gauge", set()),
     "dispatcher_outbox_lag_seconds": ("gauge", set()),
     "dispatcher_outbox_unroutable": ("gauge", set()),
