@@ -137,6 +137,10 @@ class JobStore:
         return str(await self._scalar("job_retry_later", job_id, reason, error_code,
                                       float(delay_seconds)))
 
+    async def retry_not_created(self, job_id: str, reason: str) -> str:
+        """An ``unknown`` job the provider certainly never created: due again at once."""
+        return str(await self._scalar("job_retry_not_created", job_id, reason))
+
     async def provider_status(self, job_id: str, sid: str | None, status: str, *,
                               cost: int | None = None, error_code: int | None = None,
                               settle: bool = False) -> str:

@@ -16,6 +16,9 @@ SELECT job_unknown($1, $2);
 -- name: job_retry_later
 SELECT job_retry_later($1, $2, $3, $4);
 
+-- name: job_retry_not_created
+SELECT job_retry_not_created($1, $2);
+
 -- name: job_provider_status
 SELECT job_provider_status($1, $2, $3, $4, $5, $6);
 

@@ -8,7 +8,8 @@ doubt that it never got it, and then not here: the job becomes ``retry_wait``, d
 the retry sweeper sends it (a crash right after this decision loses nothing). A call the
 provider holds but that cannot be told apart from another one between the same numbers is
 never resent: it becomes ``unknown`` for an operator (``dispatcher jobs unresolved``), its
-credits still reserved. An ``unknown`` job the provider does not know stays for an operator too.
+credits still reserved. An ``unknown`` job (timeout, 5xx) that the complete answer shows was
+never created goes the same way as a ``sending`` one: ``retry_wait``, due at once.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ class Reconciler:
             return "bound"
         if job.status == "sending":
             await self._jobs.retry_later(job.job_id, "not_sent_before_crash", None, 0.0)
+            bound.info("job_resent_after_lookup")
+            return "resent"
+        now = await self._jobs.retry_not_created(job.job_id, "not_created_by_provider")
+        if now == "retry_wait":
             bound.info("job_resent_after_lookup")
             return "resent"
         return "left_unknown"
