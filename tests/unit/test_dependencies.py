@@ -3,7 +3,8 @@
 Every third-party module the code imports must be a declared dependency (the service's own in
 pyproject's ``dependencies``; tests and benchmarks may also use the ``dev`` extra), never one that
 merely arrives through another package. ``requirements/*.txt`` (``make lock``) must pin each
-declared one with hashes, and the venv must hold exactly the locked versions. ``scripts/audit-deps``
+declared one within its range, with hashes; the venv must hold exactly the locked versions.
+``scripts/audit-deps``
 fails on known vulnerabilities and skips, saying why, when the advisory database is unreachable.
 """
 
@@ -20,6 +21,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -32,21 +35,10 @@ PIN = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)==(?P<version>[^\s;\\]+)(?P<marker>
                  r"(?P<hashes>(?:\s*\\\s*--hash=sha256:[0-9a-f]{64})*)", re.MULTILINE)
 
 
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _declared(requirements: list[str]) -> set[str]:
-    names = set()
-    for requirement in requirements:
-        match = re.match(r"\s*([A-Za-z0-9._-]+)", requirement)
-        assert match, requirement
-        names.add(_normalise(match.group(1)))
-    return names
-
-
-RUNTIME = _declared(PYPROJECT["dependencies"])
-DEV = _declared(PYPROJECT["optional-dependencies"]["dev"])
+RUNTIME_REQUIREMENTS = [Requirement(text) for text in PYPROJECT["dependencies"]]
+DEV_REQUIREMENTS = [Requirement(text) for text in PYPROJECT["optional-dependencies"]["dev"]]
+RUNTIME = {canonicalize_name(requirement.name) for requirement in RUNTIME_REQUIREMENTS}
+DEV = {canonicalize_name(requirement.name) for requirement in DEV_REQUIREMENTS}
 
 
 def _third_party_imports(*folders: str) -> dict[str, set[str]]:
@@ -72,7 +64,7 @@ def _undeclared(folders: tuple[str, ...], allowed: set[str]) -> list[str]:
     distributions = importlib.metadata.packages_distributions()
     problems = []
     for module, files in sorted(_third_party_imports(*folders).items()):
-        providers = {_normalise(name) for name in distributions.get(module, [])}
+        providers = {canonicalize_name(name) for name in distributions.get(module, [])}
         if not providers & allowed:
             where = ", ".join(sorted(files)[:3])
             problems.append(f"{module} (from {sorted(providers) or 'no installed distribution'}"
@@ -95,7 +87,7 @@ def test_tests_and_benchmarks_import_only_declared_dependencies() -> None:
 def _pins(lock: Path) -> dict[str, tuple[str, str, int]]:
     """Normalised name -> (version, marker, number of hashes)."""
     text = lock.read_text()
-    pins = {_normalise(m["name"]): (m["version"], (m["marker"] or "").strip(" ;"),
+    pins = {canonicalize_name(m["name"]): (m["version"], (m["marker"] or "").strip(" ;"),
                                     m["hashes"].count("--hash=")) for m in PIN.finditer(text)}
     unparsed = [line for line in text.splitlines()
                 if line and not line.startswith((" ", "#")) and "==" not in line]
@@ -113,13 +105,20 @@ def test_locks_pin_every_declared_dependency_with_hashes() -> None:
         assert "#    make lock" in lock.read_text(), f"{lock.name} is made by `make lock`"
         unhashed = [name for name, (_, _, hashes) in pins.items() if hashes == 0]
         assert not unhashed, f"{lock.name}: pins without hashes: {unhashed}"
+    for lock, pins, requirements in ((RUNTIME_LOCK, runtime, RUNTIME_REQUIREMENTS),
+                                     (DEV_LOCK, dev, RUNTIME_REQUIREMENTS + DEV_REQUIREMENTS)):
+        locked = {str(requirement): pins[canonicalize_name(requirement.name)][0]
+                  for requirement in requirements}
+        outside = {text: version for text, version in locked.items()
+                   if not Requirement(text).specifier.contains(version, prereleases=True)}
+        assert not outside, f"{stale}; {lock.name} pins outside pyproject's ranges: {outside}"
     differ = {name: (pin[0], dev[name][0]) for name, pin in runtime.items()
               if name not in dev or dev[name][0] != pin[0]}
     assert not differ, f"runtime and dev locks disagree (runtime, dev): {differ}"
     # The service's platform marker survives locking (uvloop has no Windows build).
     assert runtime["uvloop"][1] == "sys_platform != 'win32'"
     # Linting and type checking are pinned too, so CI checks with the same versions every day.
-    assert {"ruff", "mypy", "pip-audit", "uv", "pip", "setuptools"} <= dev.keys()
+    assert dev.keys() >= {"ruff", "mypy", "pip-audit", "uv", "pip", "setuptools"}
 
 
 def test_venv_holds_the_locked_versions() -> None:
