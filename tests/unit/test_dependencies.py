@@ -4,8 +4,8 @@ Every third-party module the code imports must be a declared dependency (the ser
 pyproject's ``dependencies``; tests and benchmarks may also use the ``dev`` extra), never one that
 merely arrives through another package. ``requirements/*.txt`` (``make lock``) must pin each
 declared one within its range, with hashes; the venv must hold exactly the locked versions.
-``scripts/audit-deps``
-fails on known vulnerabilities and skips, saying why, when the advisory database is unreachable.
+``scripts/audit-deps`` fails on known vulnerabilities and skips, saying why, when the advisory
+database is unreachable.
 """
 
 from __future__ import annotations
