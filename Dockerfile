@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
-# dispatcher: message dispatch with credit gating. Two stages: build the wheel (and the wheels of
-# its dependencies) into a virtualenv, then copy only that virtualenv into a slim runtime image
-# that runs as an unprivileged user.
+# dispatcher: message dispatch with credit gating. Two stages: install the runtime lock
+# (requirements/runtime.txt: exact versions, hashes checked) and our wheel into a virtualenv, then
+# copy only that virtualenv into a slim runtime image that runs as an unprivileged user.
 #
 #   docker build -t dispatcher .
 #   docker run --rm -e DISPATCHER_DATABASE_URL=... -e DISPATCHER_AMQP_URL=... dispatcher migrate
@@ -14,13 +14,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-RUN python -m venv /opt/venv
+# The venv gets no pip or setuptools of its own (the image ships only the lock): the base
+# image's pip installs into it. Dependencies first, so a code change reuses this layer.
+RUN python -m venv --without-pip /opt/venv
+COPY requirements/runtime.txt ./requirements/runtime.txt
+RUN pip --python /opt/venv/bin/python install --require-hashes --no-deps \
+        -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY dispatcher ./dispatcher
 COPY billing_client ./billing_client
-# Build our wheel alone, then install it (dependencies resolve from PyPI wheels) into the venv.
-RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
-    && /opt/venv/bin/pip install /wheels/dispatcher-*.whl \
+# Build our wheel alone, then install it without dependencies: they all came from the lock.
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+    && pip --python /opt/venv/bin/python install --no-deps /wheels/dispatcher-*.whl \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 FROM ${PYTHON_IMAGE} AS runtime

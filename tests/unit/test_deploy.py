@@ -52,7 +52,7 @@ def _tool(name: str) -> str:
     venv_bin = Path(sys.executable).parent  # console scripts of dev dependencies (hadolint)
     found = shutil.which(name) or shutil.which(name, path=str(venv_bin))
     if found is None:
-        message = f"{name} is not installed (bash scripts/system-deps; pip install -e '.[dev]')"
+        message = f"{name} is not installed (bash scripts/system-deps; make setup)"
         if UNDER_CI:
             pytest.fail(message)
         pytest.skip(message)
@@ -333,7 +333,8 @@ def test_dockerignore_keeps_the_context_to_the_package() -> None:
              if line and not line.startswith("#")]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "dispatcher", "billing_client"}
+    assert allowed == {"pyproject.toml", "requirements/runtime.txt", "README.md", "dispatcher",
+                       "billing_client"}
 
 
 def test_wheel_ships_every_data_file() -> None:
