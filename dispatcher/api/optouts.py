@@ -14,7 +14,7 @@ import asyncpg
 import phonenumbers
 import structlog
 from aiohttp import web
-from twilio.request_validator import RequestValidator
+from multidict import MultiDict
 
 from dispatcher.api.auth import principal
 from dispatcher.api.errors import (
@@ -29,6 +29,7 @@ from dispatcher.api.schemas import ACCOUNT_PATTERN, E164_PATTERN, OptOut, OptOut
 from dispatcher.credits.ledger import Executor
 from dispatcher.errors import InvalidRecipient, UnknownAccount
 from dispatcher.queries import q
+from dispatcher.twilio.signatures import SignatureCheck, form_fields, last_values
 
 log = structlog.get_logger(__name__)
 
@@ -159,15 +160,14 @@ def keyword_action(body: str) -> Action | None:
     return KEYWORDS.get(body.strip().upper())
 
 
-async def _form(request: web.Request) -> dict[str, str]:
-    """The webhook's form fields (Twilio posts url-encoded forms only)."""
+async def _form(request: web.Request) -> MultiDict[str]:
+    """The webhook's form fields, repeated names included (Twilio posts url-encoded forms)."""
     if request.content_type != FORM:
         raise UnsupportedMediaType()
     try:
-        form = await request.post()
+        return form_fields(await request.post())
     except ValueError as exc:  # bad encoding
         raise InvalidForm() from exc
-    return {name: str(value) for name, value in form.items()}
 
 
 def twiml(message: str | None) -> web.Response:
@@ -182,15 +182,14 @@ class InboundWebhook:
 
     def __init__(self, pool: asyncpg.Pool, auth_token: str, public_base_url: str) -> None:
         self._pool = pool
-        self._validator = RequestValidator(auth_token)
-        self._base = public_base_url.rstrip("/")
+        self._signature = SignatureCheck(auth_token, public_base_url)
 
     async def handle(self, request: web.Request) -> web.Response:
-        params = await _form(request)
-        signature = request.headers.get("X-Twilio-Signature", "")
-        if not self._validator.validate(self._base + request.rel_url.path_qs, params, signature):
+        form = await _form(request)
+        if not self._signature.valid_request(request, form):
             log.warning("inbound_forged", route="/twilio/inbound/{account}")
             raise InvalidSignature()
+        params = last_values(form)
         account = request.match_info["account"]
         if not _ACCOUNT.fullmatch(account):
             raise NotFound(f"no account {account!r}")

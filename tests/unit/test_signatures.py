@@ -8,7 +8,8 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from dispatcher.sandbox.callbacks import form_body, sign
-from dispatcher.twilio.callbacks import SignatureCheck, job_report
+from dispatcher.twilio.callbacks import job_report
+from dispatcher.twilio.signatures import SignatureCheck
 
 TOKEN = "the-auth-token"
 BASE = "http://127.0.0.1:8080"
