@@ -27,8 +27,8 @@ from dispatcher.broadcasts.preflight import (
 )
 from dispatcher.credits.rates import RateCache
 from dispatcher.db import Connection
-from dispatcher.errors import DispatcherError, UnknownAccount
-from dispatcher.jobs.contract import BroadcastJob, CallJob, SmsJob
+from dispatcher.errors import DispatcherError, JobIdConflict, UnknownAccount
+from dispatcher.jobs.contract import BroadcastJob, CallJob, SmsJob, job_fingerprint
 from dispatcher.jobs.outcomes import Outcome
 from dispatcher.metrics import Kind
 from dispatcher.pricing.numbers import default_resolver
@@ -144,23 +144,37 @@ class Broadcasts:
 
     async def submit(self, broadcast_id: str, job: BroadcastJob, *,
                      refuse_if_short: bool) -> tuple[PreflightResult, bool]:
-        """Pre-flight, then store and start it; (result, False) for a replayed id."""
+        """Pre-flight, then store and start it; (result, False) for a replayed id.
+
+        ``JobIdConflict`` when the id is already another broadcast's (another account or
+        other content): the first one is left as it is.
+        """
         spec = BroadcastSpec.from_job(job)
+        fingerprint = job_fingerprint(job)
         result = await self.check(spec, refuse_if_short=refuse_if_short)
         async with self.pool.acquire() as conn, conn.transaction():
-            stored = await store_broadcast(conn, broadcast_id, spec, result)
+            stored = await store_broadcast(conn, broadcast_id, spec, result,
+                                           fingerprint=fingerprint)
+            if not stored:
+                first = await conn.fetchrow(q("broadcast_identity"), broadcast_id)
+                if first is not None and (first["account_id"] != job.account or first[
+                        "fingerprint"] not in (None, fingerprint)):
+                    raise JobIdConflict(job_id=broadcast_id, account_id=job.account)
         if stored:
             self.wake()
         return result, stored
 
 
 async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSpec,
-                          result: PreflightResult) -> bool:
-    """Write the broadcast and its recipients (COPY); False if that id already exists."""
+                          result: PreflightResult, *, fingerprint: str | None = None) -> bool:
+    """Write the broadcast and its recipients (COPY); False if that id already exists.
+
+    ``fingerprint`` (``job_fingerprint``) lets a reused id with another broadcast be told apart.
+    """
     created = await conn.fetchval(
         q("broadcast_insert"), broadcast_id, spec.account, spec.priority, spec.sender,
         spec.messaging_service_sid, spec.body, spec.footer, result.recipients,
-        result.recipients - result.billable, result.credits)
+        result.recipients - result.billable, result.credits, fingerprint)
     if created is None:
         return False
     skips = result.skip_reasons

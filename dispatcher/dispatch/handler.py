@@ -16,8 +16,10 @@ from dispatcher.credits.rates import RateCache
 from dispatcher.dispatch.ordering import AccountTurns
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
 from dispatcher.dispatch.send_slots import SendSlots
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import DispatcherError, JobIdConflict
 from dispatcher.jobs.contract import (
+    ROUTING_MISMATCH,
+    Arrival,
     BroadcastJob,
     CallJob,
     InvalidJob,
@@ -25,6 +27,7 @@ from dispatcher.jobs.contract import (
     decode_stored_job,
     encode_job,
     parse_job,
+    routing_mismatch,
 )
 from dispatcher.jobs.group_commit import GroupCommit
 from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
@@ -104,12 +107,15 @@ class JobHandler:
             results[i] = statuses[position]
         return results
 
-    async def handle(self, raw: bytes) -> Outcome:
-        """Validate, begin and send one job."""
+    async def handle(self, raw: bytes, arrival: Arrival | None = None) -> Outcome:
+        """Validate, begin and send one job (``arrival``: how it came, see ``routing_mismatch``)."""
         try:
             job = parse_job(raw, max_bytes=self._config.max_job_bytes)
         except InvalidJob as exc:
             return DeadLetter(exc.reason, exc.detail, exc.job_id, exc.account)
+        mismatch = routing_mismatch(job, arrival) if arrival is not None else None
+        if mismatch is not None:
+            return DeadLetter(ROUTING_MISMATCH, mismatch, job.id, job.account)
         if isinstance(job, BroadcastJob):
             return await self._broadcast(job)
         async with self._turns.turn(job.account):
@@ -130,9 +136,9 @@ class JobHandler:
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         if begin.outcome == "unknown_account":
             return DeadLetter("unknown_account", f"no account {job.account!r}", job.id, job.account)
-        if begin.outcome == "conflict":
-            return DeadLetter("job_id_conflict", "this job id belongs to another account",
-                              job.id, job.account)
+        if begin.outcome == "conflict":  # the first job is left as it is
+            bound.warning("job_id_conflict")
+            return DeadLetter("job_id_conflict", JobIdConflict.__doc__ or "", job.id, job.account)
         if begin.outcome in ("held", "duplicate"):
             bound.info("job_" + begin.outcome, status=begin.status)
             self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()

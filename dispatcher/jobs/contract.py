@@ -9,8 +9,10 @@ validity is left to the pre-flight and the dispatcher, which skip bad numbers on
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, NotRequired, Self, get_args
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -45,6 +47,8 @@ JobKind = Literal["sms", "call", "broadcast"]
 Priority = Literal["transactional", "bulk"]
 ReasonCode = Literal["too_large", "not_utf8", "not_json", "unsupported_version", "unknown_kind",
                      "invalid_field", "invalid_recipient"]
+# Refusals of jobs the contract accepted (see ``routing_mismatch`` and ``begin_job``).
+ROUTING_MISMATCH: Final = "routing_mismatch"
 REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
 JobStatus = Literal["accepted", "held", "sent", "delivered", "undelivered", "failed", "unknown",
                     "expired", "dead_lettered"]
@@ -234,9 +238,40 @@ Job = SmsJob | CallJob | BroadcastJob
 _JOBS: TypeAdapter[Job] = TypeAdapter(Annotated[Job, Field(discriminator="kind")])
 
 
+def job_fingerprint(job: Job) -> str:
+    """SHA-256 of the job's canonical content: what ``encode_job`` writes, less ``created_at``
+    (the publisher helper stamps it on each publish, so a republished job keeps its print)."""
+    canonical = job.model_dump_json(by_alias=True, exclude_none=True, exclude={"created_at"})
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def routing_key(job: Job) -> str:
     """``<kind>.<priority>``, the routing key on the ``<prefix>.jobs`` topic exchange."""
     return f"{job.kind}.{job.priority}"
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """How a job reached the dispatcher: the routing key it was published with on
+    ``<prefix>.jobs`` (None when it came another way, e.g. back from a retry queue) and the
+    priority of the work queue it was consumed from."""
+
+    routing_key: str | None
+    queue_priority: Priority
+
+
+def routing_mismatch(job: Job, arrival: Arrival) -> str | None:
+    """The one routing rule: a job published on ``<prefix>.jobs`` must carry its own
+    ``<kind>.<priority>`` as routing key, and every job must come off the work queue of its own
+    priority. Why it does not (no job content echoed), or None when it does."""
+    own = routing_key(job)
+    if arrival.routing_key is not None and arrival.routing_key != own:
+        return (f"published with routing key {arrival.routing_key[:64]!r}, but the job is "
+                f"{own!r} (<kind>.<priority>)")
+    if arrival.queue_priority != job.priority:
+        return (f"consumed from the {arrival.queue_priority} queue, but the job's priority is "
+                f"{job.priority!r}")
+    return None
 
 
 def encode_job(job: Job | Mapping[str, Any]) -> bytes:

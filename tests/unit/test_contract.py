@@ -31,6 +31,7 @@ from dispatcher.jobs.contract import (
     template_variables,
     validate_job,
 )
+from dispatcher.metrics import DEAD_LETTER_REASONS
 
 MG = "MG" + "0123456789abcdef" * 2
 ASYNCAPI = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
@@ -413,3 +414,25 @@ def test_stored_payloads_skip_only_the_phone_number_check() -> None:
         contract.decode_stored_job(json.dumps({**job, "body": ""}).encode())
     with pytest.raises(InvalidJob):
         contract.decode_stored_job(json.dumps({**job, "unknown_field": 1}).encode())
+
+
+def test_dead_letter_reasons_are_documented(asyncapi: dict[str, Any]) -> None:
+    message = asyncapi["components"]["messages"]["DeadLetter"]
+    documented = message["headers"]["properties"]["x-reason"]["enum"]
+    assert set(REASON_CODES) | {"job_id_conflict", "routing_mismatch"} <= set(documented)
+    assert {"job_id_conflict", "routing_mismatch"} <= set(DEAD_LETTER_REASONS)
+    for example in examples(asyncapi, "DeadLetter"):
+        assert example["headers"]["x-reason"] in documented, example["name"]
+
+
+def test_routing_mismatch_is_one_rule() -> None:
+    job = parse_job(json.dumps({"schema_version": 1, "id": "r-1", "kind": "sms",
+                                "account": "acme", "to": "+14155552671",
+                                "from": "+14155550199", "body": "x",
+                                "priority": "bulk"}).encode())
+    assert contract.routing_mismatch(job, contract.Arrival("sms.bulk", "bulk")) is None
+    assert contract.routing_mismatch(job, contract.Arrival(None, "bulk")) is None  # a retry
+    for arrival in (contract.Arrival("sms.transactional", "transactional"),
+                    contract.Arrival("call.bulk", "bulk"), contract.Arrival("#", "bulk"),
+                    contract.Arrival(None, "transactional")):
+        assert contract.routing_mismatch(job, arrival) is not None, arrival
