@@ -11,7 +11,6 @@ from typing import Any, Literal
 from xml.sax.saxutils import escape
 
 import asyncpg
-import phonenumbers
 import structlog
 from aiohttp import web
 from multidict import MultiDict
@@ -28,6 +27,7 @@ from dispatcher.api.parsing import bad_cursor, decode_cursor, encode_cursor, que
 from dispatcher.api.schemas import ACCOUNT_PATTERN, E164_PATTERN, OptOut, OptOutPage, PageQuery
 from dispatcher.credits.ledger import Executor
 from dispatcher.errors import InvalidRecipient, UnknownAccount
+from dispatcher.pricing.numbers import canonical_number
 from dispatcher.queries import q
 from dispatcher.twilio.signatures import SignatureCheck, form_fields, last_values
 
@@ -63,13 +63,16 @@ def mask_number(number: str) -> str:
 
 
 def _check_number(number: str) -> str:
-    if not _E164.fullmatch(number):
-        raise InvalidRecipient("the number must be in E.164 form, e.g. +14155550100")
-    return number
+    """The canonical form of a valid number (the one rule); ``InvalidRecipient`` otherwise."""
+    canonical = canonical_number(number)
+    if canonical is None:
+        raise InvalidRecipient("the number must be a valid E.164 number, e.g. +14155550100")
+    return canonical
 
 
 async def record_opt_out(db: Executor, account: str, number: str, source: str) -> bool:
-    """Put ``number`` (E.164) on the account's opt-out list; True when it was not there yet."""
+    """Put ``number`` (stored in canonical E.164 form) on the account's opt-out list; True when
+    it was not there yet."""
     if not _SOURCE.fullmatch(source):
         raise ValueError(f"opt-out source must match [a-z_]{{1,32}}, got {source!r}")
     row = await _add(db, account, _check_number(number), source)
@@ -77,16 +80,20 @@ async def record_opt_out(db: Executor, account: str, number: str, source: str) -
 
 
 async def remove_opt_out(db: Executor, account: str, number: str) -> bool:
-    """Take ``number`` off the account's opt-out list; True when it was on it."""
-    return await db.fetchrow(q("api_opt_out_remove"), account, number) is not None
+    """Take ``number`` (any form of it) off the account's opt-out list; True when it was on it."""
+    stored = canonical_number(number) or number
+    return await db.fetchrow(q("api_opt_out_remove"), account, stored) is not None
 
 
 async def is_opted_out(db: Executor, account: str, numbers: list[str]) -> set[str]:
-    """Which of ``numbers`` (E.164) opted out of this account: one query however many."""
+    """Which of ``numbers`` opted out of this account, whatever form each is written in (they
+    are compared in canonical form): one query however many."""
     if not numbers:
         return set()
-    rows = await db.fetch(q("api_opted_out_among"), account, numbers)
-    return {row["number"] for row in rows}
+    canonical = {number: canonical_number(number) or number for number in numbers}
+    rows = await db.fetch(q("api_opted_out_among"), account, sorted(set(canonical.values())))
+    listed = {row["number"] for row in rows}
+    return {number for number, form in canonical.items() if form in listed}
 
 
 async def _add(db: Executor, account: str, number: str, source: str) -> Any:
@@ -97,19 +104,17 @@ async def _add(db: Executor, account: str, number: str, source: str) -> Any:
 
 
 def _path_number(request: web.Request, *, strict: bool) -> str:
-    """The ``{number}`` path parameter: E.164, and a valid number when ``strict``."""
+    """The ``{number}`` path parameter in canonical form (the one rule); unless ``strict``, a
+    number that is not valid but has the form is taken as it is (an entry stored long ago)."""
     number = request.match_info["number"]
-    valid = _E164.fullmatch(number) is not None
-    if valid and strict:
-        try:
-            valid = phonenumbers.is_valid_number(phonenumbers.parse(number, None))
-        except phonenumbers.NumberParseException:
-            valid = False
-    if not valid:
+    canonical = canonical_number(number)
+    if canonical is None and not strict and _E164.fullmatch(number):
+        canonical = number
+    if canonical is None:
         raise InvalidRequest("the number is not a valid E.164 phone number", errors=[{
             "location": "path", "field": "number", "message": "not a valid E.164 phone number",
             "type": "invalid_number"}])
-    return number
+    return canonical
 
 
 def _entry(row: Any) -> OptOut:
@@ -194,8 +199,8 @@ class InboundWebhook:
         if not _ACCOUNT.fullmatch(account):
             raise NotFound(f"no account {account!r}")
         action = keyword_action(params.get("Body", ""))
-        sender = params.get("From", "")
-        if action is None or not _E164.fullmatch(sender):
+        sender = canonical_number(params.get("From", ""))
+        if action is None or sender is None:
             return twiml(None)
         if not await self._pool.fetchval(q("api_account_exists"), account):
             raise NotFound(f"no account {account!r}")

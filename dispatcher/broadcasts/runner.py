@@ -124,13 +124,16 @@ class Broadcasts:
         row = await self.pool.fetchrow(q("preflight_account"), account)
         if row is None:
             raise UnknownAccount(f"no account {account!r}", account_id=account)
-        opted_out = await self._opted_out(self.pool, account, list(recipients.numbers))
+        with gc_paused():  # canonical forms first: opt-outs are stored in canonical form
+            countries, numbers = self._resolver.resolve_canonical(recipients.numbers)
+        recipients = Recipients(numbers, recipients.variables)
+        opted_out = await self._opted_out(self.pool, account, list(numbers))
         auto = AutoRecharge(row["auto_recharge_enabled"], row["auto_recharge_threshold"],
                             row["auto_recharge_amount"])
         rates = await self._rates.get()
         with gc_paused():
             return preflight(template, recipients, rates, opted_out, row["available"], auto,
-                             self._resolver)
+                             self._resolver, countries)
 
     async def check(self, spec: BroadcastSpec, *, refuse_if_short: bool) -> PreflightResult:
         """The pre-flight of a submission; ``BroadcastShort`` if refused for lack of credits."""
@@ -181,7 +184,7 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
     encode = msgspec.json.encode
     rows = [(broadcast_id, i, to, encode(variables).decode(),
              "skipped" if i in skips else "pending", skips.get(i))
-            for i, (to, variables) in enumerate(zip(spec.recipients.numbers,
+            for i, (to, variables) in enumerate(zip(result.numbers or spec.recipients.numbers,
                                                     spec.recipients.variables, strict=True))]
     await conn.copy_records_to_table(
         "broadcast_recipients", records=rows,

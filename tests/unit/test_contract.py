@@ -215,7 +215,7 @@ def test_not_utf8_and_not_json() -> None:
     (broadcast([]), "invalid_field"),
     (sms(to="0044207183875"), "invalid_recipient"),
     (sms(to="+1555"), "invalid_recipient"),
-    (sms(to="+4402071838750"), "invalid_recipient"),
+    (sms(to="+4401555"), "invalid_recipient"),
     (sms(to="+447700900123"), "invalid_recipient"),
     (sms(to="14155552671"), "invalid_recipient"),
     (call(to="+1 415 555 2671"), "invalid_recipient"),
@@ -436,3 +436,13 @@ def test_routing_mismatch_is_one_rule() -> None:
                     contract.Arrival("call.bulk", "bulk"), contract.Arrival("#", "bulk"),
                     contract.Arrival(None, "transactional")):
         assert contract.routing_mismatch(job, arrival) is not None, arrival
+
+
+@pytest.mark.parametrize(("to", "canonical"), [
+    ("+4402071838750", "+442071838750"),  # refused before: libphonenumber calls it valid
+    ("+9203001234567", "+923001234567"), ("+442071838750", "+442071838750"),
+])
+def test_a_trunk_prefix_after_the_country_code_is_dropped(to: str, canonical: str) -> None:
+    job = parse_job(raw(sms(to=to)))
+    assert isinstance(job, SmsJob) and job.to == canonical
+    assert json.loads(encode_job(job))["to"] == canonical

@@ -68,3 +68,11 @@ BEGIN
     INSERT INTO jobs SELECT candidate.*;
     RETURN QUERY SELECT 'send'::text, 'sending'::text, 1;
 END $$;
+
+
+-- Opt-outs hold numbers in canonical E.164 form as libphonenumber has them (``canonical_number``):
+-- some valid numbers have more than 15 digits (German fixed lines reach 17 after +49), which
+-- the 0004 check refused. A calling code and at most 17 national digits: 20 digits.
+ALTER TABLE opt_outs DROP CONSTRAINT opt_outs_number_check;
+ALTER TABLE opt_outs ADD CONSTRAINT opt_outs_number_check
+    CHECK (number ~ '^\+[1-9][0-9]{1,19}$');
