@@ -23,8 +23,8 @@ from aiohttp import web
 from bench.pipeline_raw import cpu_seconds, run_and_print
 from dispatcher.logs import configure_logging
 from dispatcher.settings import Settings
-from dispatcher.twilio.callbacks import SignatureCheck
 from dispatcher.twilio.provider import build_twilio_client
+from dispatcher.twilio.signatures import SignatureCheck, form_fields
 
 TO, FROM = "+14155550100", "+14155550199"
 CALLBACKS_PER_MESSAGE = 3  # queued, sent, delivered: what the sandbox sends for each create
@@ -38,8 +38,7 @@ async def run(settings: Settings, count: int, window: int, port: int) -> dict[st
 
     async def callback(request: web.Request) -> web.Response:
         nonlocal callbacks
-        form = {k: str(v) for k, v in (await request.post()).items()}
-        if not check.valid(request.path_qs, form, request.headers.get("X-Twilio-Signature", "")):
+        if not check.valid_request(request, form_fields(await request.post())):
             return web.Response(status=403)
         callbacks += 1
         if callbacks >= count * CALLBACKS_PER_MESSAGE:

@@ -73,6 +73,12 @@ class ReservationConflict(DispatcherError):
     code = "reservation_conflict"
 
 
+class JobIdConflict(DispatcherError):
+    """This job id was already used for a different job (another account or other content)."""
+
+    code = "job_id_conflict"
+
+
 class AlreadySettled(DispatcherError):
     """The reservation was already settled differently."""
 

@@ -16,7 +16,7 @@ Outcome = Literal["consumed", "sent", "failed", "held", "expired", "dead_lettere
 DeadLetterReason = Literal["too_large", "not_json", "not_utf8", "unsupported_version",
                            "unknown_kind", "unsupported_kind", "invalid_field",
                            "invalid_recipient", "unknown_account", "job_id_conflict",
-                           "delivery_limit", "handler_error"]
+                           "routing_mismatch", "delivery_limit", "handler_error"]
 CreditOperation = Literal["reserved", "captured", "released", "granted", "forfeited"]
 LowBalanceType = Literal["balance_low", "balance_depleted"]
 CodeClass = Literal["4xx", "429", "5xx", "timeout", "network"]

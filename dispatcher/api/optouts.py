@@ -11,10 +11,9 @@ from typing import Any, Literal
 from xml.sax.saxutils import escape
 
 import asyncpg
-import phonenumbers
 import structlog
 from aiohttp import web
-from twilio.request_validator import RequestValidator
+from multidict import MultiDict
 
 from dispatcher.api.auth import principal
 from dispatcher.api.errors import (
@@ -28,7 +27,9 @@ from dispatcher.api.parsing import bad_cursor, decode_cursor, encode_cursor, que
 from dispatcher.api.schemas import ACCOUNT_PATTERN, E164_PATTERN, OptOut, OptOutPage, PageQuery
 from dispatcher.credits.ledger import Executor
 from dispatcher.errors import InvalidRecipient, UnknownAccount
+from dispatcher.pricing.numbers import canonical_number
 from dispatcher.queries import q
+from dispatcher.twilio.signatures import SignatureCheck, form_fields, last_values
 
 log = structlog.get_logger(__name__)
 
@@ -62,13 +63,16 @@ def mask_number(number: str) -> str:
 
 
 def _check_number(number: str) -> str:
-    if not _E164.fullmatch(number):
-        raise InvalidRecipient("the number must be in E.164 form, e.g. +14155550100")
-    return number
+    """The canonical form of a valid number (the one rule); ``InvalidRecipient`` otherwise."""
+    canonical = canonical_number(number)
+    if canonical is None:
+        raise InvalidRecipient("the number must be a valid E.164 number, e.g. +14155550100")
+    return canonical
 
 
 async def record_opt_out(db: Executor, account: str, number: str, source: str) -> bool:
-    """Put ``number`` (E.164) on the account's opt-out list; True when it was not there yet."""
+    """Put ``number`` (stored in canonical E.164 form) on the account's opt-out list; True when
+    it was not there yet."""
     if not _SOURCE.fullmatch(source):
         raise ValueError(f"opt-out source must match [a-z_]{{1,32}}, got {source!r}")
     row = await _add(db, account, _check_number(number), source)
@@ -76,16 +80,20 @@ async def record_opt_out(db: Executor, account: str, number: str, source: str) -
 
 
 async def remove_opt_out(db: Executor, account: str, number: str) -> bool:
-    """Take ``number`` off the account's opt-out list; True when it was on it."""
-    return await db.fetchrow(q("api_opt_out_remove"), account, number) is not None
+    """Take ``number`` (any form of it) off the account's opt-out list; True when it was on it."""
+    stored = canonical_number(number) or number
+    return await db.fetchrow(q("api_opt_out_remove"), account, stored) is not None
 
 
 async def is_opted_out(db: Executor, account: str, numbers: list[str]) -> set[str]:
-    """Which of ``numbers`` (E.164) opted out of this account: one query however many."""
+    """Which of ``numbers`` opted out of this account, whatever form each is written in (they
+    are compared in canonical form): one query however many."""
     if not numbers:
         return set()
-    rows = await db.fetch(q("api_opted_out_among"), account, numbers)
-    return {row["number"] for row in rows}
+    canonical = {number: canonical_number(number) or number for number in numbers}
+    rows = await db.fetch(q("api_opted_out_among"), account, sorted(set(canonical.values())))
+    listed = {row["number"] for row in rows}
+    return {number for number, form in canonical.items() if form in listed}
 
 
 async def _add(db: Executor, account: str, number: str, source: str) -> Any:
@@ -96,19 +104,17 @@ async def _add(db: Executor, account: str, number: str, source: str) -> Any:
 
 
 def _path_number(request: web.Request, *, strict: bool) -> str:
-    """The ``{number}`` path parameter: E.164, and a valid number when ``strict``."""
+    """The ``{number}`` path parameter in canonical form (the one rule); unless ``strict``, a
+    number that is not valid but has the form is taken as it is (an entry stored long ago)."""
     number = request.match_info["number"]
-    valid = _E164.fullmatch(number) is not None
-    if valid and strict:
-        try:
-            valid = phonenumbers.is_valid_number(phonenumbers.parse(number, None))
-        except phonenumbers.NumberParseException:
-            valid = False
-    if not valid:
+    canonical = canonical_number(number)
+    if canonical is None and not strict and _E164.fullmatch(number):
+        canonical = number
+    if canonical is None:
         raise InvalidRequest("the number is not a valid E.164 phone number", errors=[{
             "location": "path", "field": "number", "message": "not a valid E.164 phone number",
             "type": "invalid_number"}])
-    return number
+    return canonical
 
 
 def _entry(row: Any) -> OptOut:
@@ -159,15 +165,14 @@ def keyword_action(body: str) -> Action | None:
     return KEYWORDS.get(body.strip().upper())
 
 
-async def _form(request: web.Request) -> dict[str, str]:
-    """The webhook's form fields (Twilio posts url-encoded forms only)."""
+async def _form(request: web.Request) -> MultiDict[str]:
+    """The webhook's form fields, repeated names included (Twilio posts url-encoded forms)."""
     if request.content_type != FORM:
         raise UnsupportedMediaType()
     try:
-        form = await request.post()
+        return form_fields(await request.post())
     except ValueError as exc:  # bad encoding
         raise InvalidForm() from exc
-    return {name: str(value) for name, value in form.items()}
 
 
 def twiml(message: str | None) -> web.Response:
@@ -182,21 +187,20 @@ class InboundWebhook:
 
     def __init__(self, pool: asyncpg.Pool, auth_token: str, public_base_url: str) -> None:
         self._pool = pool
-        self._validator = RequestValidator(auth_token)
-        self._base = public_base_url.rstrip("/")
+        self._signature = SignatureCheck(auth_token, public_base_url)
 
     async def handle(self, request: web.Request) -> web.Response:
-        params = await _form(request)
-        signature = request.headers.get("X-Twilio-Signature", "")
-        if not self._validator.validate(self._base + request.rel_url.path_qs, params, signature):
+        form = await _form(request)
+        if not self._signature.valid_request(request, form):
             log.warning("inbound_forged", route="/twilio/inbound/{account}")
             raise InvalidSignature()
+        params = last_values(form)
         account = request.match_info["account"]
         if not _ACCOUNT.fullmatch(account):
             raise NotFound(f"no account {account!r}")
         action = keyword_action(params.get("Body", ""))
-        sender = params.get("From", "")
-        if action is None or not _E164.fullmatch(sender):
+        sender = canonical_number(params.get("From", ""))
+        if action is None or sender is None:
             return twiml(None)
         if not await self._pool.fetchval(q("api_account_exists"), account):
             raise NotFound(f"no account {account!r}")

@@ -9,7 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 MAX_CREDITS = 10**12
 ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
-E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+# A phone number's form: '+' and digits. Validity and the canonical E.164 form are decided by
+# the one rule, ``canonical_number`` (a trunk prefix after the country code is dropped).
+E164_PATTERN = r"^\+[0-9]{3,31}$"
 
 
 def _plain_text(value: str) -> str:

@@ -1,5 +1,7 @@
 """Broadcast pre-flight: what a broadcast would cost, who is skipped, and what to do about it.
 
+Validity and canonical form of each number follow the one rule (``canonical_number``).
+
 A pure function of the recipients, the rates, the account's opt-outs and balance: it never
 reserves or writes. Built for 100k+ recipients: countries come from the numbers' leading digits
 (``CountryResolver.resolve_many``, exact: learned from libphonenumber's metadata), SMS parts are
@@ -82,6 +84,7 @@ class PreflightResult:
     auto_recharge_covers: bool
     advice: Advice
     skip_reasons: dict[int, SkipReason]
+    numbers: Sequence[str] = ()  # each recipient in canonical form (an invalid one as given)
 
     def as_json(self) -> dict[str, object]:
         """The HTTP body (without per-recipient detail)."""
@@ -168,9 +171,17 @@ def _segments_by_country(billed: Sequence[str | None], parts: Sequence[int],
 
 def preflight(template: Template, recipients: Recipients, rates: RateTable,
               opted_out: set[str], available: int, auto: AutoRecharge,
-              resolver: CountryResolver) -> PreflightResult:
-    """Price every recipient; skip invalid, opted-out, repeated and incomplete ones."""
-    countries = resolver.resolve_many(recipients.numbers)
+              resolver: CountryResolver,
+              countries: Sequence[str | None] | None = None) -> PreflightResult:
+    """Price every recipient; skip invalid, opted-out, repeated and incomplete ones.
+
+    Numbers are compared in canonical form (``canonical_number``: ``+920300…`` and
+    ``+92300…`` are one recipient); ``opted_out`` holds canonical numbers. ``countries``: what
+    ``resolver.resolve_canonical`` gave for ``recipients.numbers``, when they are canonical.
+    """
+    if countries is None:
+        countries, numbers = resolver.resolve_canonical(recipients.numbers)
+        recipients = Recipients(numbers, recipients.variables)
     columns = template.columns(recipients.variables)
     skips = _skips(recipients, countries, opted_out, columns)
     billed = list(countries)
@@ -194,4 +205,4 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
     return PreflightResult(
         len(countries), len(countries) - len(skips),
         sum(line.segments for line in by_country.values()), credits, by_country, skipped,
-        examples, available, shortfall, auto, covers, advice, skips)
+        examples, available, shortfall, auto, covers, advice, skips, recipients.numbers)

@@ -27,8 +27,8 @@ from dispatcher.broadcasts.preflight import (
 )
 from dispatcher.credits.rates import RateCache
 from dispatcher.db import Connection
-from dispatcher.errors import DispatcherError, UnknownAccount
-from dispatcher.jobs.contract import BroadcastJob
+from dispatcher.errors import DispatcherError, JobIdConflict, UnknownAccount
+from dispatcher.jobs.contract import BroadcastJob, job_fingerprint
 from dispatcher.jobs.outcomes import Outcome
 from dispatcher.pricing.numbers import default_resolver
 from dispatcher.pricing.quotes import count_segments
@@ -125,13 +125,16 @@ class Broadcasts:
         row = await self.pool.fetchrow(q("preflight_account"), account)
         if row is None:
             raise UnknownAccount(f"no account {account!r}", account_id=account)
-        opted_out = await self._opted_out(self.pool, account, list(recipients.numbers))
+        with gc_paused():  # canonical forms first: opt-outs are stored in canonical form
+            countries, numbers = self._resolver.resolve_canonical(recipients.numbers)
+        recipients = Recipients(numbers, recipients.variables)
+        opted_out = await self._opted_out(self.pool, account, list(numbers))
         auto = AutoRecharge(row["auto_recharge_enabled"], row["auto_recharge_threshold"],
                             row["auto_recharge_amount"])
         rates = await self._rates.get()
         with gc_paused():
             return preflight(template, recipients, rates, opted_out, row["available"], auto,
-                             self._resolver)
+                             self._resolver, countries)
 
     async def check(self, spec: BroadcastSpec, *, refuse_if_short: bool) -> PreflightResult:
         """The pre-flight of a submission; ``BroadcastShort`` if refused for lack of credits."""
@@ -145,30 +148,45 @@ class Broadcasts:
 
     async def submit(self, broadcast_id: str, job: BroadcastJob, *,
                      refuse_if_short: bool) -> tuple[PreflightResult, bool]:
-        """Pre-flight, then store and start it; (result, False) for a replayed id."""
+        """Pre-flight, then store and start it; (result, False) for a replayed id.
+
+        ``JobIdConflict`` when the id is already another broadcast's (another account or
+        other content): the first one is left as it is.
+        """
         spec = BroadcastSpec.from_job(job)
+        fingerprint = job_fingerprint(job)
         result = await self.check(spec, refuse_if_short=refuse_if_short)
         async with self.pool.acquire() as conn, conn.transaction():
-            stored = await store_broadcast(conn, broadcast_id, spec, result)
+            stored = await store_broadcast(conn, broadcast_id, spec, result,
+                                           fingerprint=fingerprint)
+            if not stored:
+                first = await conn.fetchrow(q("broadcast_identity"), broadcast_id)
+                if first is not None and (first["account_id"] != job.account or first[
+                        "fingerprint"] not in (None, fingerprint)):
+                    raise JobIdConflict(job_id=broadcast_id, account_id=job.account)
         if stored:
             self.wake()
         return result, stored
 
 
 async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSpec,
-                          result: PreflightResult) -> bool:
-    """Write the broadcast and its recipients (COPY); False if that id already exists."""
+                          result: PreflightResult, *, fingerprint: str | None = None) -> bool:
+    """Write the broadcast and its recipients (COPY); False if that id already exists.
+
+    ``fingerprint`` (``job_fingerprint``) lets a reused id with another broadcast be told apart.
+    """
     created = await conn.fetchval(
         q("broadcast_insert"), broadcast_id, spec.account, spec.priority, spec.sender,
         spec.messaging_service_sid, spec.body, spec.footer, result.recipients,
-        result.recipients - result.billable, result.credits, json.dumps(spec.metadata))
+        result.recipients - result.billable, result.credits, json.dumps(spec.metadata),
+        fingerprint)
     if created is None:
         return False
     skips = result.skip_reasons
     encode = msgspec.json.encode
     rows = [(broadcast_id, i, to, encode(variables).decode(),
              "skipped" if i in skips else "pending", skips.get(i))
-            for i, (to, variables) in enumerate(zip(spec.recipients.numbers,
+            for i, (to, variables) in enumerate(zip(result.numbers or spec.recipients.numbers,
                                                     spec.recipients.variables, strict=True))]
     await conn.copy_records_to_table(
         "broadcast_recipients", records=rows,

@@ -23,12 +23,13 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from dispatcher.events.topology import PRIORITIES, Names, Topology, declare
+from dispatcher.jobs.contract import Arrival
 from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
 from dispatcher.metrics import DEAD_LETTER_REASONS, Metrics
 
 log = structlog.get_logger(__name__)
 
-Handle = Callable[[bytes], Awaitable[Outcome]]
+Handle = Callable[[bytes, Arrival], Awaitable[Outcome]]
 PUBLISH_TIMEOUT_SECONDS = 10.0
 
 # What acking or nacking on a closed channel or connection raises.
@@ -48,7 +49,7 @@ class Consumer:
         self._prefetch = prefetch
         self._workers = workers
         self._delivery_limit = delivery_limit
-        # (priority rank, arrival order, delivered at, message)
+        # (priority rank, arrival order, delivered at, message); the rank is the queue's
         self._pending: asyncio.PriorityQueue[
             tuple[int, int, float, AbstractIncomingMessage]] = asyncio.PriorityQueue()
         self._order = itertools.count()
@@ -109,7 +110,7 @@ class Consumer:
 
     async def _work(self) -> None:
         while True:
-            _, _, delivered, message = await self._pending.get()
+            rank, _, delivered, message = await self._pending.get()
             self._metrics.queue_wait_seconds.observe(time.monotonic() - delivered)
             if self._stopping:
                 await self._requeue(message)
@@ -118,18 +119,23 @@ class Consumer:
             self._idle.clear()
             self._metrics.in_flight.set(self._in_flight)
             try:
-                await self._process(message)
+                await self._process(message, PRIORITIES[rank])
             finally:
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
                 self._metrics.in_flight.set(self._in_flight)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process(self, message: AbstractIncomingMessage, queue_priority: str) -> None:
         kind = message.type or "unknown"
         self._metrics.jobs.labels(kind=_kind_label(kind), outcome="consumed").inc()
+        # Only a message published on the jobs exchange carries a routing key of the contract;
+        # one back from a retry queue carries its work queue's name.
+        published = message.exchange == self._names.jobs_exchange
+        arrival = Arrival(message.routing_key if published else None,
+                          "bulk" if queue_priority == "bulk" else "transactional")
         try:
-            outcome = await self._handle(message.body)
+            outcome = await self._handle(message.body, arrival)
         except Exception:
             log.exception("job_handler_crashed", message_id=message.message_id,
                           redelivered=message.redelivered)

@@ -17,9 +17,11 @@ from dispatcher.credits.rates import RateCache
 from dispatcher.dispatch.ordering import AccountTurns
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
 from dispatcher.dispatch.send_slots import SendSlots
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import DispatcherError, JobIdConflict
 from dispatcher.events.topology import RETRY_DELAYS_SECONDS
 from dispatcher.jobs.contract import (
+    ROUTING_MISMATCH,
+    Arrival,
     BroadcastJob,
     CallJob,
     InvalidJob,
@@ -27,6 +29,7 @@ from dispatcher.jobs.contract import (
     decode_stored_job,
     encode_job,
     parse_job,
+    routing_mismatch,
 )
 from dispatcher.jobs.group_commit import GroupCommit
 from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
@@ -109,9 +112,10 @@ class JobHandler:
             results[i] = statuses[position]
         return results
 
-    async def handle(self, raw: bytes) -> Outcome:
-        """Validate, begin and send one job; a refused job readable enough gets its event."""
-        outcome = await self._handle(raw)
+    async def handle(self, raw: bytes, arrival: Arrival | None = None) -> Outcome:
+        """Validate, begin and send one job (``arrival``: how it came, see ``routing_mismatch``);
+        a refused job readable enough gets its event."""
+        outcome = await self._handle(raw, arrival)
         if (isinstance(outcome, DeadLetter) and outcome.job_id and outcome.account_id
                 and outcome.kind):
             # Written before the consumer parks the message: a failed park redelivers the job
@@ -120,11 +124,14 @@ class JobHandler:
                                            outcome.reason, outcome.metadata)
         return outcome
 
-    async def _handle(self, raw: bytes) -> Outcome:
+    async def _handle(self, raw: bytes, arrival: Arrival | None) -> Outcome:
         try:
             job = parse_job(raw, max_bytes=self._config.max_job_bytes)
         except InvalidJob as exc:
             return DeadLetter(exc.reason, exc.detail, exc.job_id, exc.account, _sniff_kind(raw))
+        mismatch = routing_mismatch(job, arrival) if arrival is not None else None
+        if mismatch is not None:
+            return _refused(ROUTING_MISMATCH, mismatch, job)
         if isinstance(job, BroadcastJob):
             return await self._broadcast(job)
         async with self._turns.turn(job.account):
@@ -145,8 +152,9 @@ class JobHandler:
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         if begin.outcome == "unknown_account":
             return _refused("unknown_account", f"no account {job.account!r}", job)
-        if begin.outcome == "conflict":
-            return _refused("job_id_conflict", "this job id belongs to another account", job)
+        if begin.outcome == "conflict":  # the first job is left as it is
+            bound.warning("job_id_conflict")
+            return _refused("job_id_conflict", JobIdConflict.__doc__ or "", job)
         if begin.outcome in ("held", "duplicate"):
             bound.info("job_" + begin.outcome, status=begin.status)
             self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()

@@ -3,19 +3,23 @@
 Jobs are UTF-8 JSON objects, one per AMQP message, discriminated by ``kind``, versioned by
 ``schema_version``; the publisher-chosen ``id`` is the idempotency key. Jobs are strict (unknown
 fields rejected); events we emit ignore unknown fields, so optional fields may be added within v1.
-Broadcast recipients are only checked for E.164 *format* (a regex: 100k parse in ~0.2 s); real
-validity is left to the pre-flight and the dispatcher, which skip bad numbers one by one.
+Recipients follow one rule (``canonical_number``): '+' and digits that libphonenumber calls
+valid, by its own length rules, turned into canonical E.164 (a trunk prefix after the country
+code is dropped). A job's ``to`` is checked and canonicalised here; broadcast recipients are only
+checked for that *form* (a regex: 100k parse in ~0.2 s) and the pre-flight, applying the same
+rule, skips invalid numbers one by one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, NotRequired, Self, get_args
 from urllib.parse import urlsplit
 from uuid import UUID
 
-import phonenumbers
 import pydantic_core
 from pydantic import (
     AfterValidator,
@@ -35,6 +39,7 @@ from pydantic import (
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from dispatcher.errors import DispatcherError
+from dispatcher.pricing.numbers import canonical_number
 from dispatcher.pricing.templates import STOP_FOOTER
 
 SCHEMA_VERSION = 1
@@ -45,6 +50,8 @@ JobKind = Literal["sms", "call", "broadcast"]
 Priority = Literal["transactional", "bulk"]
 ReasonCode = Literal["too_large", "not_utf8", "not_json", "unsupported_version", "unknown_kind",
                      "invalid_field", "invalid_recipient"]
+# Refusals of jobs the contract accepted (see ``routing_mismatch`` and ``begin_job``).
+ROUTING_MISMATCH: Final = "routing_mismatch"
 REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
 JobStatus = Literal["held", "sent", "delivered", "undelivered", "failed", "unknown", "canceled",
                     "skipped", "dead_lettered"]
@@ -53,7 +60,8 @@ ROUTING_KEYS = tuple(f"{k}.{p}" for k in ("sms", "call", "broadcast")
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
-E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"  # senders (``from``)
+NUMBER_PATTERN = r"^\+[0-9]{3,31}$"  # the form a recipient is written in (see canonical_number)
 CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 _E164 = re.compile(E164_PATTERN)
 _ALPHA_SENDER = re.compile(r"^[A-Za-z0-9 +\-_&]{1,11}$")
@@ -74,17 +82,13 @@ class InvalidJob(DispatcherError):
 
 
 def _phone_number(value: str, info: ValidationInfo) -> str:
-    """A real, canonical E.164 number (``phonenumbers`` decides; no national forms)."""
+    """A valid number (``canonical_number``, the one rule), in canonical E.164 form."""
     if isinstance(info.context, dict) and info.context.get("stored") is True:
         return value  # checked on the way in, before it was stored
-    try:
-        number = phonenumbers.parse(value, None) if _E164.match(value) else None
-    except phonenumbers.NumberParseException:
-        number = None
-    if number is None or not phonenumbers.is_valid_number(number) or phonenumbers.format_number(
-            number, phonenumbers.PhoneNumberFormat.E164) != value:
+    canonical = canonical_number(value)
+    if canonical is None:
         raise ValueError("not a valid E.164 phone number (e.g. +14155552671)")
-    return value
+    return canonical
 
 
 def _sender_id(value: str) -> str:
@@ -122,7 +126,10 @@ def render_template(template: str, variables: Mapping[str, str]) -> str:
 JobId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 AccountId = Annotated[str, StringConstraints(pattern=ACCOUNT_PATTERN)]
 PhoneNumber = Annotated[str, AfterValidator(_phone_number), WithJsonSchema(
-    {"type": "string", "pattern": E164_PATTERN, "description": "E.164, valid per libphonenumber"})]
+    {"type": "string", "pattern": NUMBER_PATTERN, "description": (
+        "E.164, valid per libphonenumber; a national trunk prefix after the country code is "
+        "dropped (+920300… is +92300…)")})]
+NumberForm = Annotated[str, StringConstraints(pattern=NUMBER_PATTERN)]
 E164Format = Annotated[str, StringConstraints(pattern=E164_PATTERN)]
 SenderId = Annotated[str, AfterValidator(_sender_id), WithJsonSchema({"type": "string", "pattern": (
     r"^(\+[1-9][0-9]{6,14}|[A-Za-z0-9 +\-_&]{1,11})$"), "description": "E.164 or sender id"})]
@@ -195,7 +202,7 @@ class CallJob(_Job):
 class Recipient(TypedDict):
     """One broadcast recipient and the values of the body's ``{variables}``."""
 
-    to: E164Format
+    to: NumberForm
     vars: NotRequired[Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
                                      ShortText], Field(max_length=16)]]
 
@@ -234,9 +241,40 @@ Job = SmsJob | CallJob | BroadcastJob
 _JOBS: TypeAdapter[Job] = TypeAdapter(Annotated[Job, Field(discriminator="kind")])
 
 
+def job_fingerprint(job: Job) -> str:
+    """SHA-256 of the job's canonical content: what ``encode_job`` writes, less ``created_at``
+    (the publisher helper stamps it on each publish, so a republished job keeps its print)."""
+    canonical = job.model_dump_json(by_alias=True, exclude_none=True, exclude={"created_at"})
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def routing_key(job: Job) -> str:
     """``<kind>.<priority>``, the routing key on the ``<prefix>.jobs`` topic exchange."""
     return f"{job.kind}.{job.priority}"
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """How a job reached the dispatcher: the routing key it was published with on
+    ``<prefix>.jobs`` (None when it came another way, e.g. back from a retry queue) and the
+    priority of the work queue it was consumed from."""
+
+    routing_key: str | None
+    queue_priority: Priority
+
+
+def routing_mismatch(job: Job, arrival: Arrival) -> str | None:
+    """The one routing rule: a job published on ``<prefix>.jobs`` must carry its own
+    ``<kind>.<priority>`` as routing key, and every job must come off the work queue of its own
+    priority. Why it does not (no job content echoed), or None when it does."""
+    own = routing_key(job)
+    if arrival.routing_key is not None and arrival.routing_key != own:
+        return (f"published with routing key {arrival.routing_key[:64]!r}, but the job is "
+                f"{own!r} (<kind>.<priority>)")
+    if arrival.queue_priority != job.priority:
+        return (f"consumed from the {arrival.queue_priority} queue, but the job's priority is "
+                f"{job.priority!r}")
+    return None
 
 
 def encode_job(job: Job | Mapping[str, Any]) -> bytes:

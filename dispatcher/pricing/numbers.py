@@ -6,10 +6,14 @@ metadata, per calling code (on the first number with that code) and national num
 into one regex whose matching branch names the region, so one ``fullmatch`` answers both
 questions. ``resolve_many`` answers most numbers from their leading digits alone
 (``number_prefixes``): the same metadata pieces, in the same branch order, become exact decision
-diagrams (``digit_diagrams``) that say where the leading digits already decide. A number is
-accepted only in canonical form (what ``format_number(..., E164)`` gives back, as the job
-contract requires): phonenumbers would silently strip a national prefix (``+44 0 7911…``) or
-carrier code; we refuse such forms.
+diagrams (``digit_diagrams``) that say where the leading digits already decide.
+
+One rule decides every entry point (job contract, pre-flight, broadcasts, opt-outs, duplicates):
+``canonical_number``. A number is '+' and ASCII digits (no spaces, no national digits) that
+``phonenumbers`` parses to a valid number, by its own length rules; its canonical form is
+``format_number(..., E164)``. So a national trunk prefix written after the country code
+(``+92 0300…``, ``+44 07911…``) is accepted and dropped. The fast paths send every number such a
+prefix (or carrier code) might touch to phonenumbers itself, which also gives its canonical form.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ NON_GEOGRAPHIC = phonenumbers.REGION_CODE_FOR_NON_GEO_ENTITY  # "001": +800, +80
 CALLING_CODES: tuple[int, ...] = tuple(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE))
 _CALLING_CODES = frozenset(map(str, CALLING_CODES))
 _MIN_DIGITS = 3  # fewer digits after '+': phonenumbers' TOO_SHORT_AFTER_IDD
+MAX_NUMBER_CHARS = 32  # '+' and up to 31 digits: a calling code, a trunk prefix, 17 digits
 NSN_LENGTHS = range(2, 18)  # phonenumbers' national number limits (TOO_SHORT_NSN, TOO_LONG)
 # The number types ``_number_type_helper`` tries; mobile joins them unless it equals fixed line.
 # Any match makes a number valid, so the common types go first: the regex tries them first.
@@ -160,16 +165,31 @@ def _build(code: int) -> _Code:
         if general is not None and general.national_number_pattern else None)
 
 
-def _exact(number: str) -> str | None:
-    """The slow reference: phonenumbers itself, canonical form only."""
+def _exact(number: str) -> tuple[str, str] | None:
+    """The slow reference, the one rule itself: (region, canonical E.164) or None."""
+    if not _is_e164_form(number):
+        return None
     try:
         parsed = phonenumbers.parse(number, None)
     except phonenumbers.NumberParseException:
         return None
-    if not phonenumbers.is_valid_number(parsed) or phonenumbers.format_number(
-            parsed, phonenumbers.PhoneNumberFormat.E164) != number:
+    if not phonenumbers.is_valid_number(parsed):
         return None
-    return phonenumbers.region_code_for_number(parsed)
+    region = phonenumbers.region_code_for_number(parsed)
+    if region is None:  # a valid number always has one; kept for the type checker
+        return None
+    return region, phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def canonical_number(number: str) -> str | None:
+    """The one rule: the canonical E.164 form of a valid number, None when it is not valid.
+
+    Valid means '+' then ASCII digits that ``phonenumbers`` calls a valid number; a national
+    trunk prefix or carrier code after the country code is dropped (``+920300…`` ->
+    ``+92300…``). ``CountryResolver`` answers the same for many numbers at once.
+    """
+    found = _exact(number)
+    return None if found is None else found[1]
 
 
 def _prefix_may_apply(code: _Code, nsn: str) -> bool:
@@ -191,9 +211,9 @@ def _prefix_may_apply(code: _Code, nsn: str) -> bool:
 
 
 def _is_e164_form(number: str) -> bool:
-    """'+' then ASCII digits only (at least three, as phonenumbers needs)."""
+    """'+' then ASCII digits only (at least three, as phonenumbers needs; at most 31)."""
     return (number[:1] == "+" and number.isascii() and number[1:].isdigit()
-            and len(number) > _MIN_DIGITS)
+            and _MIN_DIGITS < len(number) <= MAX_NUMBER_CHARS)
 
 
 class CountryResolver:
@@ -203,6 +223,9 @@ class CountryResolver:
         self._codes: dict[str, _Code] = {}  # compiled on first use: ~1,200 regexes in all
         self._memo = PrefixMemo(self._group, self.resolve, self._refine)
         self._warm: set[tuple[int, int | None]] = set()
+        # Valid numbers not in canonical form, as the exact path met them: number -> canonical.
+        self._rewrites: dict[str, str] = {}
+        self._rewritten = 0  # how many times the exact path met one (a change means: look)
 
     def warm_up(self, code: int, length: int | None = None) -> None:
         """Build now what the first number with this calling code would: its regexes (no
@@ -232,7 +255,7 @@ class CountryResolver:
     def resolve(self, number: str) -> str | None:
         """The region ('US', 'CA', 'JM', …, '001' for non-geographic) or None if invalid."""
         # The regexes accept ASCII digits only, so they also check the form after the code.
-        if number[:1] != "+":
+        if number[:1] != "+" or len(number) > MAX_NUMBER_CHARS:
             return None
         get = self._codes.get
         code = get(number[1:2]) or get(number[1:3]) or get(number[1:4]) or self._load(number)
@@ -240,16 +263,46 @@ class CountryResolver:
             return None
         nsn = number[code.start:]
         entry = code.by_length.get(len(nsn))
-        if entry is None:
-            return None
+        if entry is None:  # no valid number has this length, unless a national prefix goes
+            return self._exact(number) if _on_prefix_route(code, nsn) else None
         match = entry.regex.fullmatch(nsn)
         if match is None:
             return None
-        return entry.regions[match.lastindex or 0] or _refine(code, entry, number, nsn)
+        return entry.regions[match.lastindex or 0] or self._route(code, entry, number, nsn)
 
     def resolve_many(self, numbers: Sequence[str]) -> list[str | None]:
         """``resolve`` for each number, in order: by leading digits wherever they decide."""
         return self._memo.resolve_many(numbers)
+
+    def resolve_canonical(self, numbers: Sequence[str],
+                          ) -> tuple[list[str | None], Sequence[str]]:
+        """``resolve_many``, and each number in canonical form (``canonical_number``; an
+        invalid number as it is). ``numbers`` itself when none needed rewriting (the usual)."""
+        if len(self._rewrites) > _MAX_REWRITES:
+            self._rewrites.clear()
+        seen = self._rewritten
+        regions = self._memo.resolve_many(numbers)
+        if self._rewritten == seen:
+            return regions, numbers
+        return regions, list(map(self._rewrites.get, numbers, numbers))
+
+    def _exact(self, number: str) -> str | None:
+        """phonenumbers' answer for one number; a valid non-canonical form is remembered."""
+        found = _exact(number)
+        if found is None:
+            return None
+        region, canonical = found
+        if canonical != number:
+            self._rewrites[number] = canonical
+            self._rewritten += 1
+        return region
+
+    def _route(self, code: _Code, entry: _Length, number: str, nsn: str) -> str | None:
+        """A number the national prefix might touch: find its region, then make sure."""
+        match = entry.plain.fullmatch(nsn)
+        if match is None or _prefix_may_apply(code, nsn):
+            return self._exact(number)
+        return entry.plain_regions[match.lastindex or 0]
 
     def _load(self, number: str) -> _Code | None:
         """Compile the calling code that starts this number, if one does."""
@@ -263,7 +316,7 @@ class CountryResolver:
         """A valid number of ``region`` whose national prefix might apply: make sure."""
         code = self._codes.get(_calling_code(number[1:4])) or self._load(number)
         assert code is not None
-        return _exact(number) if _prefix_may_apply(code, number[code.start:]) else region
+        return self._exact(number) if _prefix_may_apply(code, number[code.start:]) else region
 
     def _group(self, number: str) -> Group | None:
         """The diagram for this number's calling code and length (in digit form)."""
@@ -271,9 +324,10 @@ class CountryResolver:
         if not calling:
             return None
         start = 1 + len(calling)
-        if len(number) - start not in NSN_LENGTHS:
-            return None
-        return _group(int(calling), len(number) - start, start)
+        length = len(number) - start
+        if length not in NSN_LENGTHS:  # too long, unless a national prefix goes: number by number
+            return _LONG if NSN_LENGTHS.stop <= length <= MAX_NUMBER_CHARS else None
+        return _group(int(calling), length, start)
 
 
 @cache
@@ -289,8 +343,8 @@ def _group(code: int, length: int, start: int) -> Group | None:
 
 def _diagram(code: int, length: int) -> tuple[Diagrams, int]:
     """What ``resolve`` answers for each national number of this length, as one diagram:
-    the region, None, or ``REFINE`` + the region (the national prefix might touch it: see
-    ``_refine``). Mirrors ``_branches``
+    the region, None, or ``REFINE`` (+ the region, if valid as written: the national prefix
+    might touch it, see ``_refine``). Mirrors ``_branches``
     and the route ``_build`` gives national-prefix numbers."""
     diagrams = Diagrams()
     regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[code]
@@ -318,24 +372,30 @@ def _diagram(code: int, length: int) -> tuple[Diagrams, int]:
         result = diagrams.ite(valid, diagrams.leaf(region), result)
     main = _metadata(code, phonenumbers.region_code_for_country_code(code))
     prefix = main.national_prefix_for_parsing if main is not None else None
-    if prefix and branches:
+    if prefix:
         transforms = bool(main is not None and main.national_prefix_transform_rule)
         route = diagrams.language(prefix, length, prefix=True, nonempty=not transforms)
-        refined = diagrams.leaf(None)
+        # Not valid as written, but parsing may strip the prefix: phonenumbers decides.
+        refined = diagrams.leaf(REFINE)
         for valid, region in reversed(branches):
             refined = diagrams.ite(valid, diagrams.leaf(REFINE + region), refined)
         result = diagrams.ite(route, refined, result)
     return diagrams, result
 
 
-def _refine(code: _Code, entry: _Length, number: str, nsn: str) -> str | None:
-    """A number the national prefix might touch: find its region, then make sure."""
-    match = entry.plain.fullmatch(nsn)
-    if match is None:
-        return None
-    if _prefix_may_apply(code, nsn):
-        return _exact(number)
-    return entry.plain_regions[match.lastindex or 0]
+def _on_prefix_route(code: _Code, nsn: str) -> bool:
+    """Whether parsing might strip or transform a national prefix at the start of ``nsn``."""
+    return code.prefix is not None and code.prefix.match(nsn) is not None
+
+
+def _every_number_exact() -> Group:
+    """A group whose every number takes the exact path."""
+    diagrams = Diagrams()
+    return Group(diagrams, diagrams.leaf(REFINE), 0)
+
+
+_LONG = _every_number_exact()
+_MAX_REWRITES = 100_000
 
 
 @cache

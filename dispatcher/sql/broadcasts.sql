@@ -1,13 +1,17 @@
 -- name: broadcast_insert
 INSERT INTO broadcasts (id, account_id, priority, sender, messaging_service_sid, body, footer,
-                        total, skipped, estimate, metadata)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)
+                        total, skipped, estimate, metadata, fingerprint)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12)
 ON CONFLICT (id) DO NOTHING
 RETURNING id;
 
 -- name: broadcast_emit_skipped
 -- A `skipped` status event for each skipped recipient, in the transaction that stores them.
 SELECT emit_broadcast_skipped($1);
+
+-- name: broadcast_identity
+-- Whose broadcast an id is, and the fingerprint of its content (NULL: submitted over HTTP).
+SELECT account_id, fingerprint FROM broadcasts WHERE id = $1;
 
 -- name: broadcast_pending_batch
 -- From a seq on: entries of recipients already queued stay in the pending index until a

@@ -6,20 +6,16 @@ answer was lost. Status only moves forward; callbacks arrive out of order and tw
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import math
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import structlog
 from aiohttp import web
-from twilio.request_validator import RequestValidator
 
 from dispatcher.jobs.group_commit import GroupCommit
 from dispatcher.jobs.store import JobReport, JobStore
 from dispatcher.metrics import Metrics
+from dispatcher.twilio.signatures import SignatureCheck, form_fields, last_values
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +85,7 @@ class StatusCallbacks:
     def __init__(self, jobs: JobStore, auth_token: str, public_base_url: str,
                  metrics: Metrics, *, max_batch: int = 200, concurrency: int = 1) -> None:
         self._jobs = jobs
-        self._signature = SignatureCheck(auth_token, public_base_url.rstrip("/"))
+        self._signature = SignatureCheck(auth_token, public_base_url)
         self._forged = metrics.status_callbacks.labels(result="forged")
         self._accepted = metrics.status_callbacks.labels(result="accepted")
         self._ignored = metrics.status_callbacks.labels(result="ignored")
@@ -98,16 +94,14 @@ class StatusCallbacks:
             concurrency=concurrency)
 
     async def handle(self, request: web.Request) -> web.Response:
-        form = await request.post()
-        params = {k: str(v) for k, v in form.items()}
-        if not self._signature.valid(request.rel_url.path_qs, params,
-                                     request.headers.get("X-Twilio-Signature", "")):
+        form = form_fields(await request.post())
+        if not self._signature.valid_request(request, form):
             self._forged.inc()
             log.warning("status_callback_forged", path=request.rel_url.path)
             raise web.HTTPForbidden(text='{"code": "invalid_signature"}',
                                     content_type="application/json")
         job_id = request.match_info["job_id"]
-        result = await self.apply(job_id, params)
+        result = await self.apply(job_id, last_values(form))
         (self._ignored if result in ("ignored", "unknown_job") else self._accepted).inc()
         log.info("status_callback", job_id=job_id, result=result)
         return web.Response(status=204)
@@ -132,46 +126,6 @@ def job_report(job_id: str, params: dict[str, str]) -> JobReport | None:
     assert report is not None
     return JobReport(job_id, kind, report.sid, report.status, report.settle, report.units,
                      report.error_code)
-
-
-class SignatureCheck:
-    """twilio's ``RequestValidator.validate``, with one HMAC instead of two in the usual case.
-
-    ``validate`` accepts a signature of the URL with or without its port; the URL as we
-    rebuild it is one of the two, so a match on it alone is a match. Anything else (another
-    port form, a forgery, a URL that ``urlparse`` would rewrite) goes to ``validate`` itself.
-    """
-
-    def __init__(self, auth_token: str, base_url: str) -> None:
-        self._validator = RequestValidator(auth_token)
-        self._token = auth_token.encode()
-        self._base = base_url
-        self._base_unchanged = _parses_unchanged(base_url)
-
-    def valid(self, path_qs: str, params: dict[str, str], signature: str) -> bool:
-        """Whether ``signature`` signs this request to ``base_url + path_qs``."""
-        url = self._base + path_qs
-        if (signature and self._base_unchanged and path_qs.isprintable()
-                and not any(c in path_qs for c in ";?#")
-                and hmac.compare_digest(self.compute(url, params), signature)):
-            return True
-        return bool(self._validator.validate(url, params, signature))
-
-    def compute(self, url: str, params: dict[str, str]) -> str:
-        """``RequestValidator.compute_signature`` of a plain dict (HMAC-SHA1, base64)."""
-        text = url + "".join(name + params[name] for name in sorted(params))
-        digest = hmac.new(self._token, text.encode(), hashlib.sha1).digest()
-        return base64.b64encode(digest).decode()
-
-
-def _parses_unchanged(url: str) -> bool:
-    """True when ``urlparse`` gives back ``url`` as it is, and so would with a plain path."""
-    try:
-        parsed = urlparse(url)
-        return (parsed.geturl() == url and not parsed.params and not parsed.query
-                and not parsed.fragment and (parsed.port or 0) >= 0)
-    except ValueError:
-        return False
 
 
 async def apply_status(jobs: JobStore, job_id: str, params: dict[str, str]) -> str:

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from dispatcher.dispatch.consumer import Consumer
 from dispatcher.events.topology import Names, delete_all
+from dispatcher.jobs.contract import Arrival
 from dispatcher.jobs.outcomes import Done, Outcome
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings
@@ -68,7 +69,7 @@ async def test_every_job_is_acked_once_around_out_of_order_finishes_and_requeues
     attempts: Counter[bytes] = Counter()
     done: Counter[bytes] = Counter()
 
-    async def handle(body: bytes) -> Outcome:
+    async def handle(body: bytes, _: Arrival) -> Outcome:
         attempts[body] += 1
         await asyncio.sleep(rng.random() * 0.01)  # finishes out of delivery order
         if body in crash_once and attempts[body] == 1:

@@ -17,7 +17,7 @@ from twilio.request_validator import RequestValidator
 from dispatcher.credits.audit import run_audit
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.events.topology import Names
-from dispatcher.jobs.contract import StatusEvent
+from dispatcher.jobs.contract import Arrival, StatusEvent
 from dispatcher.sandbox.state import NumberRule
 from dispatcher.settings import Settings
 from tests.integration.dispatcher_fixture import (
@@ -224,10 +224,10 @@ async def test_a_job_whose_handling_keeps_crashing_is_dead_lettered_alone(
     real_handle = consumer._handle
     cursed = uid("cursed")
 
-    async def crash_on_cursed(raw: bytes):  # type: ignore[no-untyped-def]
+    async def crash_on_cursed(raw: bytes, arrival: Arrival):  # type: ignore[no-untyped-def]
         if cursed.encode() in raw:
             raise RuntimeError("boom")
-        return await real_handle(raw)
+        return await real_handle(raw, arrival)
 
     consumer._handle = crash_on_cursed
     account = await d.funded_account(uid("acct"), 10)

@@ -31,6 +31,7 @@ from dispatcher.jobs.contract import (
     template_variables,
     validate_job,
 )
+from dispatcher.metrics import DEAD_LETTER_REASONS
 
 MG = "MG" + "0123456789abcdef" * 2
 ASYNCAPI = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
@@ -214,7 +215,7 @@ def test_not_utf8_and_not_json() -> None:
     (broadcast([]), "invalid_field"),
     (sms(to="0044207183875"), "invalid_recipient"),
     (sms(to="+1555"), "invalid_recipient"),
-    (sms(to="+4402071838750"), "invalid_recipient"),
+    (sms(to="+4401555"), "invalid_recipient"),
     (sms(to="+447700900123"), "invalid_recipient"),
     (sms(to="14155552671"), "invalid_recipient"),
     (call(to="+1 415 555 2671"), "invalid_recipient"),
@@ -414,3 +415,35 @@ def test_stored_payloads_skip_only_the_phone_number_check() -> None:
         contract.decode_stored_job(json.dumps({**job, "body": ""}).encode())
     with pytest.raises(InvalidJob):
         contract.decode_stored_job(json.dumps({**job, "unknown_field": 1}).encode())
+
+
+def test_dead_letter_reasons_are_documented(asyncapi: dict[str, Any]) -> None:
+    message = asyncapi["components"]["messages"]["DeadLetter"]
+    documented = message["headers"]["properties"]["x-reason"]["enum"]
+    assert set(REASON_CODES) | {"job_id_conflict", "routing_mismatch"} <= set(documented)
+    assert {"job_id_conflict", "routing_mismatch"} <= set(DEAD_LETTER_REASONS)
+    for example in examples(asyncapi, "DeadLetter"):
+        assert example["headers"]["x-reason"] in documented, example["name"]
+
+
+def test_routing_mismatch_is_one_rule() -> None:
+    job = parse_job(json.dumps({"schema_version": 1, "id": "r-1", "kind": "sms",
+                                "account": "acme", "to": "+14155552671",
+                                "from": "+14155550199", "body": "x",
+                                "priority": "bulk"}).encode())
+    assert contract.routing_mismatch(job, contract.Arrival("sms.bulk", "bulk")) is None
+    assert contract.routing_mismatch(job, contract.Arrival(None, "bulk")) is None  # a retry
+    for arrival in (contract.Arrival("sms.transactional", "transactional"),
+                    contract.Arrival("call.bulk", "bulk"), contract.Arrival("#", "bulk"),
+                    contract.Arrival(None, "transactional")):
+        assert contract.routing_mismatch(job, arrival) is not None, arrival
+
+
+@pytest.mark.parametrize(("to", "canonical"), [
+    ("+4402071838750", "+442071838750"),  # refused before: libphonenumber calls it valid
+    ("+9203001234567", "+923001234567"), ("+442071838750", "+442071838750"),
+])
+def test_a_trunk_prefix_after_the_country_code_is_dropped(to: str, canonical: str) -> None:
+    job = parse_job(raw(sms(to=to)))
+    assert isinstance(job, SmsJob) and job.to == canonical
+    assert json.loads(encode_job(job))["to"] == canonical

@@ -9,7 +9,7 @@ import pytest
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
 from dispatcher.errors import InvalidRecipient
-from dispatcher.pricing.numbers import CountryResolver, country_of, mask
+from dispatcher.pricing.numbers import CountryResolver, canonical_number, country_of, mask
 
 E164 = PhoneNumberFormat.E164
 TYPES = [getattr(PhoneNumberType, name) for name in dir(PhoneNumberType) if name.isupper()]
@@ -20,17 +20,28 @@ def resolver() -> CountryResolver:
     return CountryResolver()
 
 
-def reference(number: str) -> str | None:
-    """phonenumbers' answer; a form it would rewrite (national prefix, carrier code) is refused."""
+def reference_canonical(number: str) -> tuple[str, str] | None:
+    """phonenumbers' answer for '+' and ASCII digits (up to 31): (region, E.164) if valid.
+
+    A form it rewrites (a national trunk prefix or carrier code after the country code) is
+    valid, with the rewritten form as its canonical one.
+    """
+    if not (number[:1] == "+" and number.isascii() and number[1:].isdigit()
+            and 3 < len(number) <= 32):
+        return None
     try:
         parsed = phonenumbers.parse(number, None)
     except phonenumbers.NumberParseException:
         return None
-    if phonenumbers.format_number(parsed, E164) != number:
-        return None
     if not phonenumbers.is_valid_number(parsed):
         return None
-    return phonenumbers.region_code_for_number(parsed)
+    return phonenumbers.region_code_for_number(parsed), phonenumbers.format_number(parsed, E164)
+
+
+def reference(number: str) -> str | None:
+    """The region ``reference_canonical`` gives, or None."""
+    found = reference_canonical(number)
+    return None if found is None else found[0]
 
 
 def example_numbers() -> list[str]:
@@ -86,13 +97,30 @@ def test_resolver_agrees_with_phonenumbers_on_a_large_sample(resolver: CountryRe
     assert expected.count(None) > 5000 and len(sample) - expected.count(None) > 3000
 
 
-def test_national_forms_that_phonenumbers_would_rewrite_are_refused(
-        resolver: CountryResolver) -> None:
-    for number in ("+4407400123456", "+112125550123", "+2612012345"):
-        assert phonenumbers.is_valid_number(phonenumbers.parse(number))
-        assert resolver.resolve(number) is None
-        with pytest.raises(InvalidRecipient, match="not a valid phone number"):
-            country_of(number)
+@pytest.mark.parametrize(("number", "canonical"), [
+    ("+4407400123456", "+447400123456"), ("+112125550123", "+12125550123"),
+    ("+2612012345", "+261202012345"), ("+9203001234567", "+923001234567"),
+])
+def test_national_forms_that_phonenumbers_rewrites_are_valid_in_canonical_form(
+        resolver: CountryResolver, number: str, canonical: str) -> None:
+    assert phonenumbers.is_valid_number(phonenumbers.parse(number))
+    assert canonical_number(number) == canonical == canonical_number(canonical)
+    assert resolver.resolve(number) == resolver.resolve(canonical) == country_of(number)
+    regions, numbers = CountryResolver().resolve_canonical([canonical, number, "+1"])
+    assert list(numbers) == [canonical, canonical, "+1"]
+    assert regions[0] == regions[1] is not None and regions[2] is None
+
+
+def test_resolve_canonical_agrees_with_phonenumbers(resolver: CountryResolver) -> None:
+    rng = random.Random(3)
+    examples = example_numbers()
+    sample = examples + PREFIX_CASES + [m for number in examples for m in mutants(number, rng)]
+    for _ in range(2):  # cold, then every key from the memo
+        regions, numbers = resolver.resolve_canonical(sample)
+        for number, region, canonical in zip(sample, regions, numbers, strict=True):
+            expected = reference_canonical(number)
+            assert (region, canonical) == (expected or (None, number)), number
+            assert canonical_number(number) == (expected and expected[1]), number
 
 
 @pytest.mark.parametrize(("region", "number"), [

@@ -32,7 +32,8 @@ BEGIN
 END $$;
 
 
--- As in 0002; the candidate row has the new column (a ROW of the old width no longer casts).
+-- As in 0015 (a reused id with other content is a conflict); the candidate row has the new
+-- column (a ROW of the old width no longer casts).
 CREATE OR REPLACE FUNCTION begin_job(
     p_job_id text, p_account text, p_kind text, p_priority text, p_payload jsonb,
     p_estimate bigint, p_country text, p_units integer, p_rate bigint, p_broadcast_id text
@@ -51,7 +52,8 @@ BEGIN
     END IF;
     SELECT * INTO existing FROM jobs j WHERE j.job_id = p_job_id FOR UPDATE;
     IF FOUND THEN
-        IF existing.account_id <> p_account THEN
+        IF existing.account_id <> p_account
+           OR existing.payload - 'created_at' IS DISTINCT FROM p_payload - 'created_at' THEN
             RETURN QUERY SELECT 'conflict'::text, existing.status, existing.attempts;
         ELSIF existing.status = 'retry_wait' THEN
             UPDATE jobs j SET status = 'sending', attempts = j.attempts + 1, updated_at = now(),
