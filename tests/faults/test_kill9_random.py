@@ -12,14 +12,12 @@ a longer variant (more jobs, more kills).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import time
 import uuid
 from pathlib import Path
 
-import aio_pika
 import asyncpg
 import pytest
 
@@ -29,6 +27,7 @@ from dispatcher.events.publisher import JobPublisher
 from dispatcher.events.topology import Names
 from dispatcher.settings import Settings
 from tests.acceptance.process import DispatcherProcess
+from tests.faults.billing_sink import bind_billing_sink, drain, low_balance_problems
 from tests.faults.invariants import TERMINAL, check_all
 from tests.integration.dispatcher_fixture import dispatcher_settings, drop_topology, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle
@@ -75,41 +74,13 @@ async def publish(s: Settings, accounts: list[str], rng: random.Random) -> list[
     return ids
 
 
-async def bind_billing_sink(s: Settings) -> tuple[aio_pika.abc.AbstractRobustConnection,
-                                                   aio_pika.abc.AbstractQueue]:
-    """What a billing service would receive: a queue on the billing exchange (declared first)."""
-    connection = await aio_pika.connect_robust(s.amqp_url)
-    channel = await connection.channel()
-    names = Names(s.amqp_prefix)
-    exchange = await channel.declare_exchange(names.billing_exchange,
-                                              aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(f"{s.amqp_prefix}.billing-sink", durable=True)
-    await queue.bind(exchange, routing_key="#")
-    return connection, queue
-
-
-async def drain(queue: aio_pika.abc.AbstractQueue) -> list[dict[str, object]]:
-    bodies = []
-    while (message := await queue.get(no_ack=True, fail=False, timeout=5)) is not None:
-        bodies.append(json.loads(message.body))
-    return bodies
-
-
-def low_balance_problems(bodies: list[dict[str, object]]) -> list[str]:
-    """Redeliveries repeat an event id; a second event for one episode is a double report."""
-    events = {(b["account"], b["episode"]): set() for b in bodies if b["type"] == "balance.low"}
-    for b in bodies:
-        if b["type"] == "balance.low":
-            events[(b["account"], b["episode"])].add(b["event_id"])
-    return [f"{key}: {len(ids)} balance.low events" for key, ids in events.items() if len(ids) > 1]
-
-
 async def quiescent(pool: asyncpg.Pool, accounts: list[str], total: int) -> bool:
     row = await pool.fetchrow(
         "SELECT count(*) AS jobs,"
         "       count(*) FILTER (WHERE status <> ALL($2::text[]) AND status <> 'held') AS busy,"
         "       (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox"
         "  FROM jobs WHERE account_id = ANY($1::text[])", accounts, list(TERMINAL))
+    assert row is not None
     return bool(row["jobs"] == total and row["busy"] == 0 and row["outbox"] == 0)
 
 

@@ -19,6 +19,7 @@ import pytest
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.sandbox.state import NumberRule
 from dispatcher.settings import Settings
+from tests.faults.billing_sink import bind_billing_sink
 from tests.faults.invariants import SENT, check_all
 from tests.integration.dispatcher_fixture import RunningDispatcher, running_dispatcher, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle
@@ -70,6 +71,7 @@ async def test_every_provider_fault_on_every_path_sends_exactly_once(
             twilio_sandbox.state.set_rule(number(path, fault), rule)
     async with running_dispatcher(settings, twilio_sandbox, pool, twilio_timeout_seconds=1.0,
                                   reconcile_grace_seconds=2.0) as d:
+        sink_connection, sink = await bind_billing_sink(d.settings)
         consumed = await d.funded_account(f"{prefix}-c", 100)
         held = await d.funded_account(f"{prefix}-h", 0)
         broadcasting = await d.funded_account(f"{prefix}-b", 100)
@@ -110,4 +112,6 @@ async def test_every_provider_fault_on_every_path_sends_exactly_once(
         every_job = list(found)
         violations = await check_all(pool, twilio_sandbox, d.settings.public_base_url, accounts,
                                      every_job)
+        await sink.delete(if_unused=False, if_empty=False)
+        await sink_connection.close()
         assert violations == []
