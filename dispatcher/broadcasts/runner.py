@@ -316,13 +316,16 @@ class BroadcastRunner:
         return [seqs, ids, payloads, estimates, countries, units, unit_rates]
 
 
+def is_broadcast_recipient(job: SmsJob | CallJob) -> bool:
+    """True for a job the runner made for one recipient of a broadcast (`<broadcast>:<seq>`)."""
+    broadcast = job.metadata.get("broadcast_id")
+    return broadcast is not None and job.id.startswith(f"{broadcast}:")
+
+
 def end_to_end_kind(job: SmsJob | CallJob) -> Kind:
     """The ``kind`` label of a job's end-to-end latency: ``broadcast`` for a broadcast's
     recipients (measured from the submission, a whole fan-out long), else the job's kind."""
-    broadcast = job.metadata.get("broadcast_id")
-    if broadcast is not None and job.id.startswith(f"{broadcast}:"):
-        return "broadcast"
-    return job.kind
+    return "broadcast" if is_broadcast_recipient(job) else job.kind
 
 
 async def progress(pool: asyncpg.Pool, broadcast_id: str) -> Progress | None:

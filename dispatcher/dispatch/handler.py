@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from dispatcher.broadcasts.runner import Broadcasts, end_to_end_kind
+from dispatcher.broadcasts.runner import Broadcasts, end_to_end_kind, is_broadcast_recipient
 from dispatcher.credits.rates import RateCache
 from dispatcher.dispatch.ordering import AccountTurns
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
@@ -137,7 +137,9 @@ class JobHandler:
             bound.info("job_" + begin.outcome, status=begin.status)
             self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()
             return Done(begin.outcome)
-        return await self._send(job, begin.attempts)
+        # A broadcast's recipient (resent by the reconciler) claims its call like a released
+        # job: a cancel of its broadcast must find it unclaimed or not at all.
+        return await self._send(job, begin.attempts, claim=is_broadcast_recipient(job))
 
     async def _broadcast(self, job: BroadcastJob) -> Outcome:
         if self._broadcasts is None:
@@ -155,10 +157,7 @@ class JobHandler:
         """Send a job that was held and has just been released (already reserved)."""
         job = decode_stored_job(payload)
         await self._limiter.acquire(_sender_of(job))
-        if not await self._jobs.claim_for_send(job.id, attempt):
-            log.warning("released_job_taken_over", job_id=job.id, account_id=job.account)
-            return Done("taken_over")
-        return await self._send(job, attempt)
+        return await self._send(job, attempt, claim=True)
 
     async def _price(self, job: SmsJob | CallJob) -> NewJob:
         rates = await self._rates.get()
@@ -172,15 +171,18 @@ class JobHandler:
                       encode_job(job).decode(), max(quote.credits, 1), quote.country,
                       units, quote.rate)
 
-    async def _send(self, job: SmsJob | CallJob, attempt: int) -> Outcome:
+    async def _send(self, job: SmsJob | CallJob, attempt: int, *, claim: bool) -> Outcome:
+        """Send once, in a provider slot. With ``claim`` (an already reserved job, or one that
+        waited long for its slot) the job is claimed in the database right before the call:
+        the last check, after every wait, that it is still ours and its broadcast still on."""
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
         async with self._slots.slot(_rank(job.priority)) as waited:
             self._metrics.send_slot_wait_seconds.observe(waited)
-            if waited > self._config.reclaim_after_seconds and not await self._jobs.claim_for_send(
-                    job.id, attempt):
-                bound.warning("job_taken_over_while_waiting", waited_seconds=round(waited, 3))
-                return Done("taken_over")
+            if claim or waited > self._config.reclaim_after_seconds:
+                claimed = await self._jobs.claim_for_send(job.id, attempt)
+                if not claimed.claimed:
+                    return _not_claimed(bound, claimed.status, waited)
             started = time.perf_counter()
             result = await self._call_provider(job, callback)
             self._metrics.send_seconds.labels(kind=job.kind).observe(
@@ -217,6 +219,17 @@ class JobHandler:
                 job.to, job.body, job.from_, job.messaging_service_sid, callback))
         return await self._sender.send_call(CallRequest(
             job.to, job.from_, job.twiml, job.url, job.max_minutes * 60, callback))
+
+
+def _not_claimed(bound: structlog.typing.FilteringBoundLogger, status: str | None,
+                 waited: float) -> Outcome:
+    """The outcome of a job whose claim failed: its broadcast was canceled, or the
+    reconciler took it over while it waited."""
+    if status == "canceled":
+        bound.info("job_canceled_before_send")
+        return Done("canceled")
+    bound.warning("job_taken_over_while_waiting", waited_seconds=round(waited, 3))
+    return Done("taken_over")
 
 
 def _rank(priority: str) -> int:

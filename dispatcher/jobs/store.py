@@ -43,6 +43,15 @@ class Begin:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """Whether a job was claimed for its provider call; else ``status`` says where it is
+    (``canceled`` with its broadcast, ``sending`` at a later attempt: taken over)."""
+
+    claimed: bool
+    status: str | None
+
+
+@dataclass(frozen=True)
 class UnresolvedJob:
     """A job whose provider outcome nobody knows yet (crash while sending, timeout, 5xx)."""
 
@@ -104,9 +113,13 @@ class JobStore:
         """The create may or may not have sent: keep the credits, wait for the provider."""
         return str(await self._scalar("job_unknown", job_id, reason))
 
-    async def claim_for_send(self, job_id: str, attempt: int) -> bool:
-        """True when the job is still ``sending`` at ``attempt``: ours to send now."""
-        return await self._db.fetchval(q("claim_for_send"), job_id, attempt) is not None
+    async def claim_for_send(self, job_id: str, attempt: int) -> Claim:
+        """Claim the provider call of a job still ``sending`` at ``attempt``: ours to send now.
+
+        Once claimed, a broadcast cancel leaves the job alone; until then it may cancel it.
+        """
+        status = await self._db.fetchval(q("claim_for_send"), job_id, attempt)
+        return Claim(status == "claimed", None if status is None else str(status))
 
     async def retry_later(self, job_id: str, reason: str, error_code: int | None) -> str:
         """Refused before sending (rate limit): keep the credits and try again later."""
