@@ -6,6 +6,7 @@ Knows nothing of AMQP: it returns an ``Outcome`` and the consumer acks, retries 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -153,10 +154,18 @@ class JobHandler:
             return DeadLetter(exc.code, str(exc), job.id, job.account)
         return Done("broadcast_accepted")
 
-    async def send_released(self, payload: bytes, attempt: int) -> Outcome:
-        """Send a job that was held and has just been released (already reserved)."""
+    async def send_released(self, payload: bytes, attempt: int,
+                            wanted: Callable[[], bool] = lambda: True) -> Outcome:
+        """Send a job that was already reserved (released from hold, or a broadcast's).
+
+        ``wanted()`` false while it waits for its sender's turn: its broadcast was canceled
+        (the cancel, in the database, already ended the job), so it gives the turn up.
+        """
         job = decode_stored_job(payload)
-        await self._limiter.acquire(_sender_of(job))
+        if not await self._limiter.acquire(_sender_of(job), wanted):
+            log.info("job_canceled_before_send", job_id=job.id, account_id=job.account,
+                     kind=job.kind)
+            return Done("canceled")
         return await self._send(job, attempt, claim=True)
 
     async def _price(self, job: SmsJob | CallJob) -> NewJob:

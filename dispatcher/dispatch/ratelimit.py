@@ -22,16 +22,22 @@ class SenderRateLimiter:
         self._clock = clock
         self._sleep = sleep
 
-    async def acquire(self, sender: str) -> None:
-        """Take one token for ``sender``, sleeping as long as its bucket needs to refill."""
+    async def acquire(self, sender: str, wanted: Callable[[], bool] = lambda: True) -> bool:
+        """Take one token for ``sender``, sleeping as long as its bucket needs to refill.
+
+        False, without a token, once ``wanted()`` is false (checked before each try): a send
+        given up while it waited (its broadcast canceled) leaves the turn to the next one.
+        """
         while True:
+            if not wanted():
+                return False
             async with self._lock:
                 now = self._clock()
                 tokens, updated = self._buckets.get(sender, (self._burst, now))
                 tokens = min(self._burst, tokens + (now - updated) * self._rate)
                 if tokens >= 1.0 - 1e-9:  # float rounding must not leave us a hair short
                     self._buckets[sender] = (max(tokens - 1.0, 0.0), now)
-                    return
+                    return True
                 self._buckets[sender] = (tokens, now)
                 wait = (1.0 - tokens) / self._rate
             await self._sleep(wait)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -50,6 +50,12 @@ def dispatcher_with(settings: Settings, sandbox: SandboxHandle, pool: asyncpg.Po
                               max_in_flight=IN_FLIGHT, reconcile_grace_seconds=30.0)
 
 
+def creates_of(d: RunningDispatcher, broadcast_id: str) -> int:
+    """Creates the sandbox received for the broadcast's recipients (by callback URL)."""
+    return sum(1 for c in d.sandbox.state.creates()
+               if f"/twilio/status/{broadcast_id}:" in (c.status_callback or ""))
+
+
 async def creates_reach(d: RunningDispatcher, count: int, timeout: float = 60) -> None:
     async def reached() -> bool:
         return d.sandbox.state.count() >= count
@@ -57,11 +63,12 @@ async def creates_reach(d: RunningDispatcher, count: int, timeout: float = 60) -
 
 
 async def cancel_and_check(d: RunningDispatcher, client: Client, broadcast_id: str, *,
-                           total: int, funded: int, in_flight: int = IN_FLIGHT) -> int:
-    """Cancel; check what must hold at once and once the in-flight sends settled. Returns
-    how many recipients reached the sandbox."""
+                           total: int, funded: int, in_flight: int = IN_FLIGHT,
+                           meanwhile: Callable[[], Awaitable[None]] | None = None) -> int:
+    """Cancel; check what must hold at once and once the in-flight sends settled (running
+    ``meanwhile`` in between). Returns how many recipients reached the sandbox."""
     status, canceled = await client.request("POST", f"/broadcasts/{broadcast_id}/cancel")
-    at_cancel = d.sandbox.state.count()
+    at_cancel = creates_of(d, broadcast_id)
     assert status == 200 and canceled["status"] == "canceled", canceled
     # At once: nothing waits any more, only calls in flight still hold credits.
     assert canceled["pending"] == canceled["held"] == 0, canceled
@@ -71,22 +78,25 @@ async def cancel_and_check(d: RunningDispatcher, client: Client, broadcast_id: s
         "WHERE j.broadcast_id = $1 AND j.status = 'canceled' AND r.status = 'pending'",
         broadcast_id)
     assert held_back == 0  # the canceled ones' credits are released in the cancel
+    if meanwhile is not None:
+        await meanwhile()
 
     async def settled() -> bool:
         found = await client.progress(broadcast_id)
         return bool(found["sending"] == found["sent"] == 0)
     await wait_for(settled, timeout=60, interval=0.1)
     await asyncio.sleep(1.0)  # time for a wrongful late send to show
-    sent = d.sandbox.state.count()
+    sent = creates_of(d, broadcast_id)
     assert sent - at_cancel <= in_flight, (sent, at_cancel)
     final = await client.progress(broadcast_id)
     assert final["delivered"] == sent and final["failed"] == 0, final
     assert final["canceled"] == total - sent, final
     assert final["credits_spent"] == sent and final["credits_reserved"] == 0, final
-    canceled_to = {r["to"] for r in await d.pool.fetch(
-        "SELECT payload->>'to' AS to FROM jobs WHERE broadcast_id = $1 AND status = 'canceled'",
-        broadcast_id)}
-    assert not canceled_to & {c.to for c in d.sandbox.state.creates()}
+    canceled_ids = {r["job_id"] for r in await d.pool.fetch(
+        "SELECT job_id FROM jobs WHERE broadcast_id = $1 AND status = 'canceled'", broadcast_id)}
+    created_ids = {(c.status_callback or "").rsplit("/", 1)[-1]
+                   for c in d.sandbox.state.creates()}
+    assert canceled_ids and not canceled_ids & created_ids
     assert await account_row(d, client.account) == {
         "available": funded - sent, "reserved": 0, "paused_at": None}
     assert await run_audit(d.pool) == []
@@ -96,11 +106,22 @@ async def cancel_and_check(d: RunningDispatcher, client: Client, broadcast_id: s
 async def test_cancel_stops_recipients_waiting_for_the_rate_limit(
         settings: Settings, twilio_sandbox: SandboxHandle, pool: asyncpg.Pool,
         session: aiohttp.ClientSession) -> None:
-    async with dispatcher_with(settings, twilio_sandbox, pool, rate=20) as d:
+    async with dispatcher_with(settings, twilio_sandbox, pool, rate=10) as d:
         client = await client_for(d, session, 1_000)
+        other = await client_for(d, session, 100)
         broadcast_id, _ = await submit(client, recipients(300))
-        await creates_reach(d, 40)  # ~1 s at 20/s: the window's other ~110 wait their turn
-        sent = await cancel_and_check(d, client, broadcast_id, total=300, funded=1_000)
+        await creates_reach(d, 15)  # ~0.5 s at 10/s: the first batch's other ~85 wait a turn
+
+        async def the_next_broadcast_goes_at_once() -> None:
+            # The canceled recipients left the runner's window and gave their sender's turns
+            # up at once: the next broadcast (~0.5 s at 10/s) is not behind them (~8 s).
+            next_id, _ = await submit(other, recipients(5))
+
+            async def delivered() -> bool:
+                return bool((await other.progress(next_id))["delivered"] == 5)
+            await wait_for(delivered, timeout=3.0, interval=0.05)
+        sent = await cancel_and_check(d, client, broadcast_id, total=300, funded=1_000,
+                                      meanwhile=the_next_broadcast_goes_at_once)
         assert sent < 100
 
 
@@ -155,7 +176,7 @@ async def test_cancel_stops_held_recipients_released_by_a_resume(
         # More credits: the account resumes with nothing of the broadcast left to send.
         await CreditStore(d.pool).grant(client.account, 100, "purchase", f"{broadcast_id}-more")
         await asyncio.sleep(1.5)
-        assert d.sandbox.state.count() == sent
+        assert creates_of(d, broadcast_id) == sent
         assert (await client.progress(broadcast_id))["canceled"] == 200 - sent
 
 

@@ -48,7 +48,7 @@ async def a_broadcast(pool: asyncpg.Pool, credits: int,
     assert stored
     sent: list[str] = []
 
-    async def send(payload: bytes, attempt: int) -> Outcome:
+    async def send(payload: bytes, attempt: int, wanted: object) -> Outcome:
         sent.append(json.loads(payload)["id"])
         return Done("sent")
 

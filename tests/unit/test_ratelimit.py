@@ -70,3 +70,13 @@ async def test_tokens_refill_while_idle_up_to_the_burst(clock: FakeClock) -> Non
 def test_rate_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         SenderRateLimiter(per_second=0)
+
+
+async def test_a_send_no_longer_wanted_gives_its_turn_up(clock: FakeClock) -> None:
+    paced = limiter(clock, 1)
+    assert await paced.acquire("s")
+    wanted = [True, False]  # still wanted when it starts waiting, given up after one sleep
+    assert await paced.acquire("s", lambda: wanted.pop(0)) is False
+    assert clock.slept == [pytest.approx(1.0)]
+    assert await paced.acquire("s")  # the token it did not take is the next one's
+    assert clock.slept == [pytest.approx(1.0)]
