@@ -8,6 +8,7 @@ import uuid
 import asyncpg
 
 from dispatcher.broadcasts.runner import BroadcastRunner, Broadcasts
+from dispatcher.credits.audit import run_audit
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.rates import RateCache
 from dispatcher.credits.subscriptions import create_account
@@ -113,3 +114,25 @@ async def test_canceling_unsent_recipients_counts_them_canceled(pool: asyncpg.Po
         "canceled": 7, "credits_reserved": 2, "credits_spent": 0}
     claims = [await jobs.claim_for_send(job_id, 1) for job_id in sent[2:]]
     assert claims == [Claim(False, "canceled")] * 2
+
+
+async def test_a_claimed_recipient_resent_after_the_cancel_is_canceled_at_its_claim(
+        pool: asyncpg.Pool) -> None:
+    # Claimed, then its process died: the cancel leaves it (its create may have gone out).
+    # The reconciler finds nothing at the provider and resends it: its claim now cancels it.
+    account, broadcast_id, runner, sent = await a_broadcast(pool, 100, 3)
+    assert await step(pool, runner, broadcast_id)
+    jobs = JobStore(pool)
+    first = sent[0]
+    assert (await jobs.claim_for_send(first, 1)).claimed
+    assert await pool.fetchval(q("broadcast_cancel"), broadcast_id) == "canceled"
+    assert (await jobs.get(first) or {})["status"] == "sending"
+    assert await pool.fetchval("UPDATE jobs SET attempts = attempts + 1 WHERE job_id = $1 "
+                               "RETURNING attempts", first) == 2  # the reconciler's claim
+    assert await jobs.claim_for_send(first, 2) == Claim(False, "canceled")
+    job = await jobs.get(first)
+    assert job is not None and (job["status"], job["final_cost"]) == ("canceled", 0)
+    assert (await counts(pool, broadcast_id))["credits_reserved"] == 0
+    assert await run_audit(pool) == []
+    assert await pool.fetchval(
+        "SELECT reserved FROM accounts WHERE id = $1", account) == 0
