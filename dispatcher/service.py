@@ -94,11 +94,13 @@ class Service:
         jobs = JobStore(self.pool)
         rates = RateCache(self.pool)
 
-        async def send_released(payload: bytes, attempt: int) -> Outcome:
-            return await handler.send_released(payload, attempt)
-        # Broadcast fan-out: the runner sends through the handler, submissions wake the runner.
+        async def send_released(payload: bytes, attempt: int,
+                                wanted: Callable[[], bool]) -> Outcome:
+            return await handler.send_released(payload, attempt, wanted)
+        # Broadcast fan-out: the runner sends through the handler, submissions wake the runner,
+        # cancels stop its waiting sends.
         runner = BroadcastRunner(self.pool, rates, send_released)
-        broadcasts = Broadcasts(self.pool, rates, wake=runner.wake)
+        broadcasts = Broadcasts(self.pool, rates, wake=runner.wake, canceled=runner.canceled)
         handler = JobHandler(
             jobs, TwilioSender(self.twilio_client, s.twilio_timeout_seconds),
             rates, SenderRateLimiter(s.sender_rate_per_second), self.metrics,

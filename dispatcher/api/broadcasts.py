@@ -30,7 +30,6 @@ from dispatcher.broadcasts.preflight import gc_paused
 from dispatcher.broadcasts.runner import (
     Broadcasts,
     BroadcastSpec,
-    cancel,
     progress,
     store_broadcast,
 )
@@ -104,7 +103,7 @@ class BroadcastsApi:
         found = await progress(self._pool, broadcast_id)
         if found is None or found.account != account:
             raise NotFound(f"no broadcast {broadcast_id!r}")
-        status = await cancel(self._pool, broadcast_id)
+        status = await self._broadcasts.cancel(broadcast_id)
         log.info("broadcast_cancel_api", account_id=account, broadcast_id=broadcast_id,
                  status=status, token_id=principal(request).token_id)
         after = await progress(self._pool, broadcast_id)

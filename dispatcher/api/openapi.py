@@ -98,8 +98,10 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("getBroadcast", "GET", f"{ACCOUNT}/broadcasts/{{broadcast}}",
               "A broadcast's progress", Permission.READ, {200: BroadcastProgress}),
     Operation("cancelBroadcast", "POST", f"{ACCOUNT}/broadcasts/{{broadcast}}/cancel",
-              "Cancel a broadcast: unsent recipients are dropped and never charged "
-              "(owner, admin, service)", Permission.BROADCAST, {200: BroadcastProgress}),
+              "Cancel a broadcast (also one published over AMQP: its id is the job id): every "
+              "recipient whose provider call has not started ends canceled, credits released, "
+              "before the answer; only calls already in flight finish (owner, admin, service)",
+              Permission.BROADCAST, {200: BroadcastProgress}),
 )
 
 ERRORS: dict[int, tuple[str, str]] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,8 @@ from dispatcher.queries import q
 
 log = structlog.get_logger(__name__)
 
-SendReleased = Callable[[bytes, int], Awaitable[Outcome]]
+# (payload, attempt, wanted): ``wanted()`` turns false once the send's broadcast is canceled.
+SendReleased = Callable[[bytes, int, Callable[[], bool]], Awaitable[Outcome]]
 OptedOut = Callable[[asyncpg.Pool, str, list[str]], Awaitable[set[str]]]
 
 
@@ -112,11 +114,13 @@ class Broadcasts:
 
     def __init__(self, pool: asyncpg.Pool, rates: RateCache,
                  opted_out: OptedOut = account_opt_outs,
-                 wake: Callable[[], None] = lambda: None) -> None:
+                 wake: Callable[[], None] = lambda: None,
+                 canceled: Callable[[str], None] = lambda _: None) -> None:
         self.pool = pool
         self._rates = rates
         self._opted_out = opted_out
         self.wake = wake
+        self._canceled = canceled
         self._resolver = default_resolver()
 
     async def preflight(self, account: str, template: Template,
@@ -167,6 +171,13 @@ class Broadcasts:
         if stored:
             self.wake()
         return result, stored
+
+    async def cancel(self, broadcast_id: str) -> str:
+        """Cancel in the database, then tell this process's runner; the status afterwards."""
+        status = await cancel(self.pool, broadcast_id)
+        if status == "canceled":
+            self._canceled(broadcast_id)
+        return status
 
 
 async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSpec,
@@ -221,10 +232,19 @@ class BroadcastRunner:
         self._resolver = default_resolver()
         self._wake = asyncio.Event()
         self._last_seq: dict[str, int] = {}  # per running broadcast: the last seq claimed
+        self._sending: Counter[str] = Counter()  # per broadcast: its sends started, not done
+        # Broadcasts with sends still waiting here that are known to be canceled: those give
+        # their sender's turn up (the database cancel already ended them).
+        self._stopped: set[str] = set()
 
     def wake(self) -> None:
         """A broadcast was submitted: look for work now."""
         self._wake.set()
+
+    def canceled(self, broadcast_id: str) -> None:
+        """A cancel of this broadcast committed: its waiting sends stop waiting."""
+        if self._sending[broadcast_id]:
+            self._stopped.add(broadcast_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work through running broadcasts until ``stop``; sleep until woken when idle."""
@@ -235,6 +255,9 @@ class BroadcastRunner:
                 running = await self._pool.fetch(q("running_broadcasts"))
                 self._last_seq = {r["id"]: self._last_seq[r["id"]] for r in running
                                   if r["id"] in self._last_seq}
+                # Canceled here or by another replica: a broadcast with sends in flight that
+                # is no longer running was canceled (one completes only once none is left).
+                self._stopped.update(set(self._sending) - {r["id"] for r in running})
                 for row in running:
                     worked |= await self.step(row)
                 if not worked:
@@ -278,7 +301,9 @@ class BroadcastRunner:
                 self._slots.release()
         payloads = dict(zip(args[1], args[2], strict=True))
         for job_id in to_send:
-            task = asyncio.create_task(self._send_one(payloads[job_id]), name="broadcast-send")
+            self._sending[broadcast["id"]] += 1
+            task = asyncio.create_task(self._send_one(broadcast["id"], payloads[job_id]),
+                                       name="broadcast-send")
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
         return bool(to_send)
@@ -297,14 +322,18 @@ class BroadcastRunner:
                                              self._batch)
         return pending
 
-    async def _send_one(self, payload: str) -> None:
+    async def _send_one(self, broadcast_id: str, payload: str) -> None:
         try:
-            await self._send(payload.encode(), 1)
+            await self._send(payload.encode(), 1, lambda: broadcast_id not in self._stopped)
         except Exception:
             # The job stays 'sending' with its credits reserved; the reconciler resolves it.
             log.exception("broadcast_send_failed")
         finally:
             self._slots.release()
+            self._sending[broadcast_id] -= 1
+            if not self._sending[broadcast_id]:
+                del self._sending[broadcast_id]
+                self._stopped.discard(broadcast_id)
 
     async def _batch_args(self, b: asyncpg.Record,
                           pending: Sequence[asyncpg.Record]) -> list[Any]:

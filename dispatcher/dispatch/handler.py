@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -159,7 +160,7 @@ class JobHandler:
             bound.info("job_" + begin.outcome, status=begin.status)
             self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()
             return Done(begin.outcome)
-        return await self._send(job, begin.attempts, queued=True)
+        return await self._send(job, begin.attempts, claim=False, queued=True)
 
     async def _broadcast(self, job: BroadcastJob) -> Outcome:
         if self._broadcasts is None:
@@ -172,16 +173,20 @@ class JobHandler:
             return _refused(exc.code, str(exc), job)
         return Done("broadcast_accepted")
 
-    async def send_released(self, payload: bytes, attempt: int) -> Outcome:
+    async def send_released(self, payload: bytes, attempt: int,
+                            wanted: Callable[[], bool] = lambda: True) -> Outcome:
         """Send an already reserved ``sending`` job: released from hold, a broadcast recipient,
-        or a retry that came due. Nobody retries its outcome: a retry is left to the sweeper."""
+        or a retry that came due. Nobody retries its outcome: a retry is left to the sweeper.
+
+        ``wanted()`` false while it waits for its sender's turn: its broadcast was canceled
+        (the cancel, in the database, already ended the job), so it gives the turn up.
+        """
         job = decode_stored_job(payload)
-        await self._limiter.acquire(_sender_of(job))
-        claimed = await self._jobs.claim_released(job.id, attempt)
-        if claimed is None:
-            log.warning("released_job_taken_over", job_id=job.id, account_id=job.account)
-            return Done("taken_over")
-        return await self._send(job, attempt, recipient=claimed.broadcast_id is not None)
+        if not await self._limiter.acquire(_sender_of(job), wanted):
+            log.info("job_canceled_before_send", job_id=job.id, account_id=job.account,
+                     kind=job.kind)
+            return Done("canceled")
+        return await self._send(job, attempt, claim=True)
 
     async def _price(self, job: SmsJob | CallJob) -> NewJob:
         rates = await self._rates.get()
@@ -195,22 +200,25 @@ class JobHandler:
                       encode_job(job).decode(), max(quote.credits, 1), quote.country,
                       units, quote.rate)
 
-    async def _send(self, job: SmsJob | CallJob, attempt: int, *, queued: bool = False,
-                    recipient: bool = False) -> Outcome:
-        """Call the provider once and record what came of it.
+    async def _send(self, job: SmsJob | CallJob, attempt: int, *, claim: bool,
+                    queued: bool = False) -> Outcome:
+        """Send once, in a provider slot. With ``claim`` (an already reserved job, or one that
+        waited long for its slot) the job is claimed in the database right before the call:
+        the last check, after every wait, that it is still ours and its broadcast still on.
 
         ``queued``: the job came from a work queue, whose retry queue brings it back after a
         refusal; otherwise the retry sweeper alone does (see ``dispatch.retries``).
-        ``recipient``: a broadcast's recipient (its latency counts from the submission).
         """
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         callback = f"{self._config.callback_base_url}/twilio/status/{job.id}"
+        recipient = False
         async with self._slots.slot(_rank(job.priority)) as waited:
             self._metrics.send_slot_wait_seconds.observe(waited)
-            if waited > self._config.reclaim_after_seconds and not await self._jobs.claim_for_send(
-                    job.id, attempt):
-                bound.warning("job_taken_over_while_waiting", waited_seconds=round(waited, 3))
-                return Done("taken_over")
+            if claim or waited > self._config.reclaim_after_seconds:
+                claimed = await self._jobs.claim_for_send(job.id, attempt)
+                if not claimed.claimed:
+                    return _not_claimed(bound, claimed.status, waited)
+                recipient = claimed.broadcast_id is not None
             started = time.perf_counter()
             result = await self._call_provider(job, callback)
             self._metrics.send_seconds.labels(kind=job.kind).observe(
@@ -272,6 +280,17 @@ def _refused(reason: str, detail: str, job: SmsJob | CallJob | BroadcastJob) -> 
 def retry_delay_seconds(attempt: int) -> int:
     """The wait before attempt ``attempt + 1``: the retry queues' delays (the last repeats)."""
     return RETRY_DELAYS_SECONDS[min(max(attempt, 1), len(RETRY_DELAYS_SECONDS)) - 1]
+
+
+def _not_claimed(bound: structlog.typing.FilteringBoundLogger, status: str | None,
+                 waited: float) -> Outcome:
+    """The outcome of a job whose claim failed: its broadcast was canceled, or the
+    reconciler took it over while it waited."""
+    if status == "canceled":
+        bound.info("job_canceled_before_send")
+        return Done("canceled")
+    bound.warning("job_taken_over_while_waiting", waited_seconds=round(waited, 3))
+    return Done("taken_over")
 
 
 def _rank(priority: str) -> int:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
+
 from aiolimiter import AsyncLimiter
+
+# How often a waiting send asks whether it is still wanted.
+GIVE_UP_CHECK_SECONDS = 0.05
 
 
 class SenderRateLimiter:
@@ -26,6 +33,26 @@ class SenderRateLimiter:
             limiter = self._limiters[sender] = AsyncLimiter(self._burst, self._period)
         return limiter
 
-    async def acquire(self, sender: str) -> None:
-        """Wait until ``sender`` may send once more."""
-        await self.limiter_for(sender).acquire()
+    async def acquire(self, sender: str, wanted: Callable[[], bool] | None = None) -> bool:
+        """Wait until ``sender`` may send once more; True once the turn is taken.
+
+        With ``wanted``, a wait that is no longer wanted (its broadcast was canceled) gives its
+        place up within ``GIVE_UP_CHECK_SECONDS`` and answers False without taking a turn.
+        """
+        limiter = self.limiter_for(sender)
+        if wanted is None:
+            await limiter.acquire()
+            return True
+        if not wanted():
+            return False
+        waiting = asyncio.ensure_future(limiter.acquire())
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=GIVE_UP_CHECK_SECONDS)
+            if done:
+                waiting.result()
+                return True
+            if not wanted():
+                waiting.cancel()  # aiolimiter drops a cancelled waiter from its queue
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+                return False

@@ -43,10 +43,14 @@ class Begin:
 
 
 @dataclass(frozen=True)
-class Claimed:
-    """A reserved job claimed for its provider call; ``broadcast_id`` if a recipient."""
+class Claim:
+    """Whether a job was claimed for its provider call; else ``status`` says where it is
+    (``canceled`` with its broadcast, ``sending`` at a later attempt: taken over).
+    ``broadcast_id``: the broadcast whose recipient the job is, if any."""
 
-    broadcast_id: str | None
+    claimed: bool
+    status: str | None
+    broadcast_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,14 +117,15 @@ class JobStore:
         """The create may or may not have sent: keep the credits, wait for the provider."""
         return str(await self._scalar("job_unknown", job_id, reason))
 
-    async def claim_for_send(self, job_id: str, attempt: int) -> bool:
-        """True when the job is still ``sending`` at ``attempt``: ours to send now."""
-        return await self.claim_released(job_id, attempt) is not None
+    async def claim_for_send(self, job_id: str, attempt: int) -> Claim:
+        """Claim the provider call of a job still ``sending`` at ``attempt``: ours to send now.
 
-    async def claim_released(self, job_id: str, attempt: int) -> Claimed | None:
-        """``claim_for_send`` that also says whose recipient the job is; None if not ours."""
+        Once claimed, a broadcast cancel leaves the job alone; until then it may cancel it.
+        """
         row = await self._db.fetchrow(q("claim_for_send"), job_id, attempt)
-        return None if row is None else Claimed(row["broadcast_id"])
+        status = row["status"]
+        return Claim(status == "claimed", None if status is None else str(status),
+                     row["broadcast_id"])
 
     async def dead_lettered(self, job_id: str, account_id: str, kind: str, reason: str,
                             metadata: dict[str, str]) -> None:

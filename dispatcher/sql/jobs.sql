@@ -53,13 +53,15 @@ UPDATE jobs SET updated_at = now(), attempts = attempts + 1
 RETURNING job_id;
 
 -- name: claim_for_send
--- Compare-and-set right before the provider call of an already reserved job (released by the
--- resumer or a broadcast batch), after it waited for its sender's rate limit: if the
--- reconciler took it over meanwhile (attempts moved) it is not ours to send. Once claimed here,
--- updated_at is fresh, so the reconciler's own claim cannot match before the send is over.
-UPDATE jobs SET updated_at = now()
- WHERE job_id = $1 AND status = 'sending' AND attempts = $2
-RETURNING job_id, broadcast_id;
+-- Compare-and-set right before the provider call of a reserved job (released by the resumer,
+-- a broadcast batch, or one that waited long for a provider slot), once its rate-limit turn
+-- and its slot have come: if the reconciler took it over meanwhile (attempts moved) or its
+-- broadcast was canceled, it is not ours to send. A claimed broadcast recipient is out of a
+-- cancel's reach (migration 0016); updated_at is fresh, so the reconciler's own claim cannot
+-- match before the send is over. 'claimed', or the job's status.
+-- The job's broadcast (if a recipient) comes along for its latency metric.
+SELECT claim_job_send($1, $2) AS status,
+       (SELECT broadcast_id FROM jobs WHERE job_id = $1) AS broadcast_id;
 
 -- name: unknown_job_count
 SELECT count(*) FROM jobs WHERE status IN ('unknown', 'sending') AND updated_at < $1;

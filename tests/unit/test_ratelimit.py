@@ -64,3 +64,18 @@ async def test_waiting_senders_go_in_arrival_order() -> None:
 def test_rate_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         SenderRateLimiter(per_second=0)
+
+
+async def test_a_send_no_longer_wanted_gives_its_turn_up() -> None:
+    paced = SenderRateLimiter(2, burst=1)  # one turn every 0.5 s
+    assert await paced.acquire("s")
+    wanted = True
+    giving_up = asyncio.create_task(paced.acquire("s", lambda: wanted))
+    await asyncio.sleep(0.1)
+    wanted = False
+    started = time.monotonic()
+    assert await asyncio.wait_for(giving_up, 1) is False
+    assert time.monotonic() - started < 0.3  # it left the queue without waiting for a turn
+    next_one = asyncio.create_task(paced.acquire("s"))
+    assert await asyncio.wait_for(next_one, 1) is True  # the turn it left is the next one's
+    assert await paced.acquire("s", lambda: False) is False  # never wanted: no turn taken

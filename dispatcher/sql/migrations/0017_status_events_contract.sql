@@ -200,8 +200,17 @@ BEGIN
          WHERE broadcast_id = p_broadcast AND status = 'pending'
         RETURNING seq)
     SELECT coalesce(array_agg(seq), '{}') INTO dropped FROM c;
-    FOR j IN SELECT job_id FROM jobs WHERE broadcast_id = p_broadcast AND status = 'held'
-              ORDER BY hold_seq LOOP
+    -- As in 0016: held, retry_wait and unclaimed sending jobs end canceled, locked in job id
+    -- order, a claimed one (its create may be under way) left to finish.
+    FOR j IN SELECT x.job_id, x.status FROM jobs x
+              WHERE x.broadcast_id = p_broadcast AND x.status IN ('held', 'retry_wait', 'sending')
+              ORDER BY x.job_id
+                FOR UPDATE LOOP
+        CONTINUE WHEN j.status = 'sending' AND EXISTS (
+            SELECT 1 FROM broadcast_recipients r
+             WHERE r.broadcast_id = p_broadcast
+               AND r.seq = substr(j.job_id, length(p_broadcast) + 2)::integer
+               AND r.send_claimed_at IS NOT NULL);
         PERFORM job_not_sent(j.job_id, 'canceled', 'broadcast_canceled', NULL);
     END LOOP;
     IF cardinality(dropped) > 0 THEN
