@@ -176,7 +176,7 @@ BEGIN
 END $$;
 
 
--- As in 0011, plus a `canceled` event for each pending recipient it drops (held ones get
+-- As in 0016, plus a `canceled` event for each pending recipient it drops (held ones get
 -- theirs from job_not_sent).
 CREATE OR REPLACE FUNCTION cancel_broadcast(p_broadcast text) RETURNS text
 LANGUAGE plpgsql AS $$
