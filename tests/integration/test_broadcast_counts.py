@@ -113,7 +113,7 @@ async def test_canceling_unsent_recipients_counts_them_canceled(pool: asyncpg.Po
         "pending": 0, "sending": 2, "sent": 0, "delivered": 0, "failed": 0, "held": 0,
         "canceled": 7, "credits_reserved": 2, "credits_spent": 0}
     claims = [await jobs.claim_for_send(job_id, 1) for job_id in sent[2:]]
-    assert claims == [Claim(False, "canceled")] * 2
+    assert claims == [Claim(False, "canceled", broadcast_id)] * 2
 
 
 async def test_a_claimed_recipient_resent_after_the_cancel_is_canceled_at_its_claim(
@@ -129,7 +129,7 @@ async def test_a_claimed_recipient_resent_after_the_cancel_is_canceled_at_its_cl
     assert (await jobs.get(first) or {})["status"] == "sending"
     assert await pool.fetchval("UPDATE jobs SET attempts = attempts + 1 WHERE job_id = $1 "
                                "RETURNING attempts", first) == 2  # the reconciler's claim
-    assert await jobs.claim_for_send(first, 2) == Claim(False, "canceled")
+    assert await jobs.claim_for_send(first, 2) == Claim(False, "canceled", broadcast_id)
     job = await jobs.get(first)
     assert job is not None and (job["status"], job["final_cost"]) == ("canceled", 0)
     assert (await counts(pool, broadcast_id))["credits_reserved"] == 0

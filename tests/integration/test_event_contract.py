@@ -324,7 +324,7 @@ async def test_canceled_pending_recipients_get_events(pool: asyncpg.Pool) -> Non
         return Done("sent")
     runner = BroadcastRunner(pool, rates, send, batch=4, window=8)
     row = await pool.fetchrow("SELECT * FROM broadcasts WHERE id = $1", job.id)
-    assert await runner.step(row)  # 2 sending, 2 held; 6 still pending
+    assert await runner.step(row)  # 2 sending (never claimed here), 2 held; 6 still pending
     await runner.drain(5.0)
     assert await cancel(pool, job.id) == "canceled"
     rows = await pool.fetch(
@@ -334,8 +334,9 @@ async def test_canceled_pending_recipients_get_events(pool: asyncpg.Pool) -> Non
     assert all(r["routing_key"] == f"status.broadcast.{e['status']}"
                for r, e in zip(rows, events, strict=True))
     canceled = [e for e in events if e["status"] == "canceled"]
+    # Unclaimed sending jobs are canceled too (their create never started).
     assert sorted(e["job_id"] for e in canceled) == sorted(
-        f"{job.id}:{seq}" for seq in range(2, 10))
+        f"{job.id}:{seq}" for seq in range(10))
     assert all(e["reason"] == "broadcast_canceled" and e["credits"] == 0
                and e["metadata"] == {"campaign": "c"} for e in canceled)
     held = [e["job_id"] for e in events if e["status"] == "held"]
