@@ -5,7 +5,9 @@ would, without rendering or counting each message in Python: the literal text is
 once, each variable's values are scanned as one joined string, and lengths are summed column by
 column. A value with a character outside GSM-7 makes its message UCS-2 of the same length; only
 messages with a character that takes two units (GSM-7 extension characters, characters outside
-the BMP) are counted one by one.
+the BMP) or that may join its neighbours into one user-perceived character (combining marks,
+ZWJ, regional indicators…: a part boundary never splits one) are counted one by one, and of
+those in UCS-2 only the ones longer than one part.
 """
 
 from __future__ import annotations
@@ -16,19 +18,29 @@ from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import accumulate, chain, compress
 from typing import Literal, cast
 
-from dispatcher.pricing.quotes import GSM7_BASIC, GSM7_EXTENDED, LIMITS, Encoding, count_segments
+import regex
+
+from dispatcher.pricing.quotes import (
+    GSM7_BASIC,
+    GSM7_EXTENDED,
+    JOINERS,
+    LIMITS,
+    Encoding,
+    count_segments,
+)
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
-_NOT_BASIC = re.compile(f"[^{re.escape(GSM7_BASIC)}]")
+_NOT_BASIC = regex.compile(f"[^{re.escape(GSM7_BASIC)}]")
 _NOT_GSM = re.compile(f"[^{re.escape(GSM7_BASIC + GSM7_EXTENDED)}]")
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_WIDE_OR_JOINING = regex.compile(f"[\U00010000-\U0010ffff]|{JOINERS.pattern}")
 _ASCII_BASIC = bytes(c for c in range(128) if chr(c) in GSM7_BASIC)
 _EXTENDED = frozenset(GSM7_EXTENDED)
 _SEPARATOR = "\n"  # any character: rows are found by offsets, never by splitting
-Literals = Literal["basic", "extended", "ucs2", "astral"]
+Literals = Literal["basic", "extended", "ucs2", "joining", "astral"]
 
 # Appended to a body whose job asks for the opt-out footer (counted in its segments).
 STOP_FOOTER = "\nReply STOP to unsubscribe"
@@ -40,7 +52,9 @@ def _literal_class(text: str) -> Literals:
         return "basic"
     if _NOT_GSM.search(text) is None:
         return "extended"
-    return "astral" if _ASTRAL.search(text) else "ucs2"
+    if _ASTRAL.search(text):
+        return "astral"
+    return "joining" if JOINERS.search(text) else "ucs2"
 
 
 def _parts(encoding: Encoding, units: int) -> int:
@@ -49,19 +63,19 @@ def _parts(encoding: Encoding, units: int) -> int:
 
 
 def _odd_characters(column: Sequence[str], lengths: Sequence[int],
-                    pattern: re.Pattern[str]) -> Iterator[tuple[int, str]]:
+                    pattern: regex.Pattern[str]) -> Iterator[tuple[int, str]]:
     """(row, character) for each character ``pattern`` finds in the values."""
     joined = _SEPARATOR.join(column)
     if (pattern is _NOT_BASIC and joined.isascii()
             and not joined.encode("ascii").translate(None, _ASCII_BASIC)):
         return
-    matches = pattern.finditer(joined)
+    matches = ((m.start(), m.group()) for m in pattern.finditer(joined))
     first = next(matches, None)
     if first is None:
         return
     ends = list(accumulate(map((1).__add__, lengths)))  # where each value's separator sits
-    for match in chain((first,), matches):
-        yield bisect_right(ends, match.start()), match.group()
+    for start, char in chain((first,), matches):
+        yield bisect_right(ends, start), char
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +138,7 @@ class Template:
         if kind in ("extended", "astral"):
             return [count_segments(self.render(v)).segments for v in variables]
         encoding: Encoding = "GSM-7" if kind == "basic" else "UCS-2"
-        pattern = _NOT_BASIC if kind == "basic" else _ASTRAL
+        pattern = _NOT_BASIC if kind == "basic" else _WIDE_OR_JOINING
         units = [len(fixed)] * len(variables)
         odd: defaultdict[int, str] = defaultdict(str)
         for name in dict.fromkeys(self.names):
@@ -138,9 +152,16 @@ class Template:
                 odd[row] += char
         table = [_parts(encoding, n) for n in range(max(units, default=0) + 1)]
         parts = list(map(table.__getitem__, units))
+        single = LIMITS["UCS-2"][0]
+        if kind == "joining":
+            # Any message may hold a cluster: those longer than one part are counted one by one.
+            for row in compress(range(len(units)), map(single.__lt__, units)):
+                odd[row] += ""
         for row, chars in odd.items():
-            if kind == "basic" and not _EXTENDED.issuperset(chars) and not _ASTRAL.search(chars):
-                # A character outside GSM-7, none taking two units: UCS-2, one unit each.
+            ucs2 = kind != "basic" or not _EXTENDED.issuperset(chars)
+            if ucs2 and not _ASTRAL.search(chars) and (
+                    units[row] <= single or (kind != "joining" and not JOINERS.search(chars))):
+                # UCS-2 with one unit a character: in one part, or with no cluster to keep whole.
                 parts[row] = _parts("UCS-2", units[row])
             else:
                 parts[row] = count_segments(self.render(variables[row])).segments
