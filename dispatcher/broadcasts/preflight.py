@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import gc
 import operator
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import compress, repeat
 from typing import Literal
 
 from dispatcher.pricing.numbers import CountryResolver
 from dispatcher.pricing.quotes import RateTable
+from dispatcher.pricing.smart_encoding import TABLE as SMART_ENCODING_TABLE
 from dispatcher.pricing.templates import Columns, Template
 
 Advice = Literal["ok", "ok_with_auto_recharge", "enable_auto_recharge", "top_up"]
 SkipReason = Literal["invalid", "opted_out", "duplicate", "missing_variable"]
 SKIP_REASONS: tuple[SkipReason, ...] = ("invalid", "opted_out", "duplicate", "missing_variable")
 MAX_SKIPPED_LISTED = 100
+MAX_UCS2_LISTED = 50
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class PreflightResult:
     auto_recharge_covers: bool
     advice: Advice
     skip_reasons: dict[int, SkipReason]
+    smart_encoding: bool = False
+    ucs2_characters: list[str] = field(default_factory=list)
+    savings: int = 0
 
     def as_json(self) -> dict[str, object]:
         """The HTTP body (without per-recipient detail)."""
@@ -90,6 +96,9 @@ class PreflightResult:
         return {
             "recipients": self.recipients, "billable": self.billable,
             "segments": self.segments, "credits": self.credits,
+            "smart_encoding": self.smart_encoding,
+            "ucs2_characters": [_character(c) for c in self.ucs2_characters[:MAX_UCS2_LISTED]],
+            "savings": self.savings,
             "by_country": {c: vars(line) for c, line in sorted(self.by_country.items())},
             "skipped": {**self.skipped, "examples": self.skipped_examples},
             "available": self.available, "shortfall": self.shortfall,
@@ -97,6 +106,13 @@ class PreflightResult:
                               "top_ups_needed": top_ups},
             "advice": self.advice,
         }
+
+
+def _character(char: str) -> dict[str, object]:
+    """A character that forces UCS-2, named for the sender."""
+    return {"character": char, "code_point": f"U+{ord(char):04X}",
+            "name": unicodedata.name(char, ""),
+            "smart_encodable": char in SMART_ENCODING_TABLE}
 
 
 @contextmanager
@@ -166,10 +182,35 @@ def _segments_by_country(billed: Sequence[str | None], parts: Sequence[int],
     return by_segments, counts
 
 
+def _by_country(billed: Sequence[str | None], parts: Sequence[int],
+                rates: RateTable) -> dict[str, CountryLine]:
+    """Recipients, SMS parts and credits of each country's billable recipients."""
+    by_segments, counts = _segments_by_country(billed, parts)
+    by_country: dict[str, CountryLine] = {}
+    for country, segments in by_segments.items():
+        if country is not None:
+            rate = rates.rate("sms", country)
+            by_country[country] = CountryLine(counts[country], segments, segments * rate, rate)
+    return by_country
+
+
+def _savings(template: Template, recipients: Recipients, billed: Sequence[str | None],
+             rates: RateTable, credits: int, ucs2: Sequence[str]) -> int:
+    """Credits the broadcast would cost less with the characters ``ucs2`` left out."""
+    if not ucs2:
+        return 0
+    plain = template.without("".join(ucs2))
+    parts = plain.segments_of(plain.columns(recipients.variables), recipients.variables)
+    return credits - sum(line.credits for line in _by_country(billed, parts, rates).values())
+
+
 def preflight(template: Template, recipients: Recipients, rates: RateTable,
               opted_out: set[str], available: int, auto: AutoRecharge,
               resolver: CountryResolver) -> PreflightResult:
-    """Price every recipient; skip invalid, opted-out, repeated and incomplete ones."""
+    """Price every recipient; skip invalid, opted-out, repeated and incomplete ones.
+
+    The template says whether Smart Encoding is on: the figures are the text as sent.
+    """
     countries = resolver.resolve_many(recipients.numbers)
     columns = template.columns(recipients.variables)
     skips = _skips(recipients, countries, opted_out, columns)
@@ -177,12 +218,7 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
     for i in skips:
         billed[i] = None
     parts = template.segments_of(columns, recipients.variables)
-    by_segments, counts = _segments_by_country(billed, parts)
-    by_country: dict[str, CountryLine] = {}
-    for country, segments in by_segments.items():
-        if country is not None:
-            rate = rates.rate("sms", country)
-            by_country[country] = CountryLine(counts[country], segments, segments * rate, rate)
+    by_country = _by_country(billed, parts, rates)
     credits = sum(line.credits for line in by_country.values())
     shortfall = max(0, credits - available)
     advice, covers = advise(shortfall, auto)
@@ -191,7 +227,9 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
         skipped[reason] += 1
     examples: list[dict[str, object]] = [
         {"index": i, "reason": skips[i]} for i in sorted(skips)[:MAX_SKIPPED_LISTED]]
+    ucs2 = template.ucs2_characters(columns)
     return PreflightResult(
         len(countries), len(countries) - len(skips),
         sum(line.segments for line in by_country.values()), credits, by_country, skipped,
-        examples, available, shortfall, auto, covers, advice, skips)
+        examples, available, shortfall, auto, covers, advice, skips, template.smart_encoding,
+        ucs2, _savings(template, recipients, billed, rates, credits, ucs2))

@@ -31,6 +31,7 @@ from dispatcher.pricing.quotes import (
     Encoding,
     count_segments,
 )
+from dispatcher.pricing.smart_encoding import SMART_TRANSLATION
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
 _NOT_BASIC = regex.compile(f"[^{re.escape(GSM7_BASIC)}]")
@@ -38,6 +39,7 @@ _NOT_GSM = re.compile(f"[^{re.escape(GSM7_BASIC + GSM7_EXTENDED)}]")
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 _WIDE_OR_JOINING = regex.compile(f"[\U00010000-\U0010ffff]|{JOINERS.pattern}")
 _ASCII_BASIC = bytes(c for c in range(128) if chr(c) in GSM7_BASIC)
+_ASCII_GSM = bytes(c for c in range(128) if chr(c) in GSM7_BASIC + GSM7_EXTENDED)
 _EXTENDED = frozenset(GSM7_EXTENDED)
 _SEPARATOR = "\n"  # any character: rows are found by offsets, never by splitting
 Literals = Literal["basic", "extended", "ucs2", "joining", "astral"]
@@ -89,7 +91,16 @@ class Columns:
 class Template:
     """A body template, split once into literal text and variable names."""
 
-    def __init__(self, body: str, footer: bool) -> None:
+    def __init__(self, body: str, footer: bool, *, smart_encoding: bool = False,
+                 without: str = "") -> None:
+        """Parse ``body``; with ``smart_encoding`` every message is the Smart-Encoded text, and
+        characters in ``without`` are left out of every message (to price it without them)."""
+        self.body, self.footer, self.smart_encoding = body, footer, smart_encoding
+        self._translation: dict[int, str | None] = {
+            **(SMART_TRANSLATION if smart_encoding else {}), **dict.fromkeys(map(ord, without))}
+        sources = [chr(c) for c in self._translation]
+        self._sources = regex.compile(
+            f"[{regex.escape(''.join(sources), special_only=False)}]") if sources else None
         literals: list[str] = []
         names: list[str] = []
         text, last = "", 0
@@ -103,16 +114,32 @@ class Template:
                 names.append(match.group(1))
                 text = ""
         literals.append(text + body[last:] + (STOP_FOOTER if footer else ""))
-        self.literals = tuple(literals)
+        self.literals = tuple(self._translate(literal) for literal in literals)
         self.names = tuple(names)
         self.variables = frozenset(names)
         self.static = not names
 
+    def _translate(self, text: str) -> str:
+        """A value or literal as it goes in the message."""
+        if self._sources is None or self._sources.search(text) is None:
+            return text
+        return text.translate(self._translation)
+
+    def smart_encoded(self) -> Template:
+        """This template with Smart Encoding on."""
+        return Template(self.body, self.footer, smart_encoding=True)
+
+    def without(self, characters: str) -> Template:
+        """This template, its messages leaving out ``characters``."""
+        return Template(self.body, self.footer, smart_encoding=self.smart_encoding,
+                        without=characters)
+
     def render(self, variables: Mapping[str, str]) -> str:
         """The message for one recipient; a missing variable renders as nothing."""
         out = [self.literals[0]]
+        translate = self._translate
         for name, literal in zip(self.names, self.literals[1:], strict=True):
-            out += (variables.get(name, ""), literal)
+            out += (translate(variables.get(name, "")), literal)
         return "".join(out)
 
     def columns(self, variables: Sequence[Mapping[str, str]]) -> Columns:
@@ -123,7 +150,23 @@ class Template:
                 values[name] = list(map(operator.itemgetter(name), variables))
             except KeyError:
                 values[name] = [v.get(name) for v in variables]
-        return Columns(values, frozenset(n for n, c in values.items() if None in c))
+        incomplete = frozenset(n for n, c in values.items() if None in c)
+        if self._sources is not None:
+            for name, column in values.items():
+                joined = _SEPARATOR.join(v or "" for v in column)
+                if self._sources.search(joined) is not None:
+                    values[name] = [None if v is None else self._translate(v) for v in column]
+        return Columns(values, incomplete)
+
+    def ucs2_characters(self, columns: Columns) -> list[str]:
+        """The characters outside GSM-7 in the messages: the literal text's, then the values'."""
+        found = dict.fromkeys(_NOT_GSM.findall("".join(self.literals)))
+        for column in columns.values.values():
+            joined = _SEPARATOR.join(v or "" for v in column)
+            if not (joined.isascii()
+                    and not joined.encode("ascii").translate(None, _ASCII_GSM)):
+                found.update(dict.fromkeys(_NOT_GSM.findall(joined)))
+        return list(found)
 
     def segments(self, variables: Sequence[Mapping[str, str]]) -> list[int]:
         """SMS parts of each recipient's message, as ``count_segments`` counts them."""
