@@ -22,7 +22,7 @@ from typing import Literal
 from dispatcher.pricing.numbers import CountryResolver
 from dispatcher.pricing.quotes import RateTable
 from dispatcher.pricing.smart_encoding import TABLE as SMART_ENCODING_TABLE
-from dispatcher.pricing.templates import Columns, Template
+from dispatcher.pricing.templates import Columns, Priced, Template
 
 Advice = Literal["ok", "ok_with_auto_recharge", "enable_auto_recharge", "top_up"]
 SkipReason = Literal["invalid", "opted_out", "duplicate", "missing_variable"]
@@ -194,14 +194,24 @@ def _by_country(billed: Sequence[str | None], parts: Sequence[int],
     return by_country
 
 
-def _savings(template: Template, recipients: Recipients, billed: Sequence[str | None],
-             rates: RateTable, credits: int, ucs2: Sequence[str]) -> int:
-    """Credits the broadcast would cost less with the characters ``ucs2`` left out."""
-    if not ucs2:
+def _savings(template: Template, recipients: Recipients, columns: Columns,
+             billed: Sequence[str | None], rates: RateTable, credits: int,
+             priced: Priced) -> int:
+    """Credits the broadcast would cost less with the characters that force UCS-2 left out."""
+    if not priced.ucs2:
         return 0
-    plain = template.without("".join(ucs2))
-    parts = plain.segments_of(plain.columns(recipients.variables), recipients.variables)
-    return credits - sum(line.credits for line in _by_country(billed, parts, rates).values())
+    without = priced.without_ucs2
+    if not isinstance(without, dict):
+        if without is None:
+            plain = template.without("".join(priced.ucs2))
+            without = plain.segments_of(plain.adopt(columns), recipients.variables)
+        return credits - sum(line.credits for line in _by_country(billed, without, rates).values())
+    saved = 0
+    for row, fewer in without.items():
+        country = billed[row]
+        if country is not None:
+            saved += (priced.parts[row] - fewer) * rates.rate("sms", country)
+    return saved
 
 
 def preflight(template: Template, recipients: Recipients, rates: RateTable,
@@ -217,8 +227,8 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
     billed = list(countries)
     for i in skips:
         billed[i] = None
-    parts = template.segments_of(columns, recipients.variables)
-    by_country = _by_country(billed, parts, rates)
+    priced = template.price(columns, recipients.variables)
+    by_country = _by_country(billed, priced.parts, rates)
     credits = sum(line.credits for line in by_country.values())
     shortfall = max(0, credits - available)
     advice, covers = advise(shortfall, auto)
@@ -227,9 +237,9 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
         skipped[reason] += 1
     examples: list[dict[str, object]] = [
         {"index": i, "reason": skips[i]} for i in sorted(skips)[:MAX_SKIPPED_LISTED]]
-    ucs2 = template.ucs2_characters(columns)
     return PreflightResult(
         len(countries), len(countries) - len(skips),
         sum(line.segments for line in by_country.values()), credits, by_country, skipped,
         examples, available, shortfall, auto, covers, advice, skips, template.smart_encoding,
-        ucs2, _savings(template, recipients, billed, rates, credits, ucs2))
+        priced.ucs2, _savings(template, recipients, columns, billed, rates, credits,
+                                    priced))

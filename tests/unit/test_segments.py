@@ -12,7 +12,14 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.pricing.quotes import GSM7_BASIC, GSM7_EXTENDED, count_segments, split_parts
+from dispatcher.pricing.quotes import (
+    GSM7_BASIC,
+    GSM7_EXTENDED,
+    JOINERS,
+    MAY_JOIN,
+    count_segments,
+    split_parts,
+)
 from dispatcher.pricing.templates import Template
 
 FLAG = "\U0001f1ec\U0001f1e7"  # GB: two regional indicators, 4 UTF-16 units
@@ -133,3 +140,9 @@ def test_templates_count_clusters_like_the_calculator(before: str, rows: list[st
         variables = [{"a": value} for value in rows]
         assert template.segments(variables) == [
             calculator_segments(template.render(v)) for v in variables]
+
+
+def test_the_cluster_free_blocks_hold_no_character_that_joins_another() -> None:
+    bmp = "".join(map(chr, range(0xD800)))
+    assert not JOINERS.findall(MAY_JOIN.sub("", bmp))
+    assert MAY_JOIN.search("\U0001f600") and MAY_JOIN.search("\u200d")

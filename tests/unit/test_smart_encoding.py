@@ -73,3 +73,25 @@ def test_ucs2_characters_and_a_template_without_them() -> None:
     assert template.without("".join(chars)).render({"name": "Zo\u00eb"}) == "Hi Zo  "
     smart = template.smart_encoded()
     assert smart.ucs2_characters(smart.columns([{"name": "Bob"}])) == ["\U0001f600"]
+
+
+MIXED = st.text(st.sampled_from(["a", " ", "€", "[", "\u00eb", "\u2019", "\u0436", "\U0001f600",
+                                 "\u0301", "{", "}"]), max_size=90)
+
+
+@settings(max_examples=300, deadline=None)
+@given(literal=MIXED, rows=st.lists(st.tuples(MIXED, MIXED), max_size=8))
+def test_price_names_the_ucs2_characters_and_the_parts_without_them(
+        literal: str, rows: list[tuple[str, str]]) -> None:
+    template = Template(literal.replace("{", "{{").replace("}", "}}") + "{a}{b}{a}", False)
+    variables = [{"a": a, "b": b} for a, b in rows]
+    priced = template.price(template.columns(variables), variables)
+    messages = [template.render(v) for v in variables]
+    assert priced.parts == [count_segments(m).segments for m in messages]
+    assert set(priced.ucs2) == {c for text in [literal, *messages] for c in text} - GSM7
+    plain = template.without("".join(priced.ucs2))
+    without = priced.without_ucs2
+    if isinstance(without, dict):
+        without = [without.get(row, parts) for row, parts in enumerate(priced.parts)]
+    if without is not None:
+        assert without == [count_segments(plain.render(v)).segments for v in variables]
