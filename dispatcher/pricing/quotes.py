@@ -36,14 +36,15 @@ _EXTENDED = frozenset(GSM7_EXTENDED)
 # character (an extended grapheme cluster, except CR LF, which it counts as two).
 SEGMENT_BITS, HEADER_BITS = 1120, 48
 _GRAPHEME = regex.compile(r"\X")
-# A character that can join its neighbour into one cluster (UAX #29 rules GB6-GB9c and
-# GB11-GB13): without one, every code point is a cluster of its own.
-# Blocks with no such character (checked by tests/unit/test_segments.py): a plain ``re`` class
-# of them finds the few messages worth a look with JOINERS, ~10x faster than the property class.
+# Blocks with no character that can join its neighbour (checked by tests/unit/test_segments.py):
+# a plain ``re`` class of them finds the few messages worth a look with JOINERS, ~10x faster
+# than the property class.
 CLUSTER_FREE = ("\n\r\u0020-\u02ff\u0370-\u0482\u048a-\u0590\u05d0-\u05ea\u0620-\u064a"
                 "\u1e00-\u1fff\u2010-\u2027\u2030-\u205f\u2070-\u20cf\u2100-\u2bff"
                 "\u3000-\u3029\u3031-\u3098\u309b-\u9fff\uac00-\ud7a3\uff01-\uff9d")
 MAY_JOIN = re.compile(f"[^{CLUSTER_FREE}]")  # also finds every character outside the BMP
+# A character that can join its neighbour into one cluster (UAX #29 rules GB6-GB9c and
+# GB11-GB13): without one, every code point is a cluster of its own.
 JOINERS = regex.compile(
     "[" + "".join(f"\\p{{Grapheme_Cluster_Break={kind}}}" for kind in (
         "Extend", "ZWJ", "SpacingMark", "Prepend", "Regional_Indicator", "L", "V", "T")) + "]")

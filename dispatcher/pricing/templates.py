@@ -7,7 +7,9 @@ column. A value with a character outside GSM-7 makes its message UCS-2 of the sa
 messages with a character that takes two units (GSM-7 extension characters, characters outside
 the BMP) or that may join its neighbours into one user-perceived character (combining marks,
 ZWJ, regional indicators…: a part boundary never splits one) are counted one by one, and of
-those in UCS-2 only the ones longer than one part.
+those in UCS-2 only the ones longer than one part. ``Template.price`` also names the characters
+that force UCS-2 and what each message would take without them, from the same scans. A template
+with Smart Encoding on renders, and so prices, the encoded text.
 """
 
 from __future__ import annotations
