@@ -142,6 +142,11 @@ async def test_an_sms_is_priced_and_sent_smart_encoded(dispatcher: RunningDispat
     assert (sent_plain["units"], sent_smart["units"]) == (2, 1)
     # Stored as it is sent, for a send after a hold too.
     assert json.loads(str(sent_smart["payload"]))["body"] == SMART * 4
+    # A flag across the 67-unit boundary moves whole: three parts reserved, not two.
+    await d.publish_sms(f"{plain}-flag", plain, to="+14155550183",
+                        body="x" * 65 + FLAG + "y" * 65)
+    flagged = await wait_status(d, f"{plain}-flag", "delivered", "sent")
+    assert flagged["units"] == 3 and flagged["estimate"] == 3 * flagged["rate"]
     [create_plain] = d.sandbox.state.creates(to="+14155550181", accepted=True)
     [create_smart] = d.sandbox.state.creates(to="+14155550182", accepted=True)
     assert create_plain.body == body and create_smart.body == SMART * 4
