@@ -80,6 +80,17 @@ async def cmd_accounts_show(args: argparse.Namespace, settings: Settings) -> int
     return await _with_pool(settings, work)
 
 
+async def cmd_accounts_smart_encoding(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        row = await pool.fetchrow(q("api_set_messaging_settings"), args.account,
+                                  args.state == "on")
+        if row is None:
+            raise DispatcherError(f"no account {args.account!r}")
+        print(f"smart encoding {args.state} for {args.account}")
+        return 0
+    return await _with_pool(settings, work)
+
+
 async def cmd_credits_grant(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: asyncpg.Pool) -> int:
         new = await CreditStore(pool).grant(args.account, args.amount, args.kind, args.reference)
@@ -292,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = _command(accounts, "show", "show an account")
     show.add_argument("account")
     show.set_defaults(func=cmd_accounts_show)
+    smart = accounts.add_parser(
+        "smart-encoding", help="turn Twilio Smart Encoding on or off (off by default)")
+    smart.add_argument("account")
+    smart.add_argument("state", choices=("on", "off"))
+    smart.set_defaults(func=cmd_accounts_smart_encoding)
 
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="credits_command", required=True)

@@ -27,6 +27,7 @@ from dispatcher.broadcasts.runner import BroadcastRunner, Broadcasts
 from dispatcher.credits.flow import CreditFlowSampler
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.rates import RateCache
+from dispatcher.credits.sending_settings import SmartEncodingAccounts
 from dispatcher.db import connect, create_pool
 from dispatcher.dispatch.consumer import Consumer
 from dispatcher.dispatch.handler import HandlerConfig, JobHandler
@@ -107,7 +108,7 @@ class Service:
             HandlerConfig(callback_base_url=s.public_base_url.rstrip("/"),
                           max_in_flight=s.max_in_flight,
                           reclaim_after_seconds=s.reconcile_grace_seconds / 4),
-            broadcasts)
+            broadcasts, SmartEncodingAccounts(self.pool))
         self.handler = handler
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.worker_count,

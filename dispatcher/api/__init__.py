@@ -28,6 +28,8 @@ def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts) -> dict[str, Handler]:
         "listLedger": accounts.get_ledger,
         "getAutoRecharge": accounts.get_auto_recharge,
         "putAutoRecharge": accounts.put_auto_recharge,
+        "getMessagingSettings": accounts.get_messaging_settings,
+        "putMessagingSettings": accounts.put_messaging_settings,
         "addCredits": accounts.post_credits,
         "refundCredits": accounts.post_refund,
         "listOptOuts": optouts.list_opt_outs,

@@ -29,6 +29,8 @@ from dispatcher.api.schemas import (
     CreditsOut,
     LedgerEntry,
     LedgerPage,
+    MessagingSettings,
+    MessagingSettingsUpdate,
     PageQuery,
     RefundIn,
     RefundOut,
@@ -122,6 +124,24 @@ class AccountsApi:
         log.info("auto_recharge_changed", account_id=account, enabled=body.enabled,
                  token_id=principal(request).token_id)
         return web.json_response(_auto_recharge(row).model_dump(mode="json"))
+
+    async def get_messaging_settings(self, request: web.Request) -> web.Response:
+        account = request.match_info["account"]
+        row = await self._pool.fetchrow(q("api_messaging_settings"), account)
+        if row is None:
+            raise NotFound(f"no account {account!r}")
+        return web.json_response(MessagingSettings(**dict(row)).model_dump(mode="json"))
+
+    async def put_messaging_settings(self, request: web.Request) -> web.Response:
+        account = request.match_info["account"]
+        body = await read_json(request, MessagingSettingsUpdate)
+        row = await self._pool.fetchrow(q("api_set_messaging_settings"), account,
+                                        body.smart_encoding)
+        if row is None:
+            raise NotFound(f"no account {account!r}")
+        log.info("messaging_settings_changed", account_id=account,
+                 smart_encoding=body.smart_encoding, token_id=principal(request).token_id)
+        return web.json_response(MessagingSettings(**dict(row)).model_dump(mode="json"))
 
     async def post_credits(self, request: web.Request) -> web.Response:
         account = request.match_info["account"]

@@ -75,6 +75,21 @@ class AutoRechargeUpdate(RequestBody):
         return amount
 
 
+class MessagingSettings(ResponseBody):
+    """How the account's messages are sent."""
+
+    smart_encoding: bool = Field(description=(
+        "Twilio Smart Encoding, done by the dispatcher: look-alike Unicode characters (curly "
+        "quotes, long dashes, no-break spaces, ellipsis…) are replaced by GSM-7 ones before "
+        "pricing and sending, so the text priced is the text sent. Off by default."))
+
+
+class MessagingSettingsUpdate(RequestBody):
+    """New messaging settings."""
+
+    smart_encoding: bool
+
+
 class Buckets(ResponseBody):
     """Credits by bucket: subscription (reset each period), purchased (roll over), debt."""
 
@@ -232,13 +247,30 @@ class PreflightAutoRecharge(ResponseBody):
     top_ups_needed: int = Field(description="top-ups of ``amount`` the shortfall would take")
 
 
+class Ucs2Character(ResponseBody):
+    """A character that makes the messages holding it UCS-2 (70 / 67 units a part)."""
+
+    character: str
+    code_point: str = Field(description="U+XXXX")
+    name: str = Field(description="its Unicode name, empty when it has none")
+    smart_encodable: bool = Field(
+        description="Smart Encoding would replace it (turn the account setting on)")
+
+
 class PreflightOut(ResponseBody):
     """What a broadcast would cost now, who would be skipped, and what to do."""
 
     recipients: int
     billable: int
-    segments: int
+    segments: int = Field(description="SMS parts of the text as it will be sent")
     credits: int
+    smart_encoding: bool = Field(
+        description="the account's Smart Encoding setting, applied to these figures")
+    ucs2_characters: list[Ucs2Character] = Field(description=(
+        "characters outside GSM-7 in the messages as sent (the body's first, then the "
+        "variables'), at most 50: each makes the message holding it UCS-2"))
+    savings: int = Field(description=(
+        "credits the broadcast would cost less without those characters (0 when none)"))
     by_country: dict[str, CountryLineOut]
     skipped: SkippedOut
     available: int

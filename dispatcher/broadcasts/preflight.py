@@ -13,21 +13,24 @@ from __future__ import annotations
 
 import gc
 import operator
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import compress, repeat
 from typing import Literal
 
 from dispatcher.pricing.numbers import CountryResolver
 from dispatcher.pricing.quotes import RateTable
-from dispatcher.pricing.templates import Columns, Template
+from dispatcher.pricing.smart_encoding import TABLE as SMART_ENCODING_TABLE
+from dispatcher.pricing.templates import Columns, Priced, Template
 
 Advice = Literal["ok", "ok_with_auto_recharge", "enable_auto_recharge", "top_up"]
 SkipReason = Literal["invalid", "opted_out", "duplicate", "missing_variable"]
 SKIP_REASONS: tuple[SkipReason, ...] = ("invalid", "opted_out", "duplicate", "missing_variable")
 MAX_SKIPPED_LISTED = 100
+MAX_UCS2_LISTED = 50
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class PreflightResult:
     advice: Advice
     skip_reasons: dict[int, SkipReason]
     numbers: Sequence[str] = ()  # each recipient in canonical form (an invalid one as given)
+    smart_encoding: bool = False
+    ucs2_characters: list[str] = field(default_factory=list)
+    savings: int = 0
 
     def as_json(self) -> dict[str, object]:
         """The HTTP body (without per-recipient detail)."""
@@ -93,6 +99,9 @@ class PreflightResult:
         return {
             "recipients": self.recipients, "billable": self.billable,
             "segments": self.segments, "credits": self.credits,
+            "smart_encoding": self.smart_encoding,
+            "ucs2_characters": [_character(c) for c in self.ucs2_characters[:MAX_UCS2_LISTED]],
+            "savings": self.savings,
             "by_country": {c: vars(line) for c, line in sorted(self.by_country.items())},
             "skipped": {**self.skipped, "examples": self.skipped_examples},
             "available": self.available, "shortfall": self.shortfall,
@@ -100,6 +109,13 @@ class PreflightResult:
                               "top_ups_needed": top_ups},
             "advice": self.advice,
         }
+
+
+def _character(char: str) -> dict[str, object]:
+    """A character that forces UCS-2, named for the sender."""
+    return {"character": char, "code_point": f"U+{ord(char):04X}",
+            "name": unicodedata.name(char, ""),
+            "smart_encodable": char in SMART_ENCODING_TABLE}
 
 
 @contextmanager
@@ -169,12 +185,45 @@ def _segments_by_country(billed: Sequence[str | None], parts: Sequence[int],
     return by_segments, counts
 
 
+def _by_country(billed: Sequence[str | None], parts: Sequence[int],
+                rates: RateTable) -> dict[str, CountryLine]:
+    """Recipients, SMS parts and credits of each country's billable recipients."""
+    by_segments, counts = _segments_by_country(billed, parts)
+    by_country: dict[str, CountryLine] = {}
+    for country, segments in by_segments.items():
+        if country is not None:
+            rate = rates.rate("sms", country)
+            by_country[country] = CountryLine(counts[country], segments, segments * rate, rate)
+    return by_country
+
+
+def _savings(template: Template, recipients: Recipients, columns: Columns,
+             billed: Sequence[str | None], rates: RateTable, credits: int,
+             priced: Priced) -> int:
+    """Credits the broadcast would cost less with the characters that force UCS-2 left out."""
+    if not priced.ucs2:
+        return 0
+    without = priced.without_ucs2
+    if not isinstance(without, dict):
+        if without is None:
+            plain = template.without("".join(priced.ucs2))
+            without = plain.segments_of(plain.adopt(columns), recipients.variables)
+        return credits - sum(line.credits for line in _by_country(billed, without, rates).values())
+    saved = 0
+    for row, fewer in without.items():
+        country = billed[row]
+        if country is not None:
+            saved += (priced.parts[row] - fewer) * rates.rate("sms", country)
+    return saved
+
+
 def preflight(template: Template, recipients: Recipients, rates: RateTable,
               opted_out: set[str], available: int, auto: AutoRecharge,
               resolver: CountryResolver,
               countries: Sequence[str | None] | None = None) -> PreflightResult:
     """Price every recipient; skip invalid, opted-out, repeated and incomplete ones.
 
+    The template says whether Smart Encoding is on: the figures are the text as sent.
     Numbers are compared in canonical form (``canonical_number``: ``+920300…`` and
     ``+92300…`` are one recipient); ``opted_out`` holds canonical numbers. ``countries``: what
     ``resolver.resolve_canonical`` gave for ``recipients.numbers``, when they are canonical.
@@ -187,13 +236,8 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
     billed = list(countries)
     for i in skips:
         billed[i] = None
-    parts = template.segments_of(columns, recipients.variables)
-    by_segments, counts = _segments_by_country(billed, parts)
-    by_country: dict[str, CountryLine] = {}
-    for country, segments in by_segments.items():
-        if country is not None:
-            rate = rates.rate("sms", country)
-            by_country[country] = CountryLine(counts[country], segments, segments * rate, rate)
+    priced = template.price(columns, recipients.variables)
+    by_country = _by_country(billed, priced.parts, rates)
     credits = sum(line.credits for line in by_country.values())
     shortfall = max(0, credits - available)
     advice, covers = advise(shortfall, auto)
@@ -205,4 +249,6 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
     return PreflightResult(
         len(countries), len(countries) - len(skips),
         sum(line.segments for line in by_country.values()), credits, by_country, skipped,
-        examples, available, shortfall, auto, covers, advice, skips, recipients.numbers)
+        examples, available, shortfall, auto, covers, advice, skips, recipients.numbers,
+        template.smart_encoding, priced.ucs2,
+        _savings(template, recipients, columns, billed, rates, credits, priced))

@@ -136,6 +136,8 @@ class Broadcasts:
         auto = AutoRecharge(row["auto_recharge_enabled"], row["auto_recharge_threshold"],
                             row["auto_recharge_amount"])
         rates = await self._rates.get()
+        if row["smart_encoding"]:
+            template = template.smart_encoded()
         with gc_paused():
             return preflight(template, recipients, rates, opted_out, row["available"], auto,
                              self._resolver, countries)
@@ -190,7 +192,7 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
         q("broadcast_insert"), broadcast_id, spec.account, spec.priority, spec.sender,
         spec.messaging_service_sid, spec.body, spec.footer, result.recipients,
         result.recipients - result.billable, result.credits, json.dumps(spec.metadata),
-        fingerprint)
+        fingerprint, result.smart_encoding)
     if created is None:
         return False
     skips = result.skip_reasons
@@ -338,7 +340,8 @@ class BroadcastRunner:
     async def _batch_args(self, b: asyncpg.Record,
                           pending: Sequence[asyncpg.Record]) -> list[Any]:
         rates = await self._rates.get()
-        template = Template(b["body"], b["footer"])
+        # The text priced at submission is the text sent: Smart-Encoded if it was then.
+        template = Template(b["body"], b["footer"], smart_encoding=b["smart_encoding"])
         created_at = b["created_at"].isoformat()
         metadata = json.loads(b["metadata"])
         seqs, ids, payloads, estimates, countries, units, unit_rates = [], [], [], [], [], [], []

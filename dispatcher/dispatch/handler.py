@@ -15,6 +15,7 @@ import structlog
 
 from dispatcher.broadcasts.runner import Broadcasts
 from dispatcher.credits.rates import RateCache
+from dispatcher.credits.sending_settings import SmartEncodingAccounts
 from dispatcher.dispatch.ordering import AccountTurns
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
 from dispatcher.dispatch.send_slots import SendSlots
@@ -37,6 +38,7 @@ from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
 from dispatcher.jobs.store import Begin, JobStore, NewJob
 from dispatcher.metrics import Metrics
 from dispatcher.pricing.quotes import call_quote, sms_quote
+from dispatcher.pricing.smart_encoding import smart_encode
 from dispatcher.twilio.sender import Accepted, CallRequest, Sender, SendResult, SmsRequest
 
 log = structlog.get_logger(__name__)
@@ -69,8 +71,10 @@ class JobHandler:
 
     def __init__(self, jobs: JobStore, sender: Sender, rates: RateCache,
                  limiter: SenderRateLimiter, metrics: Metrics, config: HandlerConfig,
-                 broadcasts: Broadcasts | None = None) -> None:
+                 broadcasts: Broadcasts | None = None,
+                 smart_encoding: SmartEncodingAccounts | None = None) -> None:
         self._broadcasts = broadcasts
+        self._smart_encoding = smart_encoding
         self._turns = AccountTurns()
         self._jobs = jobs
         self._sender = sender
@@ -137,7 +141,7 @@ class JobHandler:
             return await self._broadcast(job)
         async with self._turns.turn(job.account):
             try:
-                new_job = await self._price(job)
+                job, new_job = await self._price(job)
             except DispatcherError as exc:
                 return _refused(exc.code, str(exc), job)
             # The sender's turn comes before the job becomes `sending`: a wait in `sending`
@@ -188,17 +192,22 @@ class JobHandler:
             return Done("canceled")
         return await self._send(job, attempt, claim=True)
 
-    async def _price(self, job: SmsJob | CallJob) -> NewJob:
+    async def _price(self, job: SmsJob | CallJob) -> tuple[SmsJob | CallJob, NewJob]:
+        """The job as it will be sent (Smart-Encoded if the account says so) and its row."""
         rates = await self._rates.get()
         if isinstance(job, SmsJob):
+            if self._smart_encoding is not None and await self._smart_encoding.enabled(
+                    job.account):
+                # Priced, stored and sent as encoded: the text priced is the text sent.
+                job = job.model_copy(update={"body": smart_encode(job.body)})
             quote = sms_quote(job.to, job.body, rates)
             units = quote.segments
         else:
             quote = call_quote(job.to, job.max_minutes, rates)
             units = job.max_minutes
-        return NewJob(job.id, job.account, job.kind, job.priority,
-                      encode_job(job).decode(), max(quote.credits, 1), quote.country,
-                      units, quote.rate)
+        return job, NewJob(job.id, job.account, job.kind, job.priority,
+                           encode_job(job).decode(), max(quote.credits, 1), quote.country,
+                           units, quote.rate)
 
     async def _send(self, job: SmsJob | CallJob, attempt: int, *, claim: bool,
                     queued: bool = False) -> Outcome:

@@ -62,3 +62,9 @@ UPDATE accounts
        topup_at_zero = coalesce($5, topup_at_zero)
  WHERE id = $1
 RETURNING auto_recharge_enabled, auto_recharge_threshold, auto_recharge_amount, topup_at_zero;
+
+-- name: api_messaging_settings
+SELECT smart_encoding FROM accounts WHERE id = $1;
+
+-- name: api_set_messaging_settings
+UPDATE accounts SET smart_encoding = $2 WHERE id = $1 RETURNING smart_encoding;

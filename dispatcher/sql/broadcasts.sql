@@ -1,7 +1,7 @@
 -- name: broadcast_insert
 INSERT INTO broadcasts (id, account_id, priority, sender, messaging_service_sid, body, footer,
-                        total, skipped, estimate, metadata, fingerprint)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12)
+                        total, skipped, estimate, metadata, fingerprint, smart_encoding)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13)
 ON CONFLICT (id) DO NOTHING
 RETURNING id;
 
@@ -26,7 +26,7 @@ SELECT job_id FROM begin_broadcast_batch($1, $2, $3, $4::jsonb[], $5, $6, $7, $8
 
 -- name: running_broadcasts
 SELECT id, account_id, sender, messaging_service_sid, body, footer, priority, created_at,
-       metadata::text AS metadata
+       metadata::text AS metadata, smart_encoding
   FROM broadcasts WHERE status = 'running' ORDER BY created_at;
 
 -- name: broadcast_get
@@ -62,7 +62,7 @@ SELECT cancel_broadcast($1);
 
 -- name: preflight_account
 SELECT sub_available + purchased_available - debt AS available, auto_recharge_enabled,
-       auto_recharge_threshold, auto_recharge_amount
+       auto_recharge_threshold, auto_recharge_amount, smart_encoding
   FROM accounts WHERE id = $1;
 
 -- name: broadcast_account_opt_outs

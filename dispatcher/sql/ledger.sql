@@ -13,7 +13,7 @@ SELECT id, name, allocation, cadence, renewal_day, next_allocation, period_seq, 
        period_end, sub_available, purchased_available, debt, reserved,
        sub_available + purchased_available - debt AS available,
        auto_recharge_enabled, auto_recharge_threshold, auto_recharge_amount, topup_at_zero,
-       created_at
+       smart_encoding, created_at
   FROM accounts WHERE id = $1;
 
 -- name: reserve_batch
@@ -70,3 +70,6 @@ UPDATE accounts
        topup_at_zero = coalesce($5, topup_at_zero)
  WHERE id = $1
 RETURNING id;
+
+-- name: smart_encoding_accounts
+SELECT id FROM accounts WHERE smart_encoding;

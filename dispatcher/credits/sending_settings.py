@@ -1,0 +1,30 @@
+"""Per-account sending settings the handler needs on every job, kept fresh for a few seconds."""
+
+from __future__ import annotations
+
+import time
+
+from dispatcher.credits.ledger import Executor
+from dispatcher.queries import q
+
+
+class SmartEncodingAccounts:
+    """Which accounts have Smart Encoding on, reloaded when older than ``max_age_seconds``.
+
+    One query every few seconds instead of one per job: a change shows within that time, and
+    a job is priced and sent with the same text either way (the encoded body is what is stored).
+    """
+
+    def __init__(self, db: Executor, max_age_seconds: float = 5.0) -> None:
+        self._db = db
+        self._max_age = max_age_seconds
+        self._accounts: frozenset[str] | None = None
+        self._loaded_at = 0.0
+
+    async def enabled(self, account: str) -> bool:
+        """Whether ``account`` has Smart Encoding on."""
+        if self._accounts is None or time.monotonic() - self._loaded_at > self._max_age:
+            rows = await self._db.fetch(q("smart_encoding_accounts"))
+            self._accounts = frozenset(row["id"] for row in rows)
+            self._loaded_at = time.monotonic()
+        return account in self._accounts
