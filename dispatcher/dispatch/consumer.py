@@ -2,9 +2,13 @@
 
 Messages from both work queues go into one in-process priority queue served by a fixed number
 of workers, so a bulk backlog can delay a transactional job by at most one job's handling time.
-A handler that raises gets its message requeued; the quorum queue's delivery limit then
-dead-letters a job that keeps crashing, without stopping its neighbours. Acks of committed
-outcomes are coalesced into multiple-acks (see ``acks``).
+A handler that fails because PostgreSQL is unreachable keeps its message (unacked, so it is not
+redelivered and burns no delivery) and waits for the database with backoff, then handles it
+again; meanwhile this process reports no consumers (``/readyz`` false). Any other handler error
+sends the job through a delayed retry queue; the failure that would reach the delivery limit
+dead-letters it here instead, with reason ``delivery_limit`` and counted, rather than letting
+the broker drop it there without a reason. Acks of committed outcomes are coalesced into
+multiple-acks (see ``acks``).
 """
 
 from __future__ import annotations
@@ -20,22 +24,32 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from dispatcher.dispatch.acks import AckCoalescer
+from dispatcher.dispatch.outage import DatabaseWatch
 from dispatcher.events.topology import PRIORITIES, Names, Topology, declare
+from dispatcher.jobs.contract import sniff_ids
 from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
+from dispatcher.loops import is_outage
 from dispatcher.metrics import DEAD_LETTER_REASONS, Metrics
 
 log = structlog.get_logger(__name__)
 
 Handle = Callable[[bytes], Awaitable[Outcome]]
 PUBLISH_TIMEOUT_SECONDS = 10.0
+# Header counting this job's unexpected handler failures across delayed retries.
+HANDLER_ERRORS_HEADER = "x-handler-errors"
+# A handler failing again at once although the database answers is not waiting for an outage:
+# after this many in-place attempts the failure goes the delayed-retry way.
+IN_PLACE_ATTEMPTS = 3
 
 
 class Consumer:
     """Consumes both work queues and turns each handler outcome into ack, retry or dead letter."""
 
     def __init__(self, connection: AbstractRobustConnection, names: Names, handle: Handle,
-                 metrics: Metrics, *, prefetch: int, workers: int, delivery_limit: int) -> None:
+                 metrics: Metrics, *, prefetch: int, workers: int, delivery_limit: int,
+                 database: DatabaseWatch | None = None) -> None:
         self._connection = connection
+        self._database = database or DatabaseWatch(None)
         self._names = names
         self._handle = handle
         self._metrics = metrics
@@ -80,7 +94,7 @@ class Consumer:
     def consumers_attached(self) -> int:
         """How many work queues this process is consuming right now."""
         channel = self._consume_channel
-        if channel is None or channel.is_closed or self._stopping:
+        if channel is None or channel.is_closed or self._stopping or self._database.down:
             return 0
         return len(self._consumer_tags)
 
@@ -121,18 +135,53 @@ class Consumer:
     async def _process(self, message: AbstractIncomingMessage) -> None:
         kind = message.type or "unknown"
         self._metrics.jobs.labels(kind=_kind_label(kind), outcome="consumed").inc()
-        try:
-            outcome = await self._handle(message.body)
-        except Exception:
-            log.exception("job_handler_crashed", message_id=message.message_id,
-                          redelivered=message.redelivered)
-            await self._requeue(message)
+        outcome = await self._handle_patiently(message)
+        if outcome is None:
+            await self._requeue(message)  # stopping while the database was away
             return
         try:
             await self._settle(message, outcome)
         except Exception:
             log.exception("job_settle_failed", message_id=message.message_id)
             await self._requeue(message)
+
+    async def _handle_patiently(self, message: AbstractIncomingMessage) -> Outcome | None:
+        """The handler's outcome; through an outage, the same message again once it is over.
+
+        None when the consumer stops while still waiting for the database.
+        """
+        quick_failures = 0
+        while True:
+            try:
+                return await self._handle(message.body)
+            except Exception as exc:
+                if not is_outage(exc) or quick_failures >= IN_PLACE_ATTEMPTS:
+                    return self._after_crash(message, exc)
+                log.warning("job_waiting_for_database", message_id=message.message_id,
+                            error=type(exc).__name__)
+                self._metrics.handler_errors.labels(action="waited_for_database").inc()
+                waited = await self._database.wait_until_up()
+                if waited is None:
+                    return None
+                quick_failures = 0 if waited else quick_failures + 1
+
+    def _after_crash(self, message: AbstractIncomingMessage, exc: Exception) -> Outcome:
+        """A delayed retry, or past the delivery limit a dead letter with its reason."""
+        log.error("job_handler_crashed", message_id=message.message_id,
+                  redelivered=message.redelivered, error=type(exc).__name__, exc_info=exc)
+        errors = _int_header(message, HANDLER_ERRORS_HEADER) + 1
+        # x-delivery-count: earlier deliveries of this message; the broker drops it without a
+        # reason at the limit, so the failure that would lead there dead-letters it here.
+        deliveries = _int_header(message, "x-delivery-count") + 1
+        if max(errors, deliveries) >= self._delivery_limit:
+            ids = sniff_ids(message.body)
+            self._metrics.handler_errors.labels(action="dead_lettered").inc()
+            return DeadLetter("delivery_limit",
+                              f"handling failed {errors} time(s), delivered {deliveries} "
+                              f"time(s); last error {type(exc).__name__}",
+                              ids["job_id"], ids["account"])
+        self._metrics.handler_errors.labels(action="retried").inc()
+        return RetryLater(errors, "handler_error")
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
@@ -143,9 +192,12 @@ class Consumer:
         if isinstance(outcome, RetryLater):
             priority = _priority_of(message)
             delay = self._names.retry_delay(outcome.attempt)
+            headers = {"x-retry-reason": outcome.reason}
+            if outcome.reason == "handler_error":
+                headers[HANDLER_ERRORS_HEADER] = str(outcome.attempt)
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
                 await self._publish_channel.default_exchange.publish(
-                    _copy(message, {"x-retry-reason": outcome.reason}),
+                    _copy(message, headers),
                     routing_key=self._names.retry_queue(priority, delay))
             self._acks.ack(message)
             return
@@ -168,8 +220,13 @@ class Consumer:
                     account_id=outcome.account_id)
 
     async def stop(self, drain_timeout: float) -> None:
-        """Stop consuming, hand back what was not started, let in-flight jobs finish."""
+        """Stop consuming, hand back what was not started, let in-flight jobs finish.
+
+        The log's ``unfinished`` counts the jobs still being handled when the drain timed out:
+        each may be left ``sending`` for the reconciler.
+        """
         self._stopping = True
+        self._database.give_up()
         if self._consume_channel is not None and not self._consume_channel.is_closed:
             for priority, tag in self._consumer_tags.items():
                 queue = await self._consume_channel.get_queue(self._names.work_queue(priority))
@@ -180,18 +237,32 @@ class Consumer:
             await self._requeue(message)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        unfinished = self._in_flight  # before the cancelled workers count themselves out
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._acks.close()
-        log.info("consumer_stopped", unfinished=self._in_flight, ack_frames=self._acks.frames)
+        log_stop = log.warning if unfinished else log.info
+        log_stop("consumer_stopped", unfinished=unfinished, ack_frames=self._acks.frames)
         for channel in (self._consume_channel, self._publish_channel):
             if channel is not None and not channel.is_closed:
                 await channel.close()
 
 
+def _int_header(message: AbstractIncomingMessage, name: str) -> int:
+    value = (message.headers or {}).get(name)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    try:
+        return max(0, int(value)) if isinstance(value, int | str) else 0
+    except ValueError:
+        return 0
+
+
 def _copy(message: AbstractIncomingMessage, extra_headers: dict[str, str]) -> aio_pika.Message:
     headers = dict(message.headers or {})
+    # The broker's count of this message's deliveries: a copy is a new message.
+    headers.pop("x-delivery-count", None)
     headers.update(extra_headers)
     return aio_pika.Message(
         message.body, headers=headers, content_type=message.content_type,

@@ -24,3 +24,7 @@ SELECT coalesce(sum(amount) FILTER (WHERE kind = 'reserve'), 0)::bigint AS reser
                 OR kind IN ('subscription_allocation', 'plan_upgrade')), 0)::bigint AS granted,
        coalesce(sum(forfeited), 0)::bigint AS forfeited
   FROM ledger WHERE id > $1 AND id <= $2;
+
+-- name: ping
+-- Readiness and the consumer's outage probe: one round trip, nothing read.
+SELECT 1;

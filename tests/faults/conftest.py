@@ -1,0 +1,1 @@
+from tests.integration.sandbox_fixture import twilio_sandbox  # noqa: F401
