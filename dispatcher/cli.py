@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.credits.audit import format_report, run_audit
+from dispatcher.credits.audit import cross_check_billing, format_report, run_audit
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.subscriptions import CADENCES, Plan, create_account, renew_due
 from dispatcher.db import connect
@@ -48,6 +48,12 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: asyncpg.Pool) -> int:
         violations = await run_audit(pool)
+        if args.billing_dsn:
+            billing = await connect(args.billing_dsn)
+            try:
+                violations += await cross_check_billing(pool, billing)
+            finally:
+                await billing.close()
         accounts = await pool.fetchval("SELECT count(*) FROM accounts")
         print(format_report(violations, accounts))
         return 1 if violations else 0
@@ -233,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
-    sub.add_parser("audit", help="check the ledger's invariants").set_defaults(func=cmd_audit)
+    audit = sub.add_parser("audit", help="check the ledger's invariants")
+    audit.add_argument("--billing-dsn", metavar="DSN",
+                       help="also match every payment grant to its invoice in the reference "
+                            "billing service's database (billing_ref.invoices)")
+    audit.set_defaults(func=cmd_audit)
     sub.add_parser("renew", help="start subscription periods that are due").set_defaults(
         func=cmd_renew)
 
