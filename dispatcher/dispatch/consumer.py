@@ -23,7 +23,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from dispatcher.dispatch.acks import AckCoalescer
+from dispatcher.dispatch.acks import ACK_ERRORS, AckCoalescer
 from dispatcher.dispatch.outage import DatabaseWatch
 from dispatcher.events.topology import PRIORITIES, Names, Topology, declare
 from dispatcher.jobs.contract import sniff_ids
@@ -111,6 +111,11 @@ class Consumer:
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
         try:
             await message.nack(requeue=True)
+        except ACK_ERRORS as exc:
+            # The channel is gone (broker down): the broker redelivers it anyway. Raising here
+            # would end the worker for good.
+            log.warning("requeue_failed", message_id=message.message_id,
+                        error=type(exc).__name__)
         finally:
             self._acks.nacked(message)
 
@@ -228,9 +233,15 @@ class Consumer:
         self._stopping = True
         self._database.give_up()
         if self._consume_channel is not None and not self._consume_channel.is_closed:
-            for priority, tag in self._consumer_tags.items():
-                queue = await self._consume_channel.get_queue(self._names.work_queue(priority))
-                await queue.cancel(tag)
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                    for priority, tag in self._consumer_tags.items():
+                        queue = await self._consume_channel.get_queue(
+                            self._names.work_queue(priority))
+                        await queue.cancel(tag)
+            except (*ACK_ERRORS, TimeoutError) as exc:
+                # The broker is away: nothing more will be delivered to this channel anyway.
+                log.warning("consumer_cancel_failed", error=type(exc).__name__)
         self._metrics.consumers_attached.set(0)
         while not self._pending.empty():
             *_, message = self._pending.get_nowait()
