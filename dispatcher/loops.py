@@ -39,6 +39,8 @@ def is_outage(exc: BaseException, transient: tuple[type[BaseException], ...] = (
     (``transient``: more error types a loop expects from what it talks to)."""
     if isinstance(exc, OUTAGE_ERRORS + transient):
         return True
+    if isinstance(exc, BaseExceptionGroup):  # a loop running a TaskGroup (outbox, resumer)
+        return all(is_outage(inner, transient) for inner in exc.exceptions)
     if isinstance(exc, asyncpg.PostgresError):
         return str(getattr(exc, "sqlstate", "") or "")[:2] in TRANSIENT_SQLSTATE_CLASSES
     return False

@@ -26,6 +26,8 @@ def failures(metrics: Metrics, loop: str) -> float:
     asyncpg.AdminShutdownError("shutdown"), asyncpg.DeadlockDetectedError("deadlock")])
 def test_outages(exc: BaseException) -> None:
     assert is_outage(exc)
+    assert is_outage(ExceptionGroup("task group", [exc, OSError()]))
+    assert not is_outage(ExceptionGroup("task group", [exc, KeyError()]))
 
 
 @pytest.mark.parametrize("exc", [
