@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,6 @@ from tests.integration.sandbox_fixture import SandboxHandle
 
 JOBS = 300
 OUTAGE_SECONDS = 10.0
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    with PrivatePostgres() as pg:
-        yield pg
 
 
 async def readyz(settings: Settings) -> tuple[int, dict[str, Any]]:
@@ -185,48 +179,26 @@ async def publish_grant(s: Settings, account: str, reference: str) -> None:
 
 @pytest.mark.timeout(300)
 async def test_a_killed_broker_makes_readiness_say_so(
-        database_url: str, twilio_sandbox: SandboxHandle, tmp_path: Path) -> None:
-    rabbit = PrivateRabbitMQ()
+        database_url: str, twilio_sandbox: SandboxHandle, tmp_path: Path,
+        private_rabbitmq: PrivateRabbitMQ) -> None:
+    rabbit = private_rabbitmq
+    s = dispatcher_settings(
+        replace(Settings(), database_url=database_url, amqp_url=rabbit.url,
+                amqp_prefix=f"fault{uuid.uuid4().hex[:8]}", log_format="json"),
+        twilio_sandbox)
+    process = DispatcherProcess(s, tmp_path / "dispatcher.log")
     try:
-        await asyncio.to_thread(rabbit.start)
-        s = dispatcher_settings(
-            replace(Settings(), database_url=database_url, amqp_url=rabbit.url,
-                    amqp_prefix=f"fault{uuid.uuid4().hex[:8]}", log_format="json"),
-            twilio_sandbox)
-        process = DispatcherProcess(s, tmp_path / "dispatcher.log")
-        try:
-            process.start()
+        process.start()
+        status, body = await readyz(s)
+        assert (status, body["checks"]["broker"]) == (200, True)
+        await asyncio.to_thread(rabbit.kill9)
+
+        async def broker_reported_down() -> bool:
             status, body = await readyz(s)
-            assert (status, body["checks"]["broker"]) == (200, True)
-            await asyncio.to_thread(rabbit.kill9)
-
-            async def broker_reported_down() -> bool:
-                status, body = await readyz(s)
-                return status == 503 and body["checks"]["broker"] is False
-            await wait_for(broker_reported_down, timeout=15, interval=0.25)
-            assert process.proc is not None and process.proc.poll() is None
-            await asyncio.to_thread(rabbit.start)  # same node, same data: it comes back
-
-            async def ready_again() -> bool:
-                status, body = await readyz(s)
-                return status == 200 and body["checks"]["broker"] is True
-            await wait_for(ready_again, timeout=60, interval=0.5)
-            # And work flows again: the consumers came back with the connection.
-            account = f"rabbit-{uuid.uuid4().hex[:6]}"
-            conn = await asyncpg.connect(database_url)
-            try:
-                await create_account(conn, account)
-                await CreditStore(conn).grant(account, 10, "purchase", f"{account}-seed")
-            finally:
-                await conn.close()
-            await publish_steadily(s, account, [f"{account}-after"], 0.0)
-
-            async def sent_after_restart() -> bool:
-                return await count(database_url, "SELECT count(*) FROM jobs WHERE job_id = $1 "
-                                   "AND status IN ('sent', 'delivered')", f"{account}-after") == 1
-            await wait_for(sent_after_restart, timeout=30, interval=0.25)
-            assert await asyncio.to_thread(process.terminate) == 0
-        finally:
-            process.stop_quietly()
+            return status == 503 and body["checks"]["broker"] is False
+        await wait_for(broker_reported_down, timeout=15, interval=0.25)
+        assert process.proc is not None and process.proc.poll() is None
+        # Shutting down with the broker gone: bounded, and still a clean exit.
+        assert await asyncio.to_thread(process.terminate) == 0
     finally:
-        await asyncio.to_thread(rabbit.close)
+        process.stop_quietly()
