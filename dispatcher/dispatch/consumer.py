@@ -40,6 +40,8 @@ HANDLER_ERRORS_HEADER = "x-handler-errors"
 # A handler failing again at once although the database answers is not waiting for an outage:
 # after this many in-place attempts the failure goes the delayed-retry way.
 IN_PLACE_ATTEMPTS = 3
+# How often the consume channel is checked for having stayed closed after a reconnect.
+CONSUME_CHECK_SECONDS = 2.5
 
 
 class Consumer:
@@ -75,15 +77,43 @@ class Consumer:
         """Declare the topology and start consuming."""
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self._topology = await declare(self._publish_channel, self._names, self._delivery_limit)
-        self._consume_channel = await self._connection.channel()
-        await self._consume_channel.set_qos(prefetch_count=self._prefetch)
         self._tasks = [asyncio.create_task(self._work(), name=f"dispatch-worker-{i}")
                        for i in range(self._workers)]
+        await self._consume()
+        self._tasks.append(asyncio.create_task(self._keep_consuming(), name="consume-watch"))
+        log.info("consumer_started", workers=self._workers, prefetch=self._prefetch)
+
+    async def _consume(self) -> None:
+        """Open the consume channel and attach to both work queues."""
+        channel = self._consume_channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
         for rank, priority in enumerate(PRIORITIES):
-            queue = await self._consume_channel.get_queue(self._names.work_queue(priority))
+            queue = await channel.get_queue(self._names.work_queue(priority))
             self._consumer_tags[priority] = await queue.consume(self._enqueue_for(rank))
         self._metrics.consumers_attached.set(len(self._consumer_tags))
-        log.info("consumer_started", workers=self._workers, prefetch=self._prefetch)
+
+    async def _keep_consuming(self) -> None:
+        """Re-attach when the broker is back but the consume channel is not: a robust
+        connection restores itself, yet its channel may stay closed (a restore that failed
+        while the restarted node's queues were not up). Waits a check or two so it never races
+        the robust channel's own restore."""
+        closed_checks = 0
+        while not self._stopping:
+            await asyncio.sleep(CONSUME_CHECK_SECONDS)
+            channel = self._consume_channel
+            connected = not self._connection.is_closed and self._connection.connected.is_set()
+            stuck = channel is not None and channel.is_closed and connected
+            closed_checks = closed_checks + 1 if stuck else 0
+            if closed_checks < 2 or self._stopping:
+                continue
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                    await self._consume()
+            except (*ACK_ERRORS, TimeoutError) as exc:
+                log.warning("consume_channel_reopen_failed", error=type(exc).__name__)
+                continue
+            closed_checks = 0
+            log.warning("consume_channel_reopened")
 
     @property
     def topology(self) -> Topology:

@@ -198,6 +198,33 @@ async def test_a_killed_broker_makes_readiness_say_so(
             return status == 503 and body["checks"]["broker"] is False
         await wait_for(broker_reported_down, timeout=15, interval=0.25)
         assert process.proc is not None and process.proc.poll() is None
+        await asyncio.to_thread(rabbit.start)  # same node, same data: it comes back
+        last: list[object] = []
+
+        async def ready_again() -> bool:
+            status, body = await readyz(s)
+            last[:] = [status, body]
+            return status == 200 and body["checks"]["broker"] is True
+        try:
+            await wait_for(ready_again, timeout=60, interval=0.5)
+        except AssertionError:
+            raise AssertionError(f"not ready again after the restart: {last}\n"
+                                 + process.log_path.read_text()[-4000:]) from None
+        # And work flows again: the consumers came back with the connection.
+        account = f"rabbit-{uuid.uuid4().hex[:6]}"
+        conn = await asyncpg.connect(database_url)
+        try:
+            await create_account(conn, account)
+            await CreditStore(conn).grant(account, 10, "purchase", f"{account}-seed")
+        finally:
+            await conn.close()
+        await publish_steadily(s, account, [f"{account}-after"], 0.0)
+
+        async def sent_after_restart() -> bool:
+            return await count(database_url, "SELECT count(*) FROM jobs WHERE job_id = $1 "
+                               "AND status IN ('sent', 'delivered')", f"{account}-after") == 1
+        await wait_for(sent_after_restart, timeout=30, interval=0.25)
+        await asyncio.to_thread(rabbit.kill9)
         # Shutting down with the broker gone: bounded, and still a clean exit.
         assert await asyncio.to_thread(process.terminate) == 0
     finally:
