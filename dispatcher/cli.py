@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.credits.audit import format_report, run_audit
+from dispatcher.credits.audit import cross_check_billing, format_report, run_audit
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.subscriptions import CADENCES, Plan, create_account, renew_due
 from dispatcher.db import connect, require_migrated
@@ -49,6 +49,12 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: asyncpg.Pool) -> int:
         violations = await run_audit(pool)
+        if args.billing_dsn:
+            billing = await connect(args.billing_dsn)
+            try:
+                violations += await cross_check_billing(pool, billing)
+            finally:
+                await billing.close()
         accounts = await pool.fetchval("SELECT count(*) FROM accounts")
         print(format_report(violations, accounts))
         return 1 if violations else 0
@@ -284,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _command(sub, "migrate", "apply database migrations").set_defaults(func=cmd_migrate)
-    _command(sub, "audit", "check the ledger's invariants").set_defaults(func=cmd_audit)
+    audit = _command(sub, "audit", "check the ledger's invariants")
+    audit.add_argument("--billing-dsn", metavar="DSN",
+                       help="also match every payment grant to its invoice in the reference "
+                            "billing service's database (billing_ref.invoices)")
+    audit.set_defaults(func=cmd_audit)
     _command(sub, "renew", "start subscription periods that are due").set_defaults(
         func=cmd_renew)
 

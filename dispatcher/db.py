@@ -72,6 +72,14 @@ async def create_pool(settings: Settings, *, min_size: int | None = None,
     return pool
 
 
+PING_TIMEOUT_SECONDS = 2.0
+
+
+async def ping(pool: asyncpg.Pool) -> None:
+    """One round trip through the pool; raises if PostgreSQL does not answer in time."""
+    await pool.fetchval(q("ping"), timeout=PING_TIMEOUT_SECONDS)
+
+
 async def connect(dsn: str) -> asyncpg.Connection:
     """One connection with a bounded connect timeout and a clear error if PostgreSQL is down."""
     try:

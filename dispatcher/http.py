@@ -8,6 +8,7 @@ import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
+from dispatcher.db import ping
 from dispatcher.metrics import Metrics
 from dispatcher.twilio.callbacks import StatusCallbacks
 
@@ -31,7 +32,7 @@ def build_app(pool: asyncpg.Pool, metrics: Metrics, callbacks: StatusCallbacks,
     async def readyz(_: web.Request) -> web.Response:
         checks = {
             "database": await _database_ok(pool),
-            "broker": amqp is not None and not amqp.is_closed,
+            "broker": broker_connected(amqp),
             "consumers": consumers_attached() > 0,
         }
         status = 200 if all(checks.values()) else 503
@@ -48,10 +49,18 @@ def build_app(pool: asyncpg.Pool, metrics: Metrics, callbacks: StatusCallbacks,
     return app
 
 
+def broker_connected(amqp: AbstractRobustConnection | None) -> bool:
+    """True while the connection is up: a robust connection reconnecting is not closed, but
+    not connected either (its ``connected`` event is cleared while the broker is away)."""
+    if amqp is None or amqp.is_closed:
+        return False
+    return amqp.connected.is_set()
+
+
 async def _database_ok(pool: asyncpg.Pool) -> bool:
     try:
-        await pool.fetchval("SELECT 1", timeout=2)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
+        await ping(pool)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
         return False
     return True
 

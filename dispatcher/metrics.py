@@ -16,7 +16,8 @@ Outcome = Literal["consumed", "sent", "failed", "held", "expired", "dead_lettere
 DeadLetterReason = Literal["too_large", "not_json", "not_utf8", "unsupported_version",
                            "unknown_kind", "unsupported_kind", "invalid_field",
                            "invalid_recipient", "unknown_account", "job_id_conflict",
-                           "routing_mismatch", "delivery_limit", "handler_error"]
+                           "routing_mismatch", "delivery_limit", "handler_error", "invalid_text",
+                           "duplicate_key"]
 CreditOperation = Literal["reserved", "captured", "released", "granted", "forfeited"]
 LowBalanceType = Literal["balance_low", "balance_depleted"]
 CodeClass = Literal["4xx", "429", "5xx", "timeout", "network"]
@@ -24,6 +25,9 @@ CallbackResult = Literal["accepted", "forged", "ignored"]
 TopupResult = Literal["applied", "duplicate", "rejected"]
 Listener = Literal["resumer", "outbox"]
 OverdueState = Literal["sending", "retry_wait", "unknown"]
+HandlerErrorAction = Literal["waited_for_database", "retried", "dead_lettered"]
+LoopName = Literal["broadcast_runner", "outbox_relay", "resumer", "hold_sweeper", "reconciler",
+                   "credit_flow", "retry_sweeper"]
 
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
@@ -35,6 +39,8 @@ CALLBACK_RESULTS: Final[tuple[CallbackResult, ...]] = get_args(CallbackResult)
 TOPUP_RESULTS: Final[tuple[TopupResult, ...]] = get_args(TopupResult)
 LISTENERS: Final[tuple[Listener, ...]] = get_args(Listener)
 OVERDUE_STATES: Final[tuple[OverdueState, ...]] = get_args(OverdueState)
+HANDLER_ERROR_ACTIONS: Final[tuple[HandlerErrorAction, ...]] = get_args(HandlerErrorAction)
+LOOP_NAMES: Final[tuple[LoopName, ...]] = get_args(LoopName)
 
 # The classic text format every Prometheus version scrapes; ``generate_latest`` writes exactly
 # this (prometheus_client's own ``CONTENT_TYPE_LATEST`` now announces 1.0.0, which older servers
@@ -121,6 +127,15 @@ class Metrics:
             "dispatcher_listen_reconnects_total",
             "LISTEN connections re-established after being lost, by listener.",
             ["listener"], registry=registry)
+        self.loop_failures = Counter(
+            "dispatcher_loop_failures_total",
+            "Background loop passes that failed on an outage (database or broker) and were "
+            "retried after a backoff, by loop.", ["loop"], registry=registry)
+        self.handler_errors = Counter(
+            "dispatcher_handler_errors_total",
+            "Jobs whose handling failed unexpectedly, by what was done: waited for the "
+            "database, retried after a delay, or dead-lettered at the delivery limit.",
+            ["action"], registry=registry)
         self._create_series()
 
     def _init_gauges(self, registry: CollectorRegistry) -> None:
@@ -171,6 +186,8 @@ class Metrics:
             (self.topups, "result", TOPUP_RESULTS),
             (self.listen_reconnects, "listener", LISTENERS),
             (self.overdue_jobs, "status", OVERDUE_STATES),
+            (self.loop_failures, "loop", LOOP_NAMES),
+            (self.handler_errors, "action", HANDLER_ERROR_ACTIONS),
         ):
             for value in values:
                 counter.labels(**{label: value})

@@ -3,13 +3,14 @@
 Start-up: pool → broker → the country resolver's warm-up (~3 s) → topology and consumers →
 outbox relay, retry sweeper, reconciler, resumer → HTTP. Shutdown (SIGTERM/SIGINT set one
 event): stop consuming and drain in-flight jobs up to the timeout, stop background tasks, then
-close HTTP, the broker and the pool.
+close HTTP, the broker and the pool. Background loops ride out database and broker outages with
+backoff (``loops``); one that dies of a bug stops the service with exit code 1, so a supervisor
+that restarts on failure restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ from dispatcher.credits.flow import CreditFlowSampler
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.rates import RateCache
 from dispatcher.credits.sending_settings import SmartEncodingAccounts
-from dispatcher.db import connect, create_pool
+from dispatcher.db import connect, create_pool, ping
 from dispatcher.dispatch.consumer import Consumer
 from dispatcher.dispatch.handler import HandlerConfig, JobHandler
+from dispatcher.dispatch.outage import DatabaseWatch
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
 from dispatcher.dispatch.retries import RetrySweeper
 from dispatcher.errors import PortUnavailable, ServiceUnavailable
@@ -41,6 +43,7 @@ from dispatcher.events.topology import Names
 from dispatcher.http import build_app
 from dispatcher.jobs.outcomes import Outcome
 from dispatcher.jobs.store import JobStore
+from dispatcher.loops import every, forever
 from dispatcher.metrics import Metrics
 from dispatcher.pricing.numbers import default_resolver
 from dispatcher.pricing.warmup import warm_up
@@ -81,6 +84,8 @@ class Service:
     handler: JobHandler | None = None
     http_port: int | None = None
     stop: asyncio.Event | None = None
+    # Set when a background task died of a bug: ``run`` then exits non-zero.
+    failed: bool = False
 
     async def start(self, stop: asyncio.Event) -> None:
         """Open everything; background tasks watch ``stop``."""
@@ -110,9 +115,13 @@ class Service:
                           reclaim_after_seconds=s.reconcile_grace_seconds / 4),
             broadcasts, SmartEncodingAccounts(self.pool))
         self.handler = handler
+        pool = self.pool
+
+        async def probe() -> None:
+            await ping(pool)
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.worker_count,
-                                 delivery_limit=s.delivery_limit)
+                                 delivery_limit=s.delivery_limit, database=DatabaseWatch(probe))
         await self.consumer.start()
         topology = self.consumer.topology
         # LISTEN runs on connections of its own: pooled ones carry no session state (see db).
@@ -134,18 +143,25 @@ class Service:
         resumer = Resumer(self.pool, handler.send_released, self.metrics,
                           listen_connect=listen_connect,
                           sweep_seconds=s.resume_sweep_interval_seconds)
-        self._watch("resumer", resumer.run(stop), stop)
-        pool = self.pool
-        self._watch("hold-sweeper", _every(
-            s.hold_sweep_interval_seconds,
-            lambda: sweep_holds(pool, self.metrics, s.hold_expiry_seconds), stop), stop)
-        self._watch("outbox-relay", relay.run(stop), stop)
-        self._watch("broadcast-runner", runner.run(stop), stop)
-        self._watch("retry-sweeper", retries.run(stop), stop)
-        self._watch("reconciler", _every(s.reconcile_interval_seconds, reconciler.run_once, stop),
+        m = self.metrics
+        self._watch("resumer", forever("resumer", lambda: resumer.run(stop), stop, m), stop)
+        self._watch("hold-sweeper", every(
+            "hold_sweeper", s.hold_sweep_interval_seconds,
+            lambda: sweep_holds(pool, m, s.hold_expiry_seconds), stop, m), stop)
+        self._watch("outbox-relay", forever("outbox_relay", lambda: relay.run(stop), stop, m),
                     stop)
-        self._watch("credit-flow", CreditFlowSampler(self.pool, self.metrics).run(
-            s.metrics_interval_seconds, stop), stop)
+        self._watch("retry-sweeper", forever("retry_sweeper", lambda: retries.run(stop), stop, m),
+                    stop)
+        self._watch("broadcast-runner", forever("broadcast_runner", lambda: runner.run(stop),
+                                                stop, m), stop)
+        # A pass fails on the provider (down, errors) or on one job it cannot read; the next
+        # pass tries again, and sending goes on meanwhile: a restart would not fix either.
+        self._watch("reconciler", every("reconciler", s.reconcile_interval_seconds,
+                                        reconciler.run_once, stop, m, transient=(Exception,)),
+                    stop)
+        sampler = CreditFlowSampler(pool, m)
+        self._watch("credit-flow", forever(
+            "credit_flow", lambda: sampler.run(s.metrics_interval_seconds, stop), stop, m), stop)
         callbacks = StatusCallbacks(jobs, credentials(s)[1],
                                     s.public_base_url, self.metrics)
         app = build_app(self.pool, self.metrics, callbacks, self.amqp,
@@ -172,6 +188,7 @@ class Service:
                 raise
             except Exception:
                 log.exception("background_task_died", task=name)
+                self.failed = True
                 stop.set()
         self.tasks.append(asyncio.create_task(guarded(), name=name))
 
@@ -204,19 +221,8 @@ class Service:
                  **(self.handler.round_trips if self.handler is not None else {}))
 
 
-async def _every(seconds: float, work: Callable[[], Awaitable[object]],
-                 stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await work()
-        except Exception:
-            log.exception("periodic_task_failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
-
-
 async def run(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT (exit code 0), or until a background task dies of a bug (1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -228,4 +234,7 @@ async def run(settings: Settings) -> int:
         log.info("dispatcher_stopping")
     finally:
         await service.close()
+    if service.failed:
+        log.error("dispatcher_failed")
+        return 1
     return 0

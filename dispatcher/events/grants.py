@@ -17,6 +17,7 @@ from billing_client.events import CreditsGranted, InvalidEvent, TopupFailed, dec
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.errors import DispatcherError
 from dispatcher.events.topology import Names, Topology
+from dispatcher.loops import Backoff, is_outage
 from dispatcher.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -24,6 +25,7 @@ log = structlog.get_logger(__name__)
 LISTENED = ("credits.granted", "topup.failed")
 RETRY_DELAY_SECONDS = 1.0
 PREFETCH = 32
+OUTAGE_BACKOFF = Backoff(first=0.5, cap=5.0)
 
 
 async def declare_credits_queue(channel: AbstractChannel, names: Names,
@@ -50,15 +52,28 @@ class CreditsListener:
         self._metrics = metrics
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Apply one event; a database outage requeues it (the delivery limit ends a loop)."""
-        try:
-            await self._apply(message)
-        except (InvalidEvent, DispatcherError) as exc:
-            await self._reject(message, exc)
-        except Exception:
-            log.exception("credits_event_failed", message_id=message.message_id)
-            await asyncio.sleep(RETRY_DELAY_SECONDS)
-            await message.nack(requeue=True)
+        """Apply one event. Through a database outage it is applied again in place, with
+        backoff, unacked: a paid grant must not burn its deliveries and be dropped. Any other
+        failure requeues it after a pause (the delivery limit ends a loop)."""
+        failures = 0
+        while True:
+            try:
+                await self._apply(message)
+                return
+            except (InvalidEvent, DispatcherError) as exc:
+                await self._reject(message, exc)
+                return
+            except Exception as exc:
+                if not (is_outage(exc) and _channel_open(message)):
+                    log.error("credits_event_failed", message_id=message.message_id,
+                              exc_info=exc)
+                    break
+                failures += 1
+                log.warning("credits_event_waiting_for_database", message_id=message.message_id,
+                            error=type(exc).__name__, failures=failures)
+                await asyncio.sleep(OUTAGE_BACKOFF.delay(failures))
+        await asyncio.sleep(RETRY_DELAY_SECONDS)
+        await message.nack(requeue=True)
 
     async def _apply(self, message: AbstractIncomingMessage) -> None:
         event = decode_event(message.body)
@@ -90,3 +105,11 @@ class CreditsListener:
         if self._metrics is not None:
             self._metrics.topups.labels(result="rejected").inc()
         log.warning("credits_event_rejected", reason=code)
+
+
+def _channel_open(message: AbstractIncomingMessage) -> bool:
+    """False once the message's channel is gone (the broker redelivers it: stop waiting)."""
+    try:
+        return not message.channel.is_closed
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return False

@@ -8,11 +8,17 @@ valid, by its own length rules, turned into canonical E.164 (a trunk prefix afte
 code is dropped). A job's ``to`` is checked and canonicalised here; broadcast recipients are only
 checked for that *form* (a regex: 100k parse in ~0.2 s) and the pre-flight, applying the same
 rule, skips invalid numbers one by one.
+JSON that parsers read differently is refused before validation: a key twice in one object
+(``duplicate_key``: one parser keeps the first, ours the last), and text PostgreSQL cannot store
+(``invalid_text``: a NUL character or a lone UTF-16 surrogate, which only ``\\u`` escapes can
+carry).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,7 +55,7 @@ MAX_BROADCAST_BYTES = 32 * 1024 * 1024
 JobKind = Literal["sms", "call", "broadcast"]
 Priority = Literal["transactional", "bulk"]
 ReasonCode = Literal["too_large", "not_utf8", "not_json", "unsupported_version", "unknown_kind",
-                     "invalid_field", "invalid_recipient"]
+                     "invalid_field", "invalid_recipient", "invalid_text", "duplicate_key"]
 # Refusals of jobs the contract accepted (see ``routing_mismatch`` and ``begin_job``).
 ROUTING_MISMATCH: Final = "routing_mismatch"
 REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
@@ -67,6 +73,9 @@ _E164 = re.compile(E164_PATTERN)
 _ALPHA_SENDER = re.compile(r"^[A-Za-z0-9 +\-_&]{1,11}$")
 _SNIFF = {"job_id": re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"'),
           "account": re.compile(rb'"account"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')}
+# What PostgreSQL refuses in text and jsonb: NUL, and UTF-16 surrogates not in a valid pair
+# (Python's json joins valid pairs, so any surrogate left in a decoded string is a lone one).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}|[{}]")
 
 
@@ -239,6 +248,10 @@ class BroadcastJob(_MessagingJob):
 
 Job = SmsJob | CallJob | BroadcastJob
 _JOBS: TypeAdapter[Job] = TypeAdapter(Annotated[Job, Field(discriminator="kind")])
+# Contract field names may be echoed in a detail; other keys (metadata, vars) are content.
+_FIELD_NAMES = frozenset({"to", "vars"}.union(
+    *({f.validation_alias if isinstance(f.validation_alias, str) else name
+       for name, f in model.model_fields.items()} for model in (SmsJob, CallJob, BroadcastJob))))
 
 
 def job_fingerprint(job: Job) -> str:
@@ -294,7 +307,8 @@ def parse_job(raw: bytes, *, max_bytes: int = MAX_JOB_BYTES,
     if size > max_bytes and (size > max_broadcast_bytes or b'"broadcast"' not in raw):
         # Only a broadcast may be bigger; anything else is refused without being parsed.
         raise InvalidJob("too_large", f"{size} bytes is over the limit ({max_bytes} bytes, "
-                         f"{max_broadcast_bytes} for a broadcast)", **_sniff_ids(raw))
+                         f"{max_broadcast_bytes} for a broadcast)", **sniff_ids(raw))
+    _refuse_ambiguous(raw)
     try:
         job = _JOBS.validate_json(raw, by_alias=True, by_name=False)
     except ValidationError as exc:
@@ -304,6 +318,56 @@ def parse_job(raw: bytes, *, max_bytes: int = MAX_JOB_BYTES,
         raise InvalidJob("too_large", f"{size} bytes is over the {limit}-byte limit for "
                          f"{job.kind}", job_id=job.id, account=job.account)
     return job
+
+
+class _Ambiguous(ValueError):
+    """JSON that is well-formed but read differently by different parsers, or unstorable."""
+
+    def __init__(self, reason: ReasonCode, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _refuse_ambiguous(raw: bytes) -> None:
+    """Raise ``InvalidJob`` for duplicate keys (any depth) and unstorable text; leave anything
+    that is not UTF-8 JSON to the validator, which names the problem."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    escaped = "\\u" in text  # NUL and surrogates can only arrive as \u escapes
+
+    def unstorable(value: object) -> bool:
+        if isinstance(value, str):
+            return _UNSTORABLE.search(value) is not None
+        return isinstance(value, list) and any(unstorable(item) for item in value)
+
+    def object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            shown = repr(key) if key in _FIELD_NAMES else "a key"
+            raise _Ambiguous("duplicate_key", f"{shown} appears twice in one object")
+        if escaped and any(unstorable(k) or unstorable(v) for k, v in pairs):
+            raise _Ambiguous("invalid_text", "text holds a NUL character or a lone UTF-16 "
+                             "surrogate (\\u0000, \\ud800-\\udfff), which cannot be stored")
+        return obj
+
+    collecting = gc.isenabled()
+    gc.disable()  # a 100k-recipient broadcast makes 200k dicts: most of the time went to GC
+    try:
+        document = json.loads(text, object_pairs_hook=object_pairs)
+    except _Ambiguous as exc:
+        raise InvalidJob(exc.reason, exc.detail, **sniff_ids(raw)) from None
+    except ValueError:
+        return
+    finally:
+        if collecting:
+            gc.enable()
+    if escaped and unstorable(document):
+        raise InvalidJob("invalid_text", "text holds a NUL character or a lone UTF-16 surrogate",
+                         **sniff_ids(raw))
 
 
 # Validation context of payloads we stored ourselves after parse_job had accepted them.
@@ -328,7 +392,7 @@ def validate_job(data: Job | Mapping[str, Any], **limits: int) -> Job:
     return parse_job(encode_job(data), **limits)
 
 
-def _sniff_ids(raw: bytes) -> dict[str, str | None]:
+def sniff_ids(raw: bytes) -> dict[str, str | None]:
     """Best effort ``id``/``account`` from the start of a job that cannot be parsed."""
     matches = {field: pattern.search(raw, 0, 65536) for field, pattern in _SNIFF.items()}
     return {field: m.group(1).decode() if m else None for field, m in matches.items()}
@@ -350,8 +414,8 @@ def _invalid(raw: bytes, exc: ValidationError) -> InvalidJob:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as bad:
-            return InvalidJob("not_utf8", f"invalid UTF-8 at byte {bad.start}", **_sniff_ids(raw))
-        return InvalidJob("not_json", errors[0]["msg"], **_sniff_ids(raw))
+            return InvalidJob("not_utf8", f"invalid UTF-8 at byte {bad.start}", **sniff_ids(raw))
+        return InvalidJob("not_json", errors[0]["msg"], **sniff_ids(raw))
     envelope = pydantic_core.from_json(raw)
     reason, detail = _classify(envelope, errors)
     return InvalidJob(reason, detail, **_envelope_ids(envelope))

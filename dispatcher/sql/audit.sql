@@ -73,3 +73,79 @@ SELECT id AS account_id, format('negative balance: sub %s purchased %s reserved 
                                 sub_available, purchased_available, reserved) AS problem
   FROM accounts
  WHERE sub_available < 0 OR purchased_available < 0 OR reserved < 0;
+
+-- name: audit_ledger_amounts
+-- Each row's amount is what its deltas moved (and its buckets add up to its purchased part), so
+-- editing a capture's amount, or one delta alone, shows. Capture and release: the reservation
+-- leaves `reserved`; what did not come back (to subscription, buckets, forfeited, or repaid
+-- debt) is what was spent.
+SELECT account_id,
+       format('ledger row %s (%s) says amount %s but its deltas move %s', reference, kind,
+              amount, moved) AS problem
+  FROM (SELECT l.*,
+               CASE WHEN kind = 'reserve' THEN -(sub_delta + purchased_delta)
+                    WHEN kind IN ('capture', 'release')
+                        THEN -(reserved_delta + sub_delta + purchased_delta + forfeited - debt_delta)
+                    WHEN kind LIKE 'grant\_%' THEN purchased_delta - debt_delta
+                    WHEN kind IN ('subscription_allocation', 'plan_upgrade')
+                        THEN sub_delta - debt_delta
+                    WHEN kind = 'subscription_forfeit' THEN forfeited
+                    WHEN kind = 'refund' THEN -purchased_delta
+               END AS moved,
+               (SELECT coalesce(sum(d), 0) FROM unnest(l.bucket_deltas) AS d) AS in_buckets
+          FROM ledger l) x
+ WHERE amount IS DISTINCT FROM moved
+    OR purchased_delta <> in_buckets
+    OR (kind = 'reserve' AND (reserved_delta <> amount OR debt_delta <> 0))
+    OR (kind IN ('capture', 'release') AND reserved_delta >= 0)
+    OR (kind = 'release' AND amount <> 0)
+    OR (kind = 'subscription_forfeit' AND sub_delta <> -amount);
+
+-- name: audit_ledger_vs_reservations
+-- The reserve row holds the reservation's amount; the settle row releases exactly that amount
+-- and captures what the reservation says was captured.
+SELECT l.account_id,
+       format('ledger row %s (%s, amount %s, reserved_delta %s) disagrees with reservation %s '
+              '(amount %s, captured %s)', l.reference, l.kind, l.amount, l.reserved_delta,
+              r.job_id, r.amount, r.captured) AS problem
+  FROM ledger l
+  JOIN reservations r ON r.job_id = l.job_id
+ WHERE (l.kind = 'reserve' AND (l.amount <> r.amount OR l.account_id <> r.account_id))
+    OR (l.kind IN ('capture', 'release')
+        AND (-l.reserved_delta <> r.amount OR l.amount <> coalesce(r.captured, 0)
+             OR l.account_id <> r.account_id));
+
+-- name: audit_final_cost_vs_captures
+-- What a job says it cost is what its settlement took: a job with no settlement row (held,
+-- never reserved) can only have cost nothing.
+SELECT j.account_id,
+       format('job %s has final_cost %s but its settlement %s', j.job_id, j.final_cost,
+              CASE WHEN l.id IS NULL THEN 'is missing'
+                   ELSE format('(%s) moved %s', l.kind, l.amount) END) AS problem
+  FROM jobs j
+  LEFT JOIN ledger l ON l.reference = 'settle:' || j.job_id
+ WHERE j.final_cost IS NOT NULL
+   AND CASE WHEN l.id IS NULL THEN j.final_cost <> 0 ELSE l.amount <> j.final_cost END;
+
+-- name: audit_ledger_guards
+-- The triggers that keep the ledger append-only are there and enabled.
+SELECT '*' AS account_id,
+       format('ledger trigger %s is %s', g.name,
+              CASE WHEN t.oid IS NULL THEN 'missing' ELSE 'disabled' END) AS problem
+  FROM unnest(ARRAY['ledger_append_only', 'ledger_no_truncate']) AS g(name)
+  LEFT JOIN pg_trigger t ON t.tgrelid = 'ledger'::regclass AND t.tgname = g.name
+ WHERE t.oid IS NULL OR t.tgenabled = 'D';
+
+-- name: audit_payment_grants
+-- Grants that a payment produced (purchase, auto-recharge; adjustments are manual), by
+-- payment reference (the ledger reference is `grant:<payment reference>`).
+SELECT account_id, kind, substr(reference, 7) AS payment_reference, amount
+  FROM ledger
+ WHERE kind IN ('grant_purchase', 'grant_auto_recharge');
+
+-- name: audit_billing_invoices
+-- Run against the reference billing service's database: its record of every paid top-up. $1:
+-- seconds an invoice may wait for its grant (credits.granted in flight) before it is missing.
+SELECT account, credits, payment_reference, created_at < now() - make_interval(secs => $1)
+       AS overdue
+  FROM billing_ref.invoices;

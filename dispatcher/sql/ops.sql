@@ -28,3 +28,7 @@ SELECT coalesce(sum(amount) FILTER (WHERE kind = 'reserve'), 0)::bigint AS reser
 -- name: applied_migrations
 -- What `dispatcher migrate` has applied (the table is missing on a database never migrated).
 SELECT name FROM schema_migrations;
+
+-- name: ping
+-- Readiness and the consumer's outage probe: one round trip, nothing read.
+SELECT 1;

@@ -96,4 +96,4 @@ async def test_prometheus_scrapes_the_dispatcher_and_answers_queries_about_it(
     labels = {k for r in await query(prometheus_server, '{__name__=~"dispatcher_.+"}')
               for k in r["metric"]}
     assert labels <= {"__name__", "instance", "job", "kind", "outcome", "reason", "operation",
-                      "type", "code_class", "result", "listener", "status", "le"}
+                      "type", "code_class", "result", "listener", "status", "loop", "action", "le"}

@@ -217,8 +217,13 @@ async def test_forged_callback_is_refused_and_changes_nothing(
 
 
 async def test_a_job_whose_handling_keeps_crashing_is_dead_lettered_alone(
-        dispatcher: RunningDispatcher) -> None:
-    d = dispatcher
+        settings: Settings, twilio_sandbox: SandboxHandle, pool: asyncpg.Pool) -> None:
+    # Crashes are retried after 1 s, then 5 s: the third failure reaches the limit.
+    async with running_dispatcher(settings, twilio_sandbox, pool, delivery_limit=3) as d:
+        await _crashing_job_is_dead_lettered_alone(d)
+
+
+async def _crashing_job_is_dead_lettered_alone(d: RunningDispatcher) -> None:
     consumer = d.service.consumer
     assert consumer is not None
     real_handle = consumer._handle
@@ -246,9 +251,13 @@ async def test_a_job_whose_handling_keeps_crashing_is_dead_lettered_alone(
             if message is None:
                 return False
             await message.ack()
-            return cursed.encode() in message.body
+            # Dead-lettered by us, with its reason (not dropped by the broker without one).
+            return cursed.encode() in message.body and (message.headers or {}).get(
+                "x-reason") == "delivery_limit"
         await wait_for(dead_lettered, timeout=30)
     assert await d.job(cursed) is None
+    assert d.service.metrics.registry.get_sample_value(
+        "dispatcher_dead_letters_total", {"reason": "delivery_limit"}) == 1
 
 
 async def test_each_send_carries_a_status_callback_url_with_its_job_id(

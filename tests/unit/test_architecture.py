@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Lowest first. Units in one layer are peers: they never import each other.
 LAYERS: list[set[str]] = [
     {"errors", "settings", "logs", "queries", "metrics", "migrate"},
-    {"db", "tokens"},
+    {"db", "tokens", "loops"},
     {"pricing"},
     {"credits"},
     {"jobs"},

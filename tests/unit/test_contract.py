@@ -227,9 +227,44 @@ def test_reason_codes(job: dict[str, Any], reason: str) -> None:
 
 
 def test_not_an_object() -> None:
-    assert len(REASON_CODES) == 7  # each one is reached by a test in this section
+    assert len(REASON_CODES) == 9  # each one is reached by a test in this section
     assert rejected(b"[1, 2]").reason == "invalid_field"
     assert rejected(b'"sms"').job_id is None
+
+
+SMS_START = b'{"schema_version": 1, "id": "job-9", "kind": "sms", "account": "acme", '
+SMS_REST = b'"from": "+14155550100", "to": "+14155552671"'
+
+
+@pytest.mark.parametrize("body", [
+    rb'"a\u0000b"', rb'"\ud800"', rb'"x\udc00y"', rb'"\ud83d"', rb'"\ude00\ud83d"'])
+def test_text_postgresql_cannot_store_is_invalid_text(body: bytes) -> None:
+    error = rejected(SMS_START + SMS_REST + b', "body": ' + body + b"}")
+    assert (error.reason, error.job_id, error.account) == ("invalid_text", "job-9", "acme")
+
+
+@pytest.mark.parametrize("where", [
+    b', "metadata": {"k\\u0000": "v"}', b', "metadata": {"k": "\\u0000"}'])
+def test_nul_in_keys_and_nested_values_is_invalid_text(where: bytes) -> None:
+    document = SMS_START + SMS_REST + b', "body": "hi"' + where + b"}"
+    assert rejected(document).reason == "invalid_text"
+
+
+def test_valid_surrogate_pairs_and_escaped_backslashes_are_fine() -> None:
+    job = parse_job(SMS_START + SMS_REST + rb', "body": "\ud83d\ude00 \\u0000"}')
+    assert isinstance(job, SmsJob) and job.body == "\U0001f600 \\u0000"
+
+
+@pytest.mark.parametrize(("document", "shown"), [
+    # Another parser (first wins) saw account "acme"; last-wins would charge "other".
+    (SMS_START + SMS_REST + b', "body": "hi", "account": "other"}', "'account'"),
+    (SMS_START + SMS_REST + b', "body": "hi", "metadata": {"k": "1", "k": "2"}}', "a key"),
+    (raw(broadcast()).replace(b'"vars": {', b'"vars": {"name": "x", ', 1), "a key"),
+])
+def test_duplicate_keys_at_any_depth_are_refused(document: bytes, shown: str) -> None:
+    error = rejected(document)
+    assert error.reason == "duplicate_key"
+    assert error.detail == f"{shown} appears twice in one object"
 
 
 def test_detail_names_fields_without_echoing_content() -> None:

@@ -11,8 +11,10 @@ from dispatcher.metrics import (
     CODE_CLASSES,
     CREDIT_OPERATIONS,
     DEAD_LETTER_REASONS,
+    HANDLER_ERROR_ACTIONS,
     KINDS,
     LISTENERS,
+    LOOP_NAMES,
     LOW_BALANCE_TYPES,
     OUTCOMES,
     TOPUP_RESULTS,
@@ -48,6 +50,8 @@ EXPECTED = {
     "dispatcher_status_callbacks": ("counter", {"result"}),
     "dispatcher_topups": ("counter", {"result"}),
     "dispatcher_listen_reconnects": ("counter", {"listener"}),
+    "dispatcher_loop_failures": ("counter", {"loop"}),
+    "dispatcher_handler_errors": ("counter", {"action"}),
 }
 FORBIDDEN_LABELS = {"account", "account_id", "phone", "to", "from", "recipient", "job_id", "sid"}
 
@@ -93,6 +97,8 @@ def test_render_is_prometheus_text_format() -> None:
     ("dispatcher_status_callbacks_total", "result", CALLBACK_RESULTS),
     ("dispatcher_topups_total", "result", TOPUP_RESULTS),
     ("dispatcher_listen_reconnects_total", "listener", LISTENERS),
+    ("dispatcher_loop_failures_total", "loop", LOOP_NAMES),
+    ("dispatcher_handler_errors_total", "action", HANDLER_ERROR_ACTIONS),
 ])
 def test_every_allowed_label_value_starts_at_zero(family: str, label: str,
                                                   values: tuple[str, ...]) -> None:
