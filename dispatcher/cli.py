@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = _command(accounts, "show", "show an account")
     show.add_argument("account")
     show.set_defaults(func=cmd_accounts_show)
-    smart = accounts.add_parser(
-        "smart-encoding", help="turn Twilio Smart Encoding on or off (off by default)")
+    smart = _command(accounts, "smart-encoding",
+                     "turn Twilio Smart Encoding on or off (off by default)")
     smart.add_argument("account")
     smart.add_argument("state", choices=("on", "off"))
     smart.set_defaults(func=cmd_accounts_smart_encoding)

@@ -130,7 +130,8 @@ class Service:
         relay = OutboxRelay(self.pool, {"events": topology.events, "billing": topology.billing},
                             self.metrics, listen_connect=listen_connect)
         reconciler = Reconciler(self.pool, jobs, TwilioLookup(self.twilio_client), self.metrics,
-                                grace=timedelta(seconds=s.reconcile_grace_seconds))
+                                grace=timedelta(seconds=s.reconcile_grace_seconds),
+                                live=handler.working_on)
         # Every retry_wait job, whoever decided the retry, is sent by this sweeper when due.
         retries = RetrySweeper(self.pool, handler.send_released, self.metrics,
                                interval=s.retry_sweep_interval_seconds,

@@ -93,6 +93,7 @@ class JobHandler:
             self._accepted_batch, lambda accepted: jobs.accepted(accepted[0], accepted[1]),
             max_batch=config.max_batch, concurrency=config.batch_concurrency,
             rank=lambda accepted: accepted[2])
+        self._working: set[str] = set()  # reserved jobs being sent by send_released
 
     @property
     def round_trips(self) -> dict[str, int]:
@@ -186,11 +187,19 @@ class JobHandler:
         (the cancel, in the database, already ended the job), so it gives the turn up.
         """
         job = decode_stored_job(payload)
-        if not await self._limiter.acquire(_sender_of(job), wanted):
-            log.info("job_canceled_before_send", job_id=job.id, account_id=job.account,
-                     kind=job.kind)
-            return Done("canceled")
-        return await self._send(job, attempt, claim=True)
+        self._working.add(job.id)
+        try:
+            if not await self._limiter.acquire(_sender_of(job), wanted):
+                log.info("job_canceled_before_send", job_id=job.id, account_id=job.account,
+                         kind=job.kind)
+                return Done("canceled")
+            return await self._send(job, attempt, claim=True)
+        finally:
+            self._working.discard(job.id)
+
+    def working_on(self, job_id: str) -> bool:
+        """True while this handler is sending (or waiting to send) an already reserved job."""
+        return job_id in self._working
 
     async def _price(self, job: SmsJob | CallJob) -> tuple[SmsJob | CallJob, NewJob]:
         """The job as it will be sent (Smart-Encoded if the account says so) and its row."""

@@ -15,6 +15,7 @@ never created goes the same way as a ``sending`` one: ``retry_wait``, due at onc
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,8 +38,12 @@ class Reconciler:
     periodically."""
 
     def __init__(self, db: Executor, jobs: JobStore, lookup: ProviderLookup, metrics: Metrics,
-                 *, grace: timedelta, concurrency: int = 8) -> None:
+                 *, grace: timedelta, concurrency: int = 8,
+                 live: Callable[[str], bool] = lambda _job_id: False) -> None:
         self._db = db
+        # True for a job this process is still working on (waiting for its sender's turn or a
+        # slot): its process is alive, so it is not stuck, however long the wait.
+        self._live = live
         self._jobs = jobs
         self._lookup = lookup
         self._metrics = metrics
@@ -49,7 +54,7 @@ class Reconciler:
         """Resolve what can be resolved; returns counts by result."""
         cutoff = (now or datetime.now(UTC)) - self._grace
         counts = dict.fromkeys(RESULTS, 0)
-        stuck = await self._jobs.unresolved(cutoff)
+        stuck = [j for j in await self._jobs.unresolved(cutoff) if not self._live(j.job_id)]
         for result in await asyncio.gather(*(self._claim_and_resolve(j, cutoff) for j in stuck)):
             if result is not None:
                 counts[result] += 1
