@@ -99,7 +99,7 @@ async def test_an_ack_on_a_dead_channel_is_survived_and_the_job_comes_back(
     entered, release = asyncio.Event(), asyncio.Event()
     seen: list[tuple[bytes, int]] = []
 
-    async def handle(body: bytes) -> Outcome:
+    async def handle(body: bytes, _: Arrival) -> Outcome:
         seen.append((body, len([b for b, _ in seen if b == body]) + 1))
         if body == b"slow" and len(seen) == 1:
             entered.set()

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from dispatcher.dispatch.consumer import Consumer
 from dispatcher.events.topology import Names, delete_all
+from dispatcher.jobs.contract import Arrival
 from dispatcher.jobs.outcomes import Outcome
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings
@@ -119,7 +120,7 @@ async def test_a_crashing_handler_is_retried_with_delays_then_dead_lettered_with
         ) -> None:
     tries: list[float] = []
 
-    async def handle(body: bytes) -> Outcome:
+    async def handle(body: bytes, _: Arrival) -> Outcome:
         tries.append(asyncio.get_running_loop().time())
         raise RuntimeError("a bug")
 
