@@ -1,8 +1,8 @@
 """Outages pause the dispatcher; they neither stop it nor burn jobs (private nodes only).
 
-PostgreSQL stopped with ``-m immediate`` for ~10 s under load: the process stays up, ``/readyz``
-says not ready meanwhile, and once the database is back every valid job is sent exactly once
-with nothing dead-lettered. (Before: the broadcast runner's first failed query stopped the whole
+PostgreSQL stopped with ``-m immediate`` for 2 s, 10 s and 60 s under load: the process stays
+up, ``/readyz`` says not ready meanwhile, and once the database is back every valid job is
+sent exactly once with nothing dead-lettered. (Before: the broadcast runner's first failed query stopped the whole
 service with exit code 0, and handler errors requeued jobs until RabbitMQ dropped them.)
 A ``credits.granted`` arriving during the outage is applied once it is over (it used to burn
 its deliveries and be dropped). RabbitMQ killed with -9: ``/readyz`` reports ``checks.broker:
@@ -100,10 +100,12 @@ async def publish_steadily(s: Settings, account: str, ids: list[str], seconds: f
             await asyncio.sleep(seconds / len(ids))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("outage_seconds", [2.0, OUTAGE_SECONDS, 60.0])
 async def test_a_database_outage_pauses_the_service_and_every_job_is_sent_once_after(
         on_private_postgres: tuple[Settings, str, DispatcherProcess],
-        private_postgres: PrivatePostgres, twilio_sandbox: SandboxHandle) -> None:
+        private_postgres: PrivatePostgres, twilio_sandbox: SandboxHandle,
+        outage_seconds: float) -> None:
     s, account, process = on_private_postgres
     dsn = s.database_url
     process.start()
@@ -117,7 +119,7 @@ async def test_a_database_outage_pauses_the_service_and_every_job_is_sent_once_a
     await asyncio.to_thread(private_postgres.stop)  # -m immediate: a crash, under load
     assert process.proc is not None
     not_ready: list[dict[str, Any]] = []
-    deadline = time.monotonic() + OUTAGE_SECONDS
+    deadline = time.monotonic() + outage_seconds
     while time.monotonic() < deadline:
         assert process.proc.poll() is None, (
             f"the service stopped during the outage (exit code {process.proc.returncode}):\n"
@@ -129,7 +131,9 @@ async def test_a_database_outage_pauses_the_service_and_every_job_is_sent_once_a
         if status == 503:
             not_ready.append(body["checks"])
         await asyncio.sleep(0.5)
-    assert not_ready and all(checks["database"] is False for checks in not_ready)
+    assert all(checks["database"] is False for checks in not_ready)
+    if outage_seconds >= OUTAGE_SECONDS:  # a 2 s blip may end before readiness is asked
+        assert not_ready
     await publish_grant(s, account, "outage-payment-1")
     await asyncio.sleep(3)  # the listener meets the outage with the grant in hand
     await asyncio.to_thread(private_postgres.start)
