@@ -1,12 +1,12 @@
 """Outages pause the dispatcher; they neither stop it nor burn jobs (private nodes only).
 
 PostgreSQL stopped with ``-m immediate`` for 2 s, 10 s and 60 s under load: the process stays
-up, ``/readyz`` says not ready meanwhile, and once the database is back every valid job is
-sent exactly once with nothing dead-lettered. (Before: the broadcast runner's first failed query stopped the whole
-service with exit code 0, and handler errors requeued jobs until RabbitMQ dropped them.)
-A ``credits.granted`` arriving during the outage is applied once it is over (it used to burn
-its deliveries and be dropped). RabbitMQ killed with -9: ``/readyz`` reports ``checks.broker:
-false`` (it said true throughout).
+up, ``/readyz`` says not ready meanwhile, and once the database is back every valid job is sent
+exactly once with nothing dead-lettered. (Before: the broadcast runner's first failed query
+stopped the whole service with exit code 0, and handler errors requeued jobs until RabbitMQ
+dropped them.) A ``credits.granted`` arriving during the outage is applied once it is over (it
+used to burn its deliveries and be dropped). RabbitMQ killed with -9: ``/readyz`` reports
+``checks.broker: false`` (it said true throughout).
 """
 
 from __future__ import annotations
