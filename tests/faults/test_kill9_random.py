@@ -2,8 +2,10 @@
 
 Fifty accounts; a fifth of them run dry mid-stream and are topped up while the dispatcher is
 down; only ten recipient numbers, so every number has far more than one page (50) of messages
-at the provider when the reconciler looks for an orphaned create. After the last restart the
-run quiesces and every invariant of ``tests.faults.invariants`` must hold.
+at the provider when the reconciler looks for an orphaned create; a 200-recipient broadcast
+fans out in batches meanwhile, so kills land inside batches, reconcile and resume passes alike.
+After the last restart the run quiesces and every invariant of ``tests.faults.invariants``
+must hold.
 
 Replay a failure with ``FAULT_SEED=<seed printed by the failing run>``; ``FAULT_SOAK=1`` runs
 a longer variant (more jobs, more kills).
@@ -38,6 +40,7 @@ JOBS_PER_ACCOUNT = 200 if SOAK else 60
 KILLS = 12 if SOAK else 4
 RECIPIENTS = [f"+1415555{n:04d}" for n in range(10)]
 DRY_CREDITS = JOBS_PER_ACCOUNT // 2
+BROADCAST_RECIPIENTS = 200  # one broadcast, fanned out in batches while the kills go on
 TOP_UP = JOBS_PER_ACCOUNT  # more than the dry accounts still need
 
 
@@ -54,16 +57,27 @@ async def fund(pool: asyncpg.Pool, prefix: str) -> tuple[list[str], list[str]]:
         await create_account(pool, account, auto_recharge=(True, 10, 50))
         await store.grant(account, DRY_CREDITS if dry else 2 * JOBS_PER_ACCOUNT, "purchase",
                           f"{account}-seed")
-    return accounts, accounts[: ACCOUNTS // 5]
+    broadcaster = f"{prefix}-bcast"
+    await create_account(pool, broadcaster)
+    await store.grant(broadcaster, BROADCAST_RECIPIENTS, "purchase", f"{broadcaster}-seed")
+    return [*accounts, broadcaster], accounts[: ACCOUNTS // 5]
 
 
 async def publish(s: Settings, accounts: list[str], rng: random.Random) -> list[str]:
-    """Jobs of all accounts interleaved, in an order drawn from the seed."""
-    jobs = [(account, n) for account in accounts for n in range(JOBS_PER_ACCOUNT)]
+    """Jobs of all accounts interleaved, in an order drawn from the seed; halfway, a broadcast
+    of the last account (its recipients' jobs are the runner's, not in the returned ids)."""
+    *senders, broadcaster = accounts
+    jobs = [(account, n) for account in senders for n in range(JOBS_PER_ACCOUNT)]
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i][1], rng.random()))
     ids = []
     async with await JobPublisher.connect(s.amqp_url, Names(s.amqp_prefix).jobs_exchange) as pub:
-        for i in order:
+        for position, i in enumerate(order):
+            if position == len(order) // 2:
+                await pub.publish({
+                    "schema_version": 1, "id": f"{broadcaster}-b", "kind": "broadcast",
+                    "account": broadcaster, "from": "+14155550199", "body": "fault run {n}",
+                    "recipients": [{"to": f"+1415556{r:04d}", "vars": {"n": str(r)}}
+                                   for r in range(BROADCAST_RECIPIENTS)]})
             account, n = jobs[i]
             job_id = f"{account}-j{n:04d}"
             ids.append(job_id)
@@ -111,13 +125,16 @@ async def test_random_kill_9_loses_nothing_and_sends_nothing_twice(
             await asyncio.sleep(rng.uniform(0.0, 1.0))
             await asyncio.to_thread(process.start)
         ids = await publishing
-        total = len(ids)
+        total = len(ids) + BROADCAST_RECIPIENTS
 
         async def settled() -> bool:
             return await quiescent(pool, accounts, total)
         await wait_for(settled, timeout=150, interval=0.5)
         await twilio_sandbox.wait_callbacks()
-        violations = await check_all(pool, twilio_sandbox, s.public_base_url, accounts, ids)
+        every_job = [r["job_id"] for r in await pool.fetch(
+            "SELECT job_id FROM jobs WHERE account_id = ANY($1::text[])", accounts)]
+        violations = await check_all(pool, twilio_sandbox, s.public_base_url, accounts,
+                                     every_job)
         billing = await drain(sink)
         violations += low_balance_problems(billing)
         lows = await pool.fetchval("SELECT count(*) FROM outbox WHERE routing_key = 'balance.low'"
