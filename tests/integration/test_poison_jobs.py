@@ -77,13 +77,14 @@ async def test_unstorable_text_and_duplicate_keys_are_dead_lettered_with_reasons
         sms_body("nul-1", account, rb'"body": "a\u0000b"'),
         sms_body("surrogate-1", account, rb'"body": "\ud800"'),
         sms_body("dup-1", account, b'"body": "hi", "account": "' + other.encode() + b'"'),
+        sms_body("huge-1", account, b'"body": "' + b"x" * 5_000_000 + b'"'),  # 5 MB
         sms_body("ok-1", account, b'"body": "fine"'),
     ])
-    letters = await dead_letters(dispatcher.settings.amqp_url, names, 3)
+    letters = await dead_letters(dispatcher.settings.amqp_url, names, 4)
     reasons = {(m.headers or {}).get("x-job-id"): (m.headers or {}).get("x-reason")
                for m in letters}
     assert reasons == {"nul-1": "invalid_text", "surrogate-1": "invalid_text",
-                       "dup-1": "duplicate_key"}
+                       "dup-1": "duplicate_key", "huge-1": "too_large"}
     metrics = dispatcher.service.metrics
     assert (counted(metrics, "invalid_text"), counted(metrics, "duplicate_key")) == (2, 1)
     assert counted(metrics, "delivery_limit") == 0
