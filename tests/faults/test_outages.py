@@ -168,6 +168,32 @@ async def test_a_database_outage_pauses_the_service_and_every_job_is_sent_once_a
     assert await asyncio.to_thread(process.terminate) == 0
 
 
+@pytest.mark.timeout(300)
+async def test_a_database_outage_while_idle_is_ridden_out_and_work_resumes_by_itself(
+        on_private_postgres: tuple[Settings, str, DispatcherProcess],
+        private_postgres: PrivatePostgres, twilio_sandbox: SandboxHandle) -> None:
+    """Nothing flowing when the database crashes: the loops and pool meet it on their own."""
+    s, account, process = on_private_postgres
+    process.start()
+    await asyncio.to_thread(private_postgres.stop)
+    await asyncio.sleep(OUTAGE_SECONDS)
+    assert process.proc is not None and process.proc.poll() is None, (
+        "the service stopped during an idle outage:\n" + process.log_path.read_text()[-3000:])
+    assert (await readyz(s))[0] == 503
+    await asyncio.to_thread(private_postgres.start)
+    ids = [f"{account}-idle-{i:03d}" for i in range(30)]
+    await publish_steadily(s, account, ids, 0.0)
+
+    async def all_sent() -> bool:
+        return await count(s.database_url, "SELECT count(*) FROM jobs WHERE account_id = $1 "
+                           "AND status IN ('sent', 'delivered')", account) == len(ids)
+    await wait_for(all_sent, timeout=90, interval=0.5)
+    await twilio_sandbox.wait_callbacks()
+    assert {j: n for j, n in sends_per_job(twilio_sandbox, s, ids).items() if n != 1} == {}
+    assert (await readyz(s))[0] == 200
+    assert await asyncio.to_thread(process.terminate) == 0
+
+
 async def publish_grant(s: Settings, account: str, reference: str) -> None:
     """What the billing service sends after a payment, onto the billing exchange."""
     event = CreditsGranted(account=account, amount=500, kind="auto_recharge",
