@@ -27,7 +27,7 @@ Listener = Literal["resumer", "outbox"]
 OverdueState = Literal["sending", "retry_wait", "unknown"]
 HandlerErrorAction = Literal["waited_for_database", "retried", "dead_lettered"]
 LoopName = Literal["broadcast_runner", "outbox_relay", "resumer", "hold_sweeper", "reconciler",
-                   "credit_flow", "retry_sweeper"]
+                   "credit_flow", "retry_sweeper", "expiry_sweeper"]
 
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)

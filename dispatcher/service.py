@@ -41,6 +41,7 @@ from dispatcher.events.outbox import OutboxRelay
 from dispatcher.events.resumer import Resumer, sweep_holds
 from dispatcher.events.topology import Names
 from dispatcher.http import build_app
+from dispatcher.jobs.expiry import ExpirySweeper
 from dispatcher.jobs.outcomes import Outcome
 from dispatcher.jobs.store import JobStore
 from dispatcher.loops import every, forever
@@ -149,6 +150,10 @@ class Service:
         self._watch("hold-sweeper", every(
             "hold_sweeper", s.hold_sweep_interval_seconds,
             lambda: sweep_holds(pool, m, s.hold_expiry_seconds), stop, m), stop)
+        # Waiting jobs past their expires_at end failed/expired, whatever they wait for.
+        expiry = ExpirySweeper(pool, m)
+        self._watch("expiry-sweeper", every(
+            "expiry_sweeper", s.expiry_sweep_interval_seconds, expiry.sweep, stop, m), stop)
         self._watch("outbox-relay", forever("outbox_relay", lambda: relay.run(stop), stop, m),
                     stop)
         self._watch("retry-sweeper", forever("retry_sweeper", lambda: retries.run(stop), stop, m),

@@ -59,6 +59,8 @@ class Settings:
     delivery_limit: int = _num(5, 1)
     hold_expiry_seconds: float = _num(72 * 3600.0, above=True)
     hold_sweep_interval_seconds: float = _num(30.0, above=True)
+    # How often waiting jobs past their expires_at are ended (failed, reason expired).
+    expiry_sweep_interval_seconds: float = _num(5.0, above=True)
     # Safety net behind the resume NOTIFY: how often paused accounts with credits get a pass.
     resume_sweep_interval_seconds: float = _num(60.0, above=True)
     # How long a job may sit in `sending`/`unknown` before we ask the provider about it.

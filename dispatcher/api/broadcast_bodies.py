@@ -8,6 +8,7 @@ Recipient numbers are not checked here: a bad number is skipped by the pre-fligh
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -17,7 +18,12 @@ from pydantic import TypeAdapter, ValidationError
 from dispatcher.api.errors import InvalidJson, InvalidRequest
 from dispatcher.api.parsing import invalid_json, position
 from dispatcher.broadcasts.preflight import Recipients, gc_paused
-from dispatcher.jobs.contract import MAX_BROADCAST_BYTES, SenderId, template_variables
+from dispatcher.jobs.contract import (
+    MAX_BROADCAST_BYTES,
+    MAX_VALIDITY_SECONDS,
+    SenderId,
+    template_variables,
+)
 
 MAX_BODY_BYTES = MAX_BROADCAST_BYTES
 """Body limit of the broadcast routes (32 MiB: ~400k personalised recipients)."""
@@ -35,6 +41,12 @@ SenderText = Annotated[str, msgspec.Meta(
     pattern=r"^(\+[1-9][0-9]{6,14}|[A-Za-z0-9 +\-_&]{1,11})$",
     description="E.164 number or alphanumeric sender id")]
 ServiceSid = Annotated[str, msgspec.Meta(pattern=r"^MG[0-9a-fA-F]{32}$")]
+ExpiresAt = Annotated[datetime, msgspec.Meta(
+    tz=True, description="UTC timestamp (with offset): no recipient is sent after it; those "
+                         "not sent by then end failed with reason expired")]
+ValiditySeconds = Annotated[int, msgspec.Meta(
+    ge=1, le=MAX_VALIDITY_SECONDS,
+    description="Validity counted from the submission: an alternative to expires_at")]
 
 _SENDER: TypeAdapter[str] = TypeAdapter(SenderId)
 
@@ -59,6 +71,14 @@ class PreflightIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     from_: SenderText | None = msgspec.field(default=None, name="from")
     messaging_service_sid: ServiceSid | None = None
     priority: Literal["transactional", "bulk"] = "bulk"
+    expires_at: ExpiresAt | None = None
+    validity_seconds: ValiditySeconds | None = None
+
+    def expiry(self, received_at: datetime) -> datetime | None:
+        """The absolute UTC expires_at: given, or the validity counted from ``received_at``."""
+        if self.validity_seconds is not None:
+            return (received_at + timedelta(seconds=self.validity_seconds)).astimezone(UTC)
+        return None if self.expires_at is None else self.expires_at.astimezone(UTC)
 
 
 class BroadcastIn(PreflightIn, forbid_unknown_fields=True, gc=False):
@@ -115,6 +135,8 @@ def decode(raw: bytes, kind: type[Body]) -> Body:
         template_variables(body.body)
     except ValueError as exc:
         raise _invalid("body", str(exc)) from exc
+    if body.expires_at is not None and body.validity_seconds is not None:
+        raise _invalid("validity_seconds", "at most one of expires_at and validity_seconds")
     if isinstance(body, BroadcastIn):
         _check_sender(body)
     if b"\\u0000" in raw:  # JSON can only carry a NUL escaped; without one, nothing to look for

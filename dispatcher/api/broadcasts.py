@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from datetime import UTC, datetime
 
 import msgspec
 import structlog
@@ -74,7 +75,8 @@ class BroadcastsApi:
         body = decode(await read_body(request, MAX_BODY_BYTES), BroadcastIn)
         caller = principal(request)
         spec = BroadcastSpec(account, body.body, body.footer, body.priority, body.from_,
-                             body.messaging_service_sid, columns(body))
+                             body.messaging_service_sid, columns(body),
+                             expires_at=body.expiry(datetime.now(UTC)))
 
         async def submit(conn: Connection) -> Outcome:
             result = await self._broadcasts.check(spec, refuse_if_short=True)

@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -87,13 +88,16 @@ class BroadcastSpec:
     recipients: Recipients
     # The publisher's metadata, echoed in every recipient's status events.
     metadata: dict[str, str] = field(default_factory=dict)
+    # No recipient is sent after this (issue 16): pending ones then end failed/expired.
+    expires_at: datetime | None = None
 
     @classmethod
     def from_job(cls, job: BroadcastJob) -> BroadcastSpec:
-        """The spec of an AMQP broadcast job."""
+        """The spec of an AMQP broadcast job (its validity already made absolute)."""
         return cls(job.account, job.body, job.footer, job.priority, job.from_,
                    job.messaging_service_sid,
-                   Recipients.from_dicts([dict(r) for r in job.recipients]), dict(job.metadata))
+                   Recipients.from_dicts([dict(r) for r in job.recipients]), dict(job.metadata),
+                   job.expires_at)
 
 
 async def account_opt_outs(pool: asyncpg.Pool, account: str, numbers: list[str]) -> set[str]:
@@ -195,6 +199,8 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
         fingerprint, result.smart_encoding)
     if created is None:
         return False
+    if spec.expires_at is not None:
+        await conn.execute(q("broadcast_set_expiry"), broadcast_id, spec.expires_at)
     skips = result.skip_reasons
     encode = msgspec.json.encode
     rows = [(broadcast_id, i, to, encode(variables).decode(),
@@ -286,6 +292,11 @@ class BroadcastRunner:
 
     async def step(self, broadcast: asyncpg.Record) -> bool:
         """Reserve one batch of a broadcast and start sending it; False when none was pending."""
+        expires_at = broadcast["expires_at"]
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            # Nothing more goes out: the expiry sweep ends the pending recipients.
+            await self._pool.fetchval(q("broadcast_finish_if_done"), broadcast["id"])
+            return False
         pending = await self._pending(broadcast["id"])
         if not pending:
             await self._pool.fetchval(q("broadcast_finish_if_done"), broadcast["id"])
@@ -356,6 +367,8 @@ class BroadcastRunner:
                 "schema_version": 1, "id": job_id, "kind": "sms", "account": b["account_id"],
                 "to": r["to_number"], "body": text, "priority": b["priority"],
                 "metadata": metadata, "created_at": created_at}
+            if b["expires_at"] is not None:
+                payload["expires_at"] = b["expires_at"].astimezone(UTC).isoformat()
             if b["messaging_service_sid"]:
                 payload["messaging_service_sid"] = b["messaging_service_sid"]
             else:

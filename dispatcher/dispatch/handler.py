@@ -32,6 +32,7 @@ from dispatcher.jobs.contract import (
     encode_job,
     parse_job,
     routing_mismatch,
+    with_expiry,
 )
 from dispatcher.jobs.group_commit import GroupCommit
 from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
@@ -47,6 +48,14 @@ MAX_SEND_ATTEMPTS = 6
 # A consumed job's retry normally comes back as its retry-queue message; its due time is later
 # by this much, so the retry sweeper only sends it if that message was lost.
 QUEUED_RETRY_BACKSTOP_SECONDS = 60.0
+# Twilio's ValidityPeriod range (Messages create): a longer validity is not passed (Twilio's
+# own default, 36000 s, then applies); a job with less than a second left is not sent.
+VALIDITY_PERIOD_RANGE = (1, 36000)
+
+
+def utc_now() -> datetime:
+    """The handler's default clock."""
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,9 @@ class JobHandler:
     def __init__(self, jobs: JobStore, sender: Sender, rates: RateCache,
                  limiter: SenderRateLimiter, metrics: Metrics, config: HandlerConfig,
                  broadcasts: Broadcasts | None = None,
-                 smart_encoding: SmartEncodingAccounts | None = None) -> None:
+                 smart_encoding: SmartEncodingAccounts | None = None,
+                 clock: Callable[[], datetime] = utc_now) -> None:
+        self._clock = clock  # decides expiry (expires_at) and the ValidityPeriod passed on
         self._broadcasts = broadcasts
         self._smart_encoding = smart_encoding
         self._turns = AccountTurns()
@@ -138,6 +149,7 @@ class JobHandler:
         mismatch = routing_mismatch(job, arrival) if arrival is not None else None
         if mismatch is not None:
             return _refused(ROUTING_MISMATCH, mismatch, job)
+        job = with_expiry(job, self._clock())
         if isinstance(job, BroadcastJob):
             return await self._broadcast(job)
         async with self._turns.turn(job.account):
@@ -145,6 +157,10 @@ class JobHandler:
                 job, new_job = await self._price(job)
             except DispatcherError as exc:
                 return _refused(exc.code, str(exc), job)
+            left = _seconds_left(job, self._clock())
+            if left is not None and left < VALIDITY_PERIOD_RANGE[0]:
+                # Received after its expires_at: recorded failed/expired, never reserved.
+                return self._begun(job, await self._jobs.begin_expired(new_job))
             # The sender's turn comes before the job becomes `sending`: a wait in `sending`
             # longer than the reconciler's grace would look like a crash and be resent.
             await self._limiter.acquire(_sender_of(job))
@@ -155,17 +171,29 @@ class JobHandler:
             begun = self._begins.enqueue(new_job)
         begin = await begun
         self._metrics.reservation_seconds.observe(time.perf_counter() - reserving)
+        if begin.outcome != "send":
+            return self._begun(job, begin)
+        return await self._send(job, begin.attempts, claim=False, queued=True)
+
+    def _begun(self, job: SmsJob | CallJob, begin: Begin) -> Outcome:
+        """The outcome of a begin that sends nothing now."""
         bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
         if begin.outcome == "unknown_account":
             return _refused("unknown_account", f"no account {job.account!r}", job)
         if begin.outcome == "conflict":  # the first job is left as it is
             bound.warning("job_id_conflict")
             return _refused("job_id_conflict", JobIdConflict.__doc__ or "", job)
-        if begin.outcome in ("held", "duplicate"):
-            bound.info("job_" + begin.outcome, status=begin.status)
-            self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()
-            return Done(begin.outcome)
-        return await self._send(job, begin.attempts, claim=False, queued=True)
+        if begin.outcome == "expired":  # received after its expires_at: never reserved
+            return self._expired(bound, job, "on_arrival")
+        bound.info("job_" + begin.outcome, status=begin.status)
+        self._metrics.jobs.labels(kind=job.kind, outcome=begin.outcome).inc()
+        return Done(begin.outcome)
+
+    def _expired(self, bound: structlog.typing.FilteringBoundLogger, job: SmsJob | CallJob,
+                 where: str) -> Outcome:
+        bound.info("job_expired", where=where)
+        self._metrics.jobs.labels(kind=job.kind, outcome="expired").inc()
+        return Done("expired")
 
     async def _broadcast(self, job: BroadcastJob) -> Outcome:
         if self._broadcasts is None:
@@ -234,11 +262,18 @@ class JobHandler:
             self._metrics.send_slot_wait_seconds.observe(waited)
             if claim or waited > self._config.reclaim_after_seconds:
                 claimed = await self._jobs.claim_for_send(job.id, attempt)
+                if claimed.status == "expired":  # the claim ended it, credits released
+                    return self._expired(bound, job, "at_claim")
                 if not claimed.claimed:
                     return _not_claimed(bound, claimed.status, waited)
                 recipient = claimed.broadcast_id is not None
+            left = _seconds_left(job, self._clock())
+            if left is not None and left < VALIDITY_PERIOD_RANGE[0]:
+                # Its time ran out while it waited for its turn or a slot: never sent.
+                await self._jobs.not_sent(job.id, "expired")
+                return self._expired(bound, job, "before_send")
             started = time.perf_counter()
-            result = await self._call_provider(job, callback)
+            result = await self._call_provider(job, callback, left)
             self._metrics.send_seconds.labels(kind=job.kind).observe(
                 time.perf_counter() - started)
         if isinstance(result, Accepted):
@@ -273,10 +308,12 @@ class JobHandler:
         self._metrics.jobs.labels(kind=job.kind, outcome="failed").inc()
         return Done("failed")
 
-    async def _call_provider(self, job: SmsJob | CallJob, callback: str) -> SendResult:
+    async def _call_provider(self, job: SmsJob | CallJob, callback: str,
+                             seconds_left: float | None) -> SendResult:
         if isinstance(job, SmsJob):
             return await self._sender.send_sms(SmsRequest(
-                job.to, job.body, job.from_, job.messaging_service_sid, callback))
+                job.to, job.body, job.from_, job.messaging_service_sid, callback,
+                validity_period(seconds_left)))
         return await self._sender.send_call(CallRequest(
             job.to, job.from_, job.twiml, job.url, job.max_minutes * 60, callback))
 
@@ -309,6 +346,21 @@ def _not_claimed(bound: structlog.typing.FilteringBoundLogger, status: str | Non
         return Done("canceled")
     bound.warning("job_taken_over_while_waiting", waited_seconds=round(waited, 3))
     return Done("taken_over")
+
+
+def _seconds_left(job: SmsJob | CallJob, now: datetime) -> float | None:
+    """Seconds until the job expires (negative once it has), or None when it never does."""
+    return None if job.expires_at is None else (job.expires_at - now).total_seconds()
+
+
+def validity_period(seconds_left: float | None) -> int | None:
+    """Twilio's ValidityPeriod for a message with ``seconds_left``: whole seconds within
+    Twilio's range, else None (no expiry, or longer than Twilio keeps a message anyway)."""
+    if seconds_left is None:
+        return None
+    whole = int(seconds_left)
+    low, high = VALIDITY_PERIOD_RANGE
+    return whole if low <= whole <= high else None
 
 
 def _rank(priority: str) -> int:

@@ -22,7 +22,8 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, NotRequired, Self, get_args
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final, Literal, NotRequired, Self, TypeVar, get_args
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -150,6 +151,8 @@ Metadata = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_len
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
 # Not Literal[1]: pydantic lets ``true`` and ``1.0`` through a literal even in strict mode.
 Version = Annotated[int, Field(ge=1, le=1), WithJsonSchema({"type": "integer", "const": 1})]
+MAX_VALIDITY_SECONDS = 30 * 24 * 3600
+ValiditySeconds = Annotated[int, Field(ge=1, le=MAX_VALIDITY_SECONDS)]
 
 
 class _Job(BaseModel):
@@ -164,6 +167,17 @@ class _Job(BaseModel):
     account: AccountId
     metadata: Metadata = Field(default_factory=dict)
     created_at: AwareDatetime | None = None
+    # Validity (issue 16): never sent after ``expires_at``. ``validity_seconds`` is turned into
+    # an ``expires_at`` when the job is received (``with_expiry``); the stored job has both.
+    expires_at: AwareDatetime | None = None
+    validity_seconds: ValiditySeconds | None = None
+
+    @model_validator(mode="after")
+    def _one_validity(self, info: ValidationInfo) -> Self:
+        stored = isinstance(info.context, dict) and info.context.get("stored") is True
+        if not stored and self.expires_at is not None and self.validity_seconds is not None:
+            raise ValueError("expires_at, validity_seconds: at most one of them")
+        return self
 
 
 class _MessagingJob(_Job):
@@ -256,9 +270,27 @@ _FIELD_NAMES = frozenset({"to", "vars"}.union(
 
 def job_fingerprint(job: Job) -> str:
     """SHA-256 of the job's canonical content: what ``encode_job`` writes, less ``created_at``
-    (the publisher helper stamps it on each publish, so a republished job keeps its print)."""
-    canonical = job.model_dump_json(by_alias=True, exclude_none=True, exclude={"created_at"})
+    (the publisher helper stamps it on each publish, so a republished job keeps its print) and
+    less an ``expires_at`` derived from ``validity_seconds`` (counted from that stamp)."""
+    derived = {"expires_at"} if job.validity_seconds is not None else set()
+    canonical = job.model_dump_json(by_alias=True, exclude_none=True,
+                                    exclude={"created_at", *derived})
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+AnyJob = TypeVar("AnyJob", bound=_Job)
+
+
+def with_expiry(job: AnyJob, received_at: datetime) -> AnyJob:
+    """The job with its validity as an absolute UTC ``expires_at``: ``validity_seconds`` is
+    counted from ``created_at``, else from ``received_at``; None stays None (no expiry)."""
+    expires_at = job.expires_at
+    if expires_at is None and job.validity_seconds is not None:
+        expires_at = (job.created_at or received_at) + timedelta(seconds=job.validity_seconds)
+    if expires_at is None or (expires_at == job.expires_at
+                              and expires_at.utcoffset() == timedelta(0)):
+        return job
+    return job.model_copy(update={"expires_at": expires_at.astimezone(UTC)})
 
 
 def routing_key(job: Job) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from dispatcher.credits.ledger import Executor
 from dispatcher.queries import q
 
-BeginOutcome = Literal["send", "held", "duplicate", "conflict", "unknown_account"]
+BeginOutcome = Literal["send", "held", "duplicate", "conflict", "unknown_account", "expired"]
 FINAL_STATUSES = frozenset({"delivered", "undelivered", "failed", "expired", "canceled"})
 
 
@@ -83,6 +83,14 @@ class JobStore:
             q("begin_job"), job.job_id, job.account_id, job.kind, job.priority,
             _json(job.payload), job.estimate, job.country, job.units, job.rate,
             job.broadcast_id)
+        return Begin(row["outcome"], row["status"], row["attempts"])
+
+    async def begin_expired(self, job: NewJob) -> Begin:
+        """A job received after its ``expires_at``: recorded failed/expired, never reserved
+        (outcome ``expired``); or a duplicate, a conflict, an unknown account."""
+        row = await self._db.fetchrow(
+            q("begin_expired_job"), job.job_id, job.account_id, job.kind, job.priority,
+            _json(job.payload), job.estimate, job.country, job.units, job.rate)
         return Begin(row["outcome"], row["status"], row["attempts"])
 
     async def begin_many(self, jobs: list[NewJob]) -> list[Begin]:

@@ -231,7 +231,8 @@ def _message_record(form: MultiDictProxy[Any]) -> CreateRecord:
         status_callback=_opt(form.get("StatusCallback")), time_limit=None,
         received_at=rs.now(), outcome="",
         messaging_service_sid=_opt(form.get("MessagingServiceSid")),
-        num_segments=rs.count_segments(str(body or "")))
+        num_segments=rs.count_segments(str(body or "")),
+        validity_period=_validity_period(form))
 
 
 def _call_record(form: MultiDictProxy[Any]) -> CreateRecord:
@@ -241,6 +242,12 @@ def _call_record(form: MultiDictProxy[Any]) -> CreateRecord:
         status_callback=_opt(form.get("StatusCallback")),
         time_limit=int(limit) if limit.isdigit() else None, received_at=rs.now(), outcome="",
         callback_events=tuple(str(e) for e in form.getall("StatusCallbackEvent", [])))
+
+
+def _validity_period(form: MultiDictProxy[Any]) -> int | None:
+    """ValidityPeriod as an integer when it is one (else None: the create is refused)."""
+    text = str(form.get("ValidityPeriod", ""))
+    return int(text) if text.isdigit() else None
 
 
 def _opt(value: Any) -> str | None:
@@ -265,6 +272,10 @@ def _validate_message(form: MultiDictProxy[Any]) -> rs.TwilioApiError | None:
         return rs.TwilioApiError(21602)
     if len(body) > rs.MAX_BODY:
         return rs.TwilioApiError(21617)
+    validity = str(form.get("ValidityPeriod", "1"))
+    # Twilio's OpenAPI: an integer from 1 to 36000 (seconds); anything else is error 21624.
+    if not (validity.isdigit() and 1 <= int(validity) <= rs.MAX_VALIDITY_PERIOD):
+        return rs.TwilioApiError(21624)
     if not rs.E164.match(to):
         return rs.TwilioApiError(21211)
     return None

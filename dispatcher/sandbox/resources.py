@@ -54,6 +54,7 @@ ERRORS: dict[int, tuple[int, str]] = {
     21612: (400, "The 'To' phone number is not currently reachable via SMS"),
     21614: (400, "'To' number is not a valid mobile number"),
     21617: (400, "The concatenated message body exceeds the 1600 character limit."),
+    21624: (400, "Invalid validity period value"),
     21701: (400, "The Messaging Service Sid is invalid."),
     30001: (0, "Queue overflow"),
     30002: (0, "Account suspended"),
@@ -64,6 +65,7 @@ ERRORS: dict[int, tuple[int, str]] = {
     30007: (0, "Message filtered"),
     30008: (0, "Unknown error"),
 }
+MAX_VALIDITY_PERIOD = 36000  # seconds: ValidityPeriod's upper bound in Twilio's OpenAPI
 # Delivery errors after which Twilio reports ``failed`` (it never handed the message to a
 # carrier); every other delivery error is reported as ``undelivered``.
 FAILED_DELIVERY = frozenset({30001, 30002})

@@ -124,6 +124,7 @@ class CreateRecord:
     date_sent: datetime | None = None
     start_time: datetime | None = None
     end_time: datetime | None = None
+    validity_period: int | None = None  # a message's ValidityPeriod, seconds, when given
 
     @property
     def accepted(self) -> bool:

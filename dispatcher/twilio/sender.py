@@ -24,6 +24,8 @@ class SmsRequest:
     from_: str | None
     messaging_service_sid: str | None
     status_callback: str
+    # Twilio's ValidityPeriod (1-36000 s): Twilio drops the message if still queued after it.
+    validity_period: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class TwilioSender:
             params["messaging_service_sid"] = request.messaging_service_sid
         else:
             params["from_"] = request.from_
+        if request.validity_period is not None:
+            params["validity_period"] = request.validity_period
         return await self._call(self._client.messages.create_async, params)
 
     async def send_call(self, request: CallRequest) -> SendResult:
