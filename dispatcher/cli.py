@@ -187,6 +187,18 @@ async def cmd_jobs_unresolved(args: argparse.Namespace, settings: Settings) -> i
     return await _with_pool(settings, work)
 
 
+async def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.jobs.view import JobViews, describe
+
+    async def work(pool: asyncpg.Pool) -> int:
+        view = await JobViews(pool, settings.hold_expiry_seconds).get(args.job_id)
+        if view is None:
+            raise DispatcherError(f"no job {args.job_id!r}")
+        print(view.model_dump_json(indent=2) if args.json else describe(view))
+        return 0
+    return await _with_pool(settings, work)
+
+
 async def cmd_jobs_resolve(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.jobs.store import JobStore
 
@@ -343,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     unresolved.add_argument("--older-than", type=float, default=0.0, help="seconds")
     unresolved.add_argument("--limit", type=int, default=500)
     unresolved.set_defaults(func=cmd_jobs_unresolved)
+    show = _command(jobs, "show", "one job: state, history, credits, and why it has not gone")
+    show.add_argument("job_id")
+    show.add_argument("--json", action="store_true", help="the whole view as JSON (as the API)")
+    show.set_defaults(func=cmd_jobs_show)
     resolve = _command(jobs, "resolve", "settle an unknown job by hand")
     resolve.add_argument("job_id")
     how = resolve.add_mutually_exclusive_group(required=True)

@@ -173,7 +173,8 @@ class Service:
         app = build_app(self.pool, self.metrics, callbacks, self.amqp,
                         self.consumer.consumers_attached)
         add_api_routes(app, self.pool, twilio_auth_token=credentials(s)[1],
-                       public_base_url=s.public_base_url, broadcasts=broadcasts)
+                       public_base_url=s.public_base_url, broadcasts=broadcasts,
+                       hold_expiry_seconds=s.hold_expiry_seconds)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.http_host, s.http_port)

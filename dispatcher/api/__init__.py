@@ -13,6 +13,7 @@ from dispatcher.api.accounts import AccountsApi
 from dispatcher.api.auth import add_route, auth_middleware
 from dispatcher.api.broadcasts import BroadcastsApi
 from dispatcher.api.errors import Handler, error_middleware
+from dispatcher.api.jobs import JobsApi
 from dispatcher.api.openapi import OPERATIONS, serve_openapi
 from dispatcher.api.optouts import InboundWebhook, OptOutsApi, is_opted_out, record_opt_out
 from dispatcher.broadcasts.runner import Broadcasts
@@ -21,9 +22,12 @@ from dispatcher.credits.rates import RateCache
 __all__ = ["add_api_routes", "is_opted_out", "record_opt_out"]
 
 
-def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts) -> dict[str, Handler]:
+def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts,
+              hold_expiry_seconds: float) -> dict[str, Handler]:
     accounts, optouts, sends = AccountsApi(pool), OptOutsApi(pool), BroadcastsApi(broadcasts)
+    jobs = JobsApi(pool, hold_expiry_seconds)
     return {
+        "getJob": jobs.get_job,
         "getBalance": accounts.get_balance,
         "listLedger": accounts.get_ledger,
         "getAutoRecharge": accounts.get_auto_recharge,
@@ -43,7 +47,8 @@ def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts) -> dict[str, Handler]:
 
 
 def add_api_routes(app: web.Application, pool: asyncpg.Pool, *, twilio_auth_token: str,
-                   public_base_url: str, broadcasts: Broadcasts | None = None) -> None:
+                   public_base_url: str, broadcasts: Broadcasts | None = None,
+                   hold_expiry_seconds: float = 72 * 3600.0) -> None:
     """Add ``/v1`` routes, ``/openapi.json`` and ``POST /twilio/inbound/{account}`` to ``app``.
 
     ``broadcasts`` is the service's (its runner sends what is submitted); without one,
@@ -51,7 +56,8 @@ def add_api_routes(app: web.Application, pool: asyncpg.Pool, *, twilio_auth_toke
     """
     app.middlewares.append(error_middleware)
     app.middlewares.append(auth_middleware(pool))
-    handlers = _handlers(pool, broadcasts or Broadcasts(pool, RateCache(pool)))
+    handlers = _handlers(pool, broadcasts or Broadcasts(pool, RateCache(pool)),
+                         hold_expiry_seconds)
     for op in OPERATIONS:
         add_route(app, op.method, op.path, handlers[op.operation_id], op.permission)
     app.router.add_get("/openapi.json", serve_openapi)

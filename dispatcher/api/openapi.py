@@ -42,6 +42,8 @@ from dispatcher.api.schemas import (
     RefundIn,
     RefundOut,
 )
+from dispatcher.jobs.contract import ID_PATTERN
+from dispatcher.jobs.view import JobView
 
 ACCOUNT = "/v1/accounts/{account}"
 BROADCAST_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -109,6 +111,13 @@ OPERATIONS: tuple[Operation, ...] = (
               "recipient whose provider call has not started ends canceled, credits released, "
               "before the answer; only calls already in flight finish (owner, admin, service)",
               Permission.BROADCAST, {200: BroadcastProgress}),
+    Operation("getJob", "GET", f"{ACCOUNT}/jobs/{{job_id}}",
+              "A job's state and history (received, held, sending, sent, delivered, failed…, "
+              "with times), its reservation and final charge, and while it waits why: held "
+              "(balance, credits needed, top-up in flight), scheduled or deferred until a time, "
+              "queued for its fair turn, retry_wait, sending; or why it never went (expired…). "
+              "A broadcast recipient's job id is <broadcast>:<seq>", Permission.READ,
+              {200: JobView}),
 )
 
 ERRORS: dict[int, tuple[str, str]] = {
@@ -150,6 +159,10 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
         params.append({"name": "broadcast", "in": "path", "required": True,
                        "description": "broadcast id",
                        "schema": {"type": "string", "pattern": BROADCAST_PATTERN}})
+    if "{job_id}" in op.path:
+        params.append({"name": "job_id", "in": "path", "required": True,
+                       "description": "the job's id (a broadcast recipient's: <broadcast>:<seq>)",
+                       "schema": {"type": "string", "pattern": ID_PATTERN}})
     if op.paged:
         props = PageQuery.model_json_schema()["properties"]
         params += [{"name": name, "in": "query", "required": False,
