@@ -166,8 +166,7 @@ class JobViews:
             code, message = "insufficient_credits", (
                 f"held: the account has {held.available} credits available and needs "
                 f"{held.credits_needed} to release it ({held.held_ahead} held jobs ahead); "
-                + ("a top-up was requested and has not arrived yet" if held.top_up.requested
-                   else "no top-up is in flight: add credits"))
+                + _top_up_words(held))
         elif status in ("scheduled", "deferred"):
             until = row["not_before"]
             code, message = (("scheduled", "scheduled: released at its send time")
@@ -198,6 +197,15 @@ class JobViews:
         return JobWhy(code=code, message=message, until=until, ends_by=ends_by, held=held)
 
 
+def _top_up_words(held: JobHeld) -> str:
+    if held.top_up.requested:
+        return (f"a top-up was requested (balance.low, episode {held.top_up.episode}) and has "
+                "not arrived yet")
+    if held.paused_since is not None:
+        return "billing was told the balance is depleted (balance.depleted); no credits yet"
+    return "no top-up is in flight: add credits"
+
+
 def _held(row: Any) -> JobHeld:
     return JobHeld(
         available=row["available"], credits_needed=row["credits_needed"] or row["estimate"],
@@ -226,7 +234,9 @@ def _history(row: Any, events: list[Any]) -> list[JobHistoryEntry]:
     steps = [JobHistoryEntry(status="received", at=row["created_at"])]
     steps += [JobHistoryEntry(status=e["status"], at=e["created_at"], reason=e["reason"],
                            credits=e["credits"]) for e in events]
-    if row["sending_at"] is not None:  # the latest send began (there is no event for it)
+    # The latest send began (no event marks it; a held row carries a stale sending_at but no
+    # attempt).
+    if row["sending_at"] is not None and row["attempts"] > 0:
         steps.append(JobHistoryEntry(status="sending", at=row["sending_at"]))
     if row["status"] not in {step.status for step in steps[1:]}:
         steps.append(JobHistoryEntry(status=row["status"], at=row["updated_at"],
