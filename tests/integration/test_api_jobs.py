@@ -185,3 +185,28 @@ async def test_the_cli_shows_a_job(pool: asyncpg.Pool, database_url: str) -> Non
     assert shown["job_id"] == job_id and shown["why"]["held"]["credits_needed"] == 3
     code, out = await cli(database_url, "jobs", "show", uid("none"))
     assert code != 0 and "no job" in out
+
+
+async def test_the_broadcast_api_takes_a_validity(api: Api, pool: asyncpg.Pool) -> None:
+    owner = {**bearer(api.a.tokens["owner"])}
+    url = f"/v1/accounts/{api.a.account}/broadcasts"
+    body = {"body": "Flash sale", "from": "+14155550199",
+            "recipients": [{"to": "+447400123456"}]}
+    before = datetime.now(UTC)
+    async with api.client.post(url, json={**body, "validity_seconds": 900},
+                               headers={**owner, "Idempotency-Key": uid("k")}) as resp:
+        assert resp.status == 202, await resp.text()
+        broadcast_id = (await resp.json())["broadcast_id"]
+    expires = await pool.fetchval("SELECT expires_at FROM broadcasts WHERE id = $1",
+                                  broadcast_id)
+    assert before + timedelta(seconds=900) <= expires <= datetime.now(UTC) + timedelta(
+        seconds=900)
+    both = {**body, "validity_seconds": 60, "expires_at": "2031-01-01T00:00:00Z"}
+    async with api.client.post(url, json=both,
+                               headers={**owner, "Idempotency-Key": uid("k")}) as resp:
+        assert resp.status == 422
+        assert (await resp.json())["error"]["field"] == "validity_seconds"
+    naive = {**body, "expires_at": "2031-01-01T00:00:00"}  # no offset: refused
+    async with api.client.post(url, json=naive,
+                               headers={**owner, "Idempotency-Key": uid("k")}) as resp:
+        assert resp.status == 422

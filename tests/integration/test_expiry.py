@@ -22,7 +22,8 @@ from dispatcher.credits.subscriptions import create_account
 from dispatcher.jobs.expiry import ExpirySweeper
 from dispatcher.jobs.store import JobStore, NewJob
 from dispatcher.metrics import Metrics
-from tests.integration.dispatcher_fixture import RunningDispatcher, wait_for
+from dispatcher.settings import Settings
+from tests.integration.dispatcher_fixture import RunningDispatcher, running_dispatcher, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle
 
 
@@ -246,3 +247,22 @@ async def test_pending_broadcast_recipients_past_expiry_end_failed_expired(
     assert json.loads(rows[0]["body"])["metadata"] == {"campaign": "x"}
     assert sum(d.sandbox.state.count(to=n) for n in numbers) == 0
     assert await available(d.pool, account) == 100
+
+
+async def test_the_service_sweeps_by_itself(settings: Settings, twilio_sandbox: SandboxHandle,
+                                            pool: asyncpg.Pool) -> None:
+    async with running_dispatcher(settings, twilio_sandbox, pool,
+                                  expiry_sweep_interval_seconds=0.2) as d:
+        account = await d.funded_account(uid("acct"), 0)
+        job_id = uid("otp")
+        await d.publish_sms(job_id, account, validity_seconds=600)
+
+        async def held() -> bool:
+            return (await d.job(job_id) or {}).get("status") == "held"
+        await wait_for(held)
+        await pool.execute("UPDATE jobs SET expires_at = now() WHERE job_id = $1", job_id)
+
+        async def expired() -> bool:
+            return (await d.job(job_id) or {}).get("reason") == "expired"
+        await wait_for(expired, timeout=10)
+        assert expired_count(d.service.metrics, "sms") == 1
