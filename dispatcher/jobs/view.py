@@ -13,6 +13,7 @@ from typing import Any, Literal
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
+from dispatcher.db import Connection
 from dispatcher.queries import q
 
 WAITING = frozenset({"scheduled", "deferred", "queued", "held", "sending", "retry_wait",
@@ -20,7 +21,7 @@ WAITING = frozenset({"scheduled", "deferred", "queued", "held", "sending", "retr
 NEVER_SENT = frozenset({"failed", "expired", "canceled"})
 WhyCode = Literal["insufficient_credits", "scheduled", "quiet_hours", "fair_share",
                   "retry_wait", "provider_rate_limited", "sending", "provider_outcome_unknown",
-                  "expired", "not_sent"]
+                  "expired", "not_sent", "broadcast_pending"]
 
 
 class _Out(BaseModel):
@@ -138,7 +139,7 @@ class JobViews:
                 isolation="repeatable_read", readonly=True):
             row = await conn.fetchrow(q("job_view"), job_id, account)
             if row is None:
-                return None
+                return await _recipient(conn, job_id, account)
             reservation = await conn.fetchrow(q("job_view_reservation"), job_id)
             ledger = await conn.fetch(q("job_view_ledger"), job_id)
             events = await conn.fetch(q("job_view_events"), job_id)
@@ -195,6 +196,37 @@ class JobViews:
             return JobWhy(code="not_sent", message=f"{status}: {reason}", until=None,
                           ends_by=None, held=None)
         return JobWhy(code=code, message=message, until=until, ends_by=ends_by, held=held)
+
+
+async def _recipient(conn: Connection, job_id: str,
+                     account: str | None) -> JobView | None:
+    """A broadcast recipient that never became a job row: pending, skipped or canceled."""
+    broadcast_id, _, seq = job_id.rpartition(":")
+    if not broadcast_id or not seq.isdigit() or len(seq) > 9:
+        return None
+    row = await conn.fetchrow(q("job_view_recipient"), broadcast_id, int(seq), account)
+    if row is None:
+        return None
+    events = await conn.fetch(q("job_view_events"), job_id)
+    pending = row["status"] == "pending"
+    reason = row["skip_reason"] if row["status"] == "skipped" else (
+        "broadcast_canceled" if row["status"] == "canceled" else None)
+    why = JobWhy(code="broadcast_pending", message="pending: its broadcast has not reached it "
+                 "yet (recipients are fanned out in order, in batches)", until=None,
+                 ends_by=row["expires_at"], held=None) if pending else JobWhy(
+        code="not_sent", message=f"{row['status']}: {reason}", until=None, ends_by=None,
+        held=None)
+    history = [JobHistoryEntry(status="received", at=row["created_at"])] + [
+        JobHistoryEntry(status=e["status"], at=e["created_at"], reason=e["reason"],
+                        credits=e["credits"]) for e in events]
+    return JobView(
+        job_id=job_id, account=row["account_id"], kind="sms", priority=row["priority"],
+        broadcast_id=broadcast_id, status=row["status"], reason=reason, final=not pending,
+        attempts=0, provider_sid=None, created_at=row["created_at"],
+        updated_at=history[-1].at, not_before=None, expires_at=row["expires_at"], why=why,
+        credits=JobCredits(estimate=0, reservation=None, final_cost=None if pending else 0,
+                           ledger=[]),
+        history=history)
 
 
 def _top_up_words(held: JobHeld) -> str:

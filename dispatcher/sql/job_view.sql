@@ -39,3 +39,12 @@ SELECT body ->> 'status' AS status, body ->> 'reason' AS reason,
   FROM outbox
  WHERE exchange = 'events' AND body ->> 'job_id' = $1
  ORDER BY id;
+
+-- name: job_view_recipient
+-- A broadcast recipient that is not a job (yet): pending its fan-out, skipped, or dropped by
+-- a cancel. Its job id is `<broadcast>:<seq>`.
+SELECT r.broadcast_id, r.status, r.skip_reason, b.account_id, b.priority, b.created_at,
+       b.expires_at
+  FROM broadcast_recipients r
+  JOIN broadcasts b ON b.id = r.broadcast_id
+ WHERE r.broadcast_id = $1 AND r.seq = $2 AND ($3::text IS NULL OR b.account_id = $3);

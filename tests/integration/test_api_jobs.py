@@ -210,3 +210,27 @@ async def test_the_broadcast_api_takes_a_validity(api: Api, pool: asyncpg.Pool) 
     async with api.client.post(url, json=naive,
                                headers={**owner, "Idempotency-Key": uid("k")}) as resp:
         assert resp.status == 422
+
+
+async def test_a_broadcast_recipient_not_yet_a_job_says_why(api: Api) -> None:
+    owner = bearer(api.a.tokens["owner"])
+    url = f"/v1/accounts/{api.a.account}/broadcasts"
+    body = {"body": "Hello", "from": "+14155550199", "validity_seconds": 3600,
+            "recipients": [{"to": "+447400123456"}, {"to": "+1555"}]}
+    async with api.client.post(url, json=body,
+                               headers={**owner, "Idempotency-Key": uid("k")}) as resp:
+        assert resp.status == 202, await resp.text()
+        broadcast_id = (await resp.json())["broadcast_id"]
+    # No runner behind this API: the recipients wait for their fan-out.
+    pending = await get_job(api, api.a.account, f"{broadcast_id}:0", api.a.tokens["member"])
+    assert (pending["status"], pending["final"], pending["broadcast_id"]) == (
+        "pending", False, broadcast_id)
+    assert pending["why"]["code"] == "broadcast_pending"
+    assert pending["why"]["ends_by"] == pending["expires_at"] is not None
+    skipped = await get_job(api, api.a.account, f"{broadcast_id}:1", api.a.tokens["member"])
+    assert (skipped["status"], skipped["reason"], skipped["why"]["code"]) == (
+        "skipped", "invalid", "not_sent")
+    assert [s["status"] for s in skipped["history"]] == ["received", "skipped"]
+    for job_id in (f"{broadcast_id}:2", f"{broadcast_id}:x", broadcast_id):
+        await get_job(api, api.a.account, job_id, api.a.tokens["member"], 404)
+    await get_job(api, api.b.account, f"{broadcast_id}:0", api.b.tokens["owner"], 404)
