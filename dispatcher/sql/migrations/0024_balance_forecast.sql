@@ -3,6 +3,8 @@
 --     account spent in the last hour (the ledger), and balance.low the number and value of
 --     held jobs. Added by a trigger on the outbox, so none of the functions that emit these
 --     events (accounts_low_balance, pause_account, emit_still_depleted) is redefined here.
+--     The forecast is computed at commit: the ledger row of the reservation that crossed the
+--     threshold is written after the balance change that emits the event.
 --   * Auto-recharge settings whose amount cannot lift the balance above the threshold
 --     ("below 500 add 100" from zero leaves 100: charge after charge) are refused on every
 --     path that writes them (API, CLI, SQL): enabled => amount > threshold.
@@ -13,7 +15,7 @@
 
 
 -- The forecast of one account at `p_available` credits: {window_seconds, spent,
--- seconds_to_zero}. Walks the ledger newest first (index ledger_account) and stops at the
+-- seconds_to_zero}. Called at commit, so `spent` includes the change that emitted the event. Walks the ledger newest first (index ledger_account) and stops at the
 -- hour's edge, or after 50 000 rows: then the window is as long as those rows cover.
 CREATE FUNCTION balance_forecast(p_account text, p_available bigint) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
@@ -48,23 +50,26 @@ BEGIN
 END $$;
 
 
+-- Filled in at commit (a deferred constraint trigger), when the ledger rows of the change that
+-- emitted the event are written too; the row is not visible to the relay before the commit.
 CREATE FUNCTION outbox_balance_forecast() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     account text := NEW.body ->> 'account';
-    held_count bigint;
-    held_sum bigint;
+    extra jsonb;
 BEGIN
-    NEW.body := NEW.body || jsonb_build_object('forecast', balance_forecast(
+    extra := jsonb_build_object('forecast', balance_forecast(
         account, coalesce((NEW.body ->> 'available')::bigint, 0)));
     IF NEW.routing_key = 'balance.low' THEN
-        SELECT count(*), coalesce(sum(estimate), 0) INTO held_count, held_sum
+        SELECT extra || jsonb_build_object('held_jobs', count(*),
+                                           'held_credits', coalesce(sum(estimate), 0))
+          INTO extra
           FROM jobs WHERE account_id = account AND status = 'held';
-        NEW.body := NEW.body || jsonb_build_object('held_jobs', held_count,
-                                                   'held_credits', held_sum);
     END IF;
-    RETURN NEW;
+    UPDATE outbox SET body = body || extra WHERE id = NEW.id;
+    RETURN NULL;
 END $$;
-CREATE TRIGGER outbox_balance_forecast BEFORE INSERT ON outbox
+CREATE CONSTRAINT TRIGGER outbox_balance_forecast AFTER INSERT ON outbox
+    DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW
     WHEN (NEW.exchange = 'billing' AND NEW.routing_key IN ('balance.low', 'balance.depleted'))
     EXECUTE FUNCTION outbox_balance_forecast();
