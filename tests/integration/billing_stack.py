@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,21 @@ class Tapped:
     body: dict[str, Any]
 
 
+class OffsetClock:
+    """The billing service's injected clock: real time plus an offset that tests move forward
+    (an hour, a month) instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, delta: timedelta) -> None:
+        """Jump forward by ``delta``."""
+        self.offset += delta
+
+
 class GatedGateway(FakeGateway):
     """The fake gateway, whose charges wait while ``gate`` is closed (a slow bank)."""
 
@@ -66,6 +82,7 @@ class BillingStack:
     billing: ReferenceBillingService
     gateway: GatedGateway
     billing_settings: BillingSettings
+    clock: OffsetClock = field(default_factory=OffsetClock)
     tapped: list[Tapped] = field(default_factory=list)
 
     def seen(self, routing_key: str, account: str) -> list[dict[str, Any]]:
@@ -138,9 +155,10 @@ async def billing_stack_fixture(dispatcher: RunningDispatcher) -> AsyncIterator[
         backoff_base_seconds=0.5, backoff_max_seconds=2.0, max_attempts=2,
         default_primary="tok_ok", outbox_sweep_seconds=0.5, shutdown_timeout_seconds=5.0)
     gateway = GatedGateway(timeout_delay=0.2)
-    service = ReferenceBillingService(settings, gateway)
+    clock = OffsetClock()
+    service = ReferenceBillingService(settings, gateway, clock=clock)
     await service.start()
-    stack = BillingStack(dispatcher, service, gateway, settings)
+    stack = BillingStack(dispatcher, service, gateway, settings, clock)
     connection = await aio_pika.connect_robust(s.amqp_url)
     channel = await connection.channel()
     tap = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -170,4 +188,5 @@ async def drop_billing_queues(settings: BillingSettings) -> None:
             await channel.queue_delete(name)
 
 
-__all__ = ["BillingStack", "Tapped", "billing_stack_fixture", "drop_billing_queues"]
+__all__ = ["BillingStack", "OffsetClock", "Tapped", "billing_stack_fixture",
+           "drop_billing_queues"]
