@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from billing_client.reference import (
     BillingSettings,
     ChargeResult,
     FakeGateway,
+    GatewayCall,
     ReferenceBillingService,
     set_payment_methods,
 )
@@ -61,16 +63,23 @@ class OffsetClock:
 
 
 class GatedGateway(FakeGateway):
-    """The fake gateway, whose charges wait while ``gate`` is closed (a slow bank)."""
+    """The fake gateway, whose charges wait while ``gate`` is closed (a slow bank), and whose
+    next ``decline_next`` requests are declined whatever the token (a flaky card)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gate = asyncio.Event()
         self.gate.set()
+        self.decline_next = 0
 
     async def charge(self, account: str, token: str, amount_credits: int,
                      idempotency_key: str) -> ChargeResult:
         await self.gate.wait()
+        if self.decline_next > 0:
+            self.decline_next -= 1
+            self.calls.append(GatewayCall(account, token, amount_credits, idempotency_key,
+                                          "declined", None, False, time.monotonic()))
+            return ChargeResult("declined")
         return await super().charge(account, token, amount_credits, idempotency_key)
 
 
