@@ -192,18 +192,19 @@ RETURNING account;
 
 -- name: set_limits
 -- NULL keeps a value, except $6 (clear the cap). Changing the cap lifts a reached cap.
+-- owner_changed_at is compared with when top-ups closed (database time), so it is now() too.
 UPDATE billing_ref.accounts
    SET hourly_limit = coalesce($2, hourly_limit),
        decline_limit = coalesce($3, decline_limit),
        monthly_cap = CASE WHEN $6 THEN NULL ELSE coalesce($4, monthly_cap) END,
        cap_unit = coalesce($5, cap_unit),
-       owner_changed_at = $7
+       owner_changed_at = now()
  WHERE account = $1
 RETURNING account;
 
 -- name: enable_recharge
 UPDATE billing_ref.accounts
-   SET paused_at = NULL, consecutive_declines = 0, decline_run = '[]', owner_changed_at = $2
+   SET paused_at = NULL, consecutive_declines = 0, decline_run = '[]', owner_changed_at = now()
  WHERE account = $1
 RETURNING account;
 

@@ -289,13 +289,13 @@ class BillingStore:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(q("lock_account"), account)
             await conn.execute(q("set_limits"), account, hourly_limit, decline_limit,
-                               monthly_cap, cap_unit, clear_cap, self.clock())
+                               monthly_cap, cap_unit, clear_cap)
 
     async def enable(self, account: str) -> None:
         """An owner turns auto-recharge back on: the pause and the decline count are cleared."""
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(q("lock_account"), account)
-            await conn.execute(q("enable_recharge"), account, self.clock())
+            await conn.execute(q("enable_recharge"), account)
 
     async def status(self, account: str) -> dict[str, Any] | None:
         """The account's recharge limits and safety state."""
