@@ -94,7 +94,8 @@ class _Event(BaseModel):
 
 
 class AutoRecharge(BaseModel):
-    """An account's auto-recharge settings: below ``threshold``, add ``amount`` credits."""
+    """An account's auto-recharge settings: below ``threshold``, add ``amount`` credits.
+    ``changed_at``: when an owner last changed them (null: never since the account was made)."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True,
                               json_schema_serialization_defaults_required=True)
@@ -102,6 +103,7 @@ class AutoRecharge(BaseModel):
     enabled: bool
     threshold: Credits
     amount: Credits
+    changed_at: AwareDatetime | None = None
 
 
 class BalanceForecast(BaseModel):
@@ -225,6 +227,9 @@ class TopupDisabled(_Event):
     declines: Annotated[int, Field(ge=1)]
     decline_reasons: Annotated[list[DeclinedCharge], Field(max_length=50)]
     advice: Annotated[str, StringConstraints(max_length=500)] = ""
+    # The ``auto_recharge.changed_at`` billing last saw: the dispatcher turns auto-recharge off
+    # only if no owner changed the settings since; a later change turns billing's pause off.
+    settings_changed_at: AwareDatetime | None = None
 
 
 BillingEvent = (BalanceLow | BalanceDepleted | CreditsGranted | TopupFailed | TopupCapWarning

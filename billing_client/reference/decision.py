@@ -30,8 +30,10 @@ class AccountState:
     episode_closed_at: datetime | None = None
     # The latest change of payment methods or owner action (re-enable, new cap).
     methods_changed_at: datetime | None = None
-    # Auto-recharge turned itself off after consecutive declines (an owner turns it back on).
+    # Auto-recharge turned itself off after consecutive declines (an owner turns it back on),
+    # and the owner's last settings change known then (``AutoRecharge.changed_at``).
     paused: bool = False
+    paused_settings_at: datetime | None = None
     # The monthly cap was reached this month and has not been raised since.
     capped: bool = False
 
@@ -42,6 +44,8 @@ class Verdict:
 
     decision: str
     amount: int = 0
+    # Starting it lifts the pause: the owner turned auto-recharge on since it paused itself.
+    resume: bool = False
 
     @property
     def starts_topup(self) -> bool:
@@ -73,7 +77,7 @@ def decide(event: TriggerEvent, state: AccountState) -> Verdict:
     amount = topup_amount(event)
     if amount <= 0:
         return Verdict("nothing_to_charge")
-    if state.paused:
+    if state.paused and not owner_enabled_since_pause(event, state):
         return Verdict(PAUSED)
     if state.capped:
         return Verdict(CAPPED)
@@ -83,7 +87,15 @@ def decide(event: TriggerEvent, state: AccountState) -> Verdict:
         return Verdict("episode_topped_up")
     if state.episode_status == "failed" and not _methods_changed_after(state):
         return Verdict("episode_gave_up")
-    return Verdict(START, amount)
+    return Verdict(START, amount, resume=state.paused)
+
+
+def owner_enabled_since_pause(event: TriggerEvent, state: AccountState) -> bool:
+    """The event shows auto-recharge on with settings an owner changed after the pause (the
+    dispatcher stamps ``changed_at``; no clocks of two services are compared)."""
+    changed, known = event.auto_recharge.changed_at, state.paused_settings_at
+    return event.auto_recharge.enabled and changed is not None and (
+        known is None or changed > known)
 
 
 def _depleted_after_grant(event: TriggerEvent, state: AccountState) -> bool:

@@ -25,6 +25,7 @@ SELECT EXISTS (SELECT 1 FROM billing_ref.topups
                   WHERE account = $1 AND purpose = 'auto_recharge'),
                 a.owner_changed_at) AS methods_changed_at,
        a.paused_at IS NOT NULL AS paused,
+       a.paused_settings_at,
        (a.capped_month = $3 AND a.capped_cap IS NOT DISTINCT FROM a.monthly_cap) AS capped
   FROM billing_ref.accounts a
   LEFT JOIN LATERAL (
@@ -187,8 +188,11 @@ UPDATE billing_ref.accounts SET consecutive_declines = 0, decline_run = '[]'
  WHERE account = $1 AND consecutive_declines > 0;
 
 -- name: pause_recharge
-UPDATE billing_ref.accounts SET paused_at = $2 WHERE account = $1 AND paused_at IS NULL
-RETURNING account;
+UPDATE billing_ref.accounts
+   SET paused_at = $2,
+       paused_settings_at = (last_trigger -> 'auto_recharge' ->> 'changed_at')::timestamptz
+ WHERE account = $1 AND paused_at IS NULL
+RETURNING account, paused_settings_at;
 
 -- name: set_limits
 -- NULL keeps a value, except $6 (clear the cap). Changing the cap lifts a reached cap.
@@ -204,7 +208,8 @@ RETURNING account;
 
 -- name: enable_recharge
 UPDATE billing_ref.accounts
-   SET paused_at = NULL, consecutive_declines = 0, decline_run = '[]', owner_changed_at = now()
+   SET paused_at = NULL, paused_settings_at = NULL, consecutive_declines = 0,
+       decline_run = '[]', owner_changed_at = now()
  WHERE account = $1
 RETURNING account;
 

@@ -107,6 +107,9 @@ ALTER TABLE billing_ref.accounts
     ADD COLUMN IF NOT EXISTS decline_run jsonb NOT NULL DEFAULT '[]',
     -- Auto-recharge turned itself off (consecutive declines); only an owner turns it back on.
     ADD COLUMN IF NOT EXISTS paused_at timestamptz,
+    -- The dispatcher's auto_recharge.changed_at known when pausing: a later owner change, seen
+    -- on a balance event, turns auto-recharge back on.
+    ADD COLUMN IF NOT EXISTS paused_settings_at timestamptz,
     ADD COLUMN IF NOT EXISTS owner_changed_at timestamptz,
     -- The last balance event seen, so an owner's re-enable can charge once at once.
     ADD COLUMN IF NOT EXISTS last_trigger jsonb;

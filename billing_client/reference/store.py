@@ -120,6 +120,9 @@ class BillingStore:
         assert row is not None  # the caller created the account row
         verdict = decide(event, AccountState(**dict(row)))
         topup_id: int | None = None
+        if verdict.starts_topup and verdict.resume:
+            # The owner turned auto-recharge on again in the dispatcher since the pause.
+            await conn.execute(q("enable_recharge"), event.account)
         if verdict.starts_topup:
             topup_id = await conn.fetchval(q("insert_topup"), event.account, event.episode,
                                            event.type, event.event_id, verdict.amount,
@@ -277,9 +280,12 @@ class BillingStore:
             if done is None:
                 return False
             await _outbox(conn, failed)
-            if disabled is not None and await conn.fetchval(
-                    q("pause_recharge"), topup.account, disabled.occurred_at):
-                await _outbox(conn, disabled)
+            if disabled is not None:
+                paused = await conn.fetchrow(q("pause_recharge"), topup.account,
+                                             disabled.occurred_at)
+                if paused is not None:
+                    await _outbox(conn, disabled.model_copy(
+                        update={"settings_changed_at": paused["paused_settings_at"]}))
         return True
 
     async def set_limits(self, account: str, *, hourly_limit: int | None = None,

@@ -104,3 +104,38 @@ async def test_recharge_storm_stays_within_the_hourly_limit_and_the_monthly_cap(
     stack.check_contract()
     lows = stack.seen("balance.low", account) + stack.seen("balance.depleted", account)
     assert lows and all("forecast" in e for e in lows)
+
+
+async def test_declines_pause_auto_recharge_on_both_sides_until_the_owner_turns_it_on(
+        stack: BillingStack) -> None:
+    account = uid("paused")
+    await create_account(stack.d.pool, account, auto_recharge=(True, 10, 20))
+    await stack.methods(account, "tok_decline", "tok_decline")
+    await CreditStore(stack.d.pool).grant(account, 5, "adjustment", uid("seed"))  # below 10
+
+    async def turned_off_here() -> bool:
+        return not await stack.d.pool.fetchval(
+            "SELECT auto_recharge_enabled FROM accounts WHERE id = $1", account)
+    await wait_for(turned_off_here, timeout=30)
+    [disabled] = stack.seen("topup.disabled", account)
+    assert disabled["declines"] == 3 and disabled["settings_changed_at"] is None
+    assert len(stack.gateway.calls_for(account)) == 3 and not stack.gateway.charges_for(account)
+
+    # The owner fixes the card and turns auto-recharge on in the dispatcher: still below the
+    # threshold, so one balance.low at once, whose new changed_at lifts billing's pause.
+    await stack.methods(account, "tok_ok")
+    code, out = await stack.cli("accounts", "auto-recharge", account, "on", "--threshold", "10",
+                                "--amount", "20")
+    assert code == 0, out
+
+    async def topped_up() -> bool:
+        return await stack.available(account) == 25
+    await wait_for(topped_up, timeout=30)
+    assert len(stack.gateway.charges_for(account)) == 1
+    lows = stack.seen("balance.low", account)
+    assert lows[-1]["auto_recharge"]["changed_at"] is not None
+    status = await stack.billing.recharge_status(account)
+    assert status is not None and status["paused_at"] is None
+    code, out = await stack.cli("audit", "--billing-dsn", stack.d.settings.database_url)
+    assert code == 0, out
+    assert await run_checks(stack.d.pool) == []

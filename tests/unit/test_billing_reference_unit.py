@@ -175,3 +175,18 @@ def test_calendar_months_in_utc() -> None:
         "2026-12", 1, datetime(2027, 1, 1, tzinfo=UTC))
     with pytest.raises(InvalidSettings):
         BillingSettings(hourly_charge_limit=0)
+
+
+def test_only_an_owner_change_after_the_pause_lifts_it() -> None:
+    paused = AccountState(False, paused=True, paused_settings_at=T0)
+
+    def enabled_low(changed: datetime | None, enabled: bool = True) -> BalanceLow:
+        return low().model_copy(update={"auto_recharge": AutoRecharge(
+            enabled=enabled, threshold=400, amount=1000, changed_at=changed)})
+    assert decide(enabled_low(None), paused).decision == "auto_recharge_paused"
+    assert decide(enabled_low(T0), paused).decision == "auto_recharge_paused"
+    lifted = decide(enabled_low(T0 + timedelta(seconds=1)), paused)
+    assert lifted.starts_topup and lifted.resume
+    assert not decide(enabled_low(T0 + timedelta(1), enabled=False), paused).starts_topup
+    never = AccountState(False, paused=True)
+    assert decide(enabled_low(T0), never).resume

@@ -12,6 +12,12 @@
 --     episode left open from before (opened at zero with auto-recharge off) is closed so that
 --     accounts_low_balance, which fires after this trigger (alphabetical order), opens a new
 --     one and emits one balance.low.
+--   * Billing pauses auto-recharge after consecutive declines (topup.disabled): the dispatcher
+--     turns it off too, unless an owner changed the settings since. An owner's change is
+--     stamped (auto_recharge_changed_at, by the API and CLI queries) and travels on every
+--     balance event as auto_recharge.changed_at: a change after the pause lifts it in billing.
+
+ALTER TABLE accounts ADD COLUMN auto_recharge_changed_at timestamptz;
 
 
 -- The forecast of one account at `p_available` credits: {window_seconds, spent,
@@ -59,6 +65,12 @@ DECLARE
 BEGIN
     extra := jsonb_build_object('forecast', balance_forecast(
         account, coalesce((NEW.body ->> 'available')::bigint, 0)));
+    SELECT jsonb_build_object('auto_recharge', (NEW.body -> 'auto_recharge') || jsonb_build_object(
+               'changed_at', to_char(a.auto_recharge_changed_at AT TIME ZONE 'UTC',
+                                     'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')))
+           || extra
+      INTO extra
+      FROM accounts a WHERE a.id = account;
     IF NEW.routing_key = 'balance.low' THEN
         SELECT extra || jsonb_build_object('held_jobs', count(*),
                                            'held_credits', coalesce(sum(estimate), 0))
