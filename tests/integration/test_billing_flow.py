@@ -231,7 +231,8 @@ async def test_overage_below_zero_requests_a_top_up_even_with_auto_recharge_off(
     await wait_for(topped_up)
     [low] = await stack.outbox("balance.low", wants)
     assert (low["available"], low["topup_requested_even_if_disabled"]) == (-1, True)
-    assert low["auto_recharge"] == {"enabled": False, "threshold": 5, "amount": 20}
+    assert low["auto_recharge"] == {"enabled": False, "threshold": 5, "amount": 20,
+                                    "changed_at": None}
     assert [c.amount for c in stack.gateway.charges_for(wants)] == [20]
     assert [g["kind"] for g in await stack.grant_lines(wants)] == [
         "grant_purchase", "grant_auto_recharge"]
