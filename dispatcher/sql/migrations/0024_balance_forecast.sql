@@ -61,16 +61,18 @@ END $$;
 CREATE FUNCTION outbox_balance_forecast() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     account text := NEW.body ->> 'account';
+    changed text;
     extra jsonb;
 BEGIN
-    extra := jsonb_build_object('forecast', balance_forecast(
-        account, coalesce((NEW.body ->> 'available')::bigint, 0)));
-    SELECT jsonb_build_object('auto_recharge', (NEW.body -> 'auto_recharge') || jsonb_build_object(
-               'changed_at', to_char(a.auto_recharge_changed_at AT TIME ZONE 'UTC',
-                                     'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')))
-           || extra
-      INTO extra
-      FROM accounts a WHERE a.id = account;
+    IF account IS NULL OR jsonb_typeof(NEW.body -> 'auto_recharge') IS DISTINCT FROM 'object' THEN
+        RETURN NULL;  -- not an event this migration knows how to complete
+    END IF;
+    SELECT to_char(a.auto_recharge_changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+      INTO changed FROM accounts a WHERE a.id = account;
+    extra := jsonb_build_object(
+        'forecast', balance_forecast(account, coalesce((NEW.body ->> 'available')::bigint, 0)),
+        'auto_recharge', (NEW.body -> 'auto_recharge')
+                         || jsonb_build_object('changed_at', changed));
     IF NEW.routing_key = 'balance.low' THEN
         SELECT extra || jsonb_build_object('held_jobs', count(*),
                                            'held_credits', coalesce(sum(estimate), 0))
