@@ -1,10 +1,12 @@
 """Billing events v1: the contract between the dispatcher and the billing service.
 
 The dispatcher emits ``balance.low`` and ``balance.depleted``; the billing service answers with
-``credits.granted`` or ``topup.failed``. Each event's routing key on the billing topic exchange is
-its ``type``. Delivery is at least once: consumers deduplicate by ``event_id`` (and the dispatcher
-applies a grant once per ``payment_reference``). Within ``schema_version`` 1 only optional fields
-are ever added, and decoders ignore fields they do not know; anything else bumps the version.
+``credits.granted`` or ``topup.failed``, and tells the owner about its recharge safety rules with
+``topup.cap_warning``, ``topup.capped`` and ``topup.disabled``. Each event's routing key on the
+billing topic exchange is its ``type``. Delivery is at least once: consumers deduplicate by
+``event_id`` (and the dispatcher applies a grant once per ``payment_reference``). Within
+``schema_version`` 1 only optional fields and event types are ever added, and decoders ignore
+fields they do not know; anything else bumps the version.
 
 An *episode* runs from the balance crossing below the threshold until a grant lifts it back
 above; ``balance.low`` is sent once per episode, and replies carry the episode they answer.
@@ -31,11 +33,15 @@ from pydantic import (
 SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
 WIRE_REQUIRED = ("schema_version", "event_id", "occurred_at")
-EVENT_TYPES = ("balance.low", "balance.depleted", "credits.granted", "topup.failed")
+EVENT_TYPES = ("balance.low", "balance.depleted", "credits.granted", "topup.failed",
+               "topup.cap_warning", "topup.capped", "topup.disabled")
 # Known values of the open code fields below; consumers must accept others.
 PAYMENT_METHODS = ("primary", "backup", "manual")
 TOPUP_FAILURE_REASONS = ("declined", "insufficient_funds", "expired_card", "timeout",
-                         "gateway_error", "no_payment_method", "limit_exceeded")
+                         "gateway_error", "no_payment_method", "limit_exceeded",
+                         "monthly_cap", "auto_recharge_paused")
+# What a monthly recharge cap counts: credits granted, or money charged.
+CAP_UNITS = ("credits", "money")
 
 AccountId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 Code = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
@@ -88,7 +94,8 @@ class _Event(BaseModel):
 
 
 class AutoRecharge(BaseModel):
-    """An account's auto-recharge settings: below ``threshold``, add ``amount`` credits."""
+    """An account's auto-recharge settings: below ``threshold``, add ``amount`` credits.
+    ``changed_at``: when an owner last changed them (null: never since the account was made)."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True,
                               json_schema_serialization_defaults_required=True)
@@ -96,6 +103,20 @@ class AutoRecharge(BaseModel):
     enabled: bool
     threshold: Credits
     amount: Credits
+    changed_at: AwareDatetime | None = None
+
+
+class BalanceForecast(BaseModel):
+    """How urgent a low balance is: the net credits spent in the last ``window_seconds`` and,
+    at that rate, the seconds until available credits reach zero (0: already there; null: no
+    spend in the window, so no forecast)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True,
+                              json_schema_serialization_defaults_required=True)
+
+    window_seconds: Annotated[int, Field(gt=0)] = 3600
+    spent: Credits
+    seconds_to_zero: Credits | None = None
 
 
 class BalanceLow(_Event):
@@ -113,6 +134,9 @@ class BalanceLow(_Event):
     episode: Episode
     shortfall: Credits | None = None
     topup_requested_even_if_disabled: bool = False
+    forecast: BalanceForecast | None = None
+    held_jobs: Credits | None = None
+    held_credits: Credits | None = None
 
 
 class BalanceDepleted(_Event):
@@ -125,6 +149,7 @@ class BalanceDepleted(_Event):
     episode: Episode
     auto_recharge: AutoRecharge
     topup_requested_even_if_disabled: bool
+    forecast: BalanceForecast | None = None
 
 
 class CreditsGranted(_Event):
@@ -153,7 +178,62 @@ class TopupFailed(_Event):
     in_reply_to: UUID | None = None
 
 
-BillingEvent = BalanceLow | BalanceDepleted | CreditsGranted | TopupFailed
+Month = Annotated[str, StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
+Money = Annotated[int, Field(gt=0)]
+
+
+class TopupCapWarning(_Event):
+    """This calendar month's automatic charges reached ``percent`` (80, then 90) of the cap."""
+
+    type: Literal["topup.cap_warning"] = "topup.cap_warning"
+    percent: Annotated[int, Field(ge=1, le=99)]
+    month: Month
+    unit: Code
+    cap: Money
+    used: Credits
+
+
+class TopupCapped(_Event):
+    """The monthly recharge cap is reached (or the next charge would pass it): no automatic
+    charge until ``resets_at`` (the next calendar month, UTC) or until an owner raises it."""
+
+    type: Literal["topup.capped"] = "topup.capped"
+    month: Month
+    unit: Code
+    cap: Money
+    used: Credits
+    refused_amount: Credits | None = None
+    resets_at: AwareDatetime
+    episode: Episode | None = None
+
+
+class DeclinedCharge(BaseModel):
+    """One declined charge of the run that paused auto-recharge."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True,
+                              json_schema_serialization_defaults_required=True)
+
+    reason: Code
+    payment_method: Code | None = None
+    at: AwareDatetime
+
+
+class TopupDisabled(_Event):
+    """Auto-recharge turned itself off after ``declines`` consecutive declined charges (primary
+    and backup alike); it stays off until an owner turns it back on."""
+
+    type: Literal["topup.disabled"] = "topup.disabled"
+    reason: Code = "consecutive_declines"
+    declines: Annotated[int, Field(ge=1)]
+    decline_reasons: Annotated[list[DeclinedCharge], Field(max_length=50)]
+    advice: Annotated[str, StringConstraints(max_length=500)] = ""
+    # The ``auto_recharge.changed_at`` billing last saw: the dispatcher turns auto-recharge off
+    # only if no owner changed the settings since; a later change turns billing's pause off.
+    settings_changed_at: AwareDatetime | None = None
+
+
+BillingEvent = (BalanceLow | BalanceDepleted | CreditsGranted | TopupFailed | TopupCapWarning
+                | TopupCapped | TopupDisabled)
 _EVENTS: TypeAdapter[BillingEvent] = TypeAdapter(
     Annotated[BillingEvent, Field(discriminator="type")])
 

@@ -13,7 +13,13 @@ import asyncpg
 
 from dispatcher.credits.audit import cross_check_billing, format_report, run_audit
 from dispatcher.credits.ledger import CreditStore
-from dispatcher.credits.subscriptions import CADENCES, Plan, create_account, renew_due
+from dispatcher.credits.subscriptions import (
+    CADENCES,
+    Plan,
+    check_auto_recharge,
+    create_account,
+    renew_due,
+)
 from dispatcher.db import connect, require_migrated
 from dispatcher.demo.options import DemoOptions
 from dispatcher.errors import DispatcherError
@@ -70,6 +76,23 @@ async def cmd_accounts_create(args: argparse.Namespace, settings: Settings) -> i
                                             args.auto_recharge_threshold or 0,
                                             args.auto_recharge_amount or 0))
         print(f"created account {args.account}")
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_accounts_auto_recharge(args: argparse.Namespace, settings: Settings) -> int:
+    """Set auto-recharge; refused (naming the fields) when the amount cannot lift a balance
+    at zero above the threshold."""
+    enabled = args.state == "on"
+    check_auto_recharge(enabled, args.threshold, args.amount)
+
+    async def work(pool: asyncpg.Pool) -> int:
+        row = await pool.fetchrow(q("api_set_auto_recharge"), args.account, enabled,
+                                  args.threshold, args.amount, args.topup_at_zero)
+        if row is None:
+            raise DispatcherError(f"no account {args.account!r}")
+        print(f"auto-recharge {args.state} for {args.account}: below {args.threshold} "
+              f"add {args.amount}")
         return 0
     return await _with_pool(settings, work)
 
@@ -325,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     show = _command(accounts, "show", "show an account")
     show.add_argument("account")
     show.set_defaults(func=cmd_accounts_show)
+    recharge = _command(accounts, "auto-recharge",
+                        "set auto-recharge: below THRESHOLD credits, buy AMOUNT more "
+                        "(enabled, AMOUNT must be greater than THRESHOLD)")
+    recharge.add_argument("account")
+    recharge.add_argument("state", choices=("on", "off"))
+    recharge.add_argument("--threshold", type=_non_negative, required=True)
+    recharge.add_argument("--amount", type=_non_negative, required=True)
+    recharge.add_argument("--topup-at-zero", action=argparse.BooleanOptionalAction,
+                          default=None, help="top up at zero even when off (kept if omitted)")
+    recharge.set_defaults(func=cmd_accounts_auto_recharge)
     smart = _command(accounts, "smart-encoding",
                      "turn Twilio Smart Encoding on or off (off by default)")
     smart.add_argument("account")

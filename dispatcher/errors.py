@@ -43,6 +43,12 @@ class InvalidAmount(DispatcherError):
     code = "invalid_amount"
 
 
+class InvalidAutoRecharge(DispatcherError):
+    """The auto-recharge amount must be greater than the threshold when it is enabled."""
+
+    code = "invalid_auto_recharge"
+
+
 class UnknownAccount(DispatcherError):
     """No account with this id exists."""
 

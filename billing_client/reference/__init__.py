@@ -2,12 +2,21 @@
 
 It charges the account's primary auto-recharge method, then its backup; never has two top-ups
 in flight for one account; backs off and retries after failures, then gives up for the episode;
-and replies with ``credits.granted`` (or ``topup.failed``) through a confirmed outbox.
+and replies with ``credits.granted`` (or ``topup.failed``) through a confirmed outbox. Before
+every new charge it enforces the recharge safety rules: charges per hour, a monthly cap
+(``topup.cap_warning``, ``topup.capped``) and a pause after consecutive declines
+(``topup.disabled``) that only an owner lifts.
 """
 
 from __future__ import annotations
 
-from billing_client.reference.admin import list_invoices, set_payment_methods
+from billing_client.reference.admin import (
+    enable_auto_recharge,
+    list_invoices,
+    recharge_status,
+    set_payment_methods,
+    set_recharge_limits,
+)
 from billing_client.reference.errors import (
     BillingServiceError,
     GatewayError,
@@ -38,6 +47,9 @@ __all__ = [
     "PaymentGateway",
     "ReferenceBillingService",
     "ServiceUnavailable",
+    "enable_auto_recharge",
     "list_invoices",
+    "recharge_status",
     "set_payment_methods",
+    "set_recharge_limits",
 ]

@@ -1,4 +1,5 @@
-"""``python -m billing_client.reference``: run the service, set payment methods, list invoices."""
+"""``python -m billing_client.reference``: run the service, set payment methods, list invoices,
+set the recharge safety limits, turn auto-recharge back on, and audit."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ from typing import Any
 
 import structlog
 
-from billing_client.reference.admin import list_invoices, set_payment_methods
+from billing_client.reference.admin import (
+    enable_auto_recharge,
+    list_invoices,
+    recharge_status,
+    set_payment_methods,
+    set_recharge_limits,
+)
+from billing_client.reference.audit import run_checks
 from billing_client.reference.errors import BillingServiceError
-from billing_client.reference.service import ReferenceBillingService
+from billing_client.reference.service import ReferenceBillingService, open_pool
 from billing_client.reference.settings import BillingSettings
 from billing_client.reference.store import PURPOSES
 
@@ -77,6 +85,36 @@ async def invoices(args: argparse.Namespace, settings: BillingSettings) -> int:
     return 0
 
 
+async def recharge(args: argparse.Namespace, settings: BillingSettings) -> int:
+    """``recharge limits|enable|show``: the owner's recharge safety settings."""
+    if args.recharge_command == "limits":
+        verdict = await set_recharge_limits(
+            settings, args.account, monthly_cap=args.monthly_cap, cap_unit=args.cap_unit,
+            hourly_limit=args.hourly_limit, decline_limit=args.decline_limit,
+            clear_cap=args.no_cap)
+        sys.stdout.write(f"limits set for {args.account} ({verdict.decision})\n")
+    elif args.recharge_command == "enable":
+        verdict = await enable_auto_recharge(settings, args.account)
+        sys.stdout.write(f"auto-recharge on for {args.account} ({verdict.decision})\n")
+    else:
+        shown = await recharge_status(settings, args.account)
+        sys.stdout.write(json.dumps(shown, default=_jsonable) + "\n")
+    return 0
+
+
+async def audit(settings: BillingSettings) -> int:
+    """Print each violated rule; exit 1 if there is any."""
+    pool = await open_pool(settings)
+    try:
+        found = await run_checks(pool)
+    finally:
+        await pool.close()
+    for v in found:
+        sys.stdout.write(f"{v.check}\t{v.account}\t{v.problem}\n")
+    sys.stdout.write(f"{len(found)} problem(s)\n")
+    return 1 if found else 0
+
+
 def _jsonable(value: Any) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
@@ -105,7 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("invoices", help="list an account's invoices (JSON lines)",
                                epilog=NEEDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("account")
+    _recharge_parser(commands)
+    commands.add_parser("audit", help="check that no charge broke a safety rule, no duplicate "
+                        "grant (exit 1 if any)", epilog=NEEDS,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
+
+
+def _recharge_parser(commands: Any) -> None:
+    """``recharge limits|enable|show`` (owner actions; the CLI is the operator's tool)."""
+    sub = commands.add_parser("recharge", help="recharge safety limits, turn auto-recharge on",
+                              epilog=NEEDS, formatter_class=argparse.RawDescriptionHelpFormatter
+                              ).add_subparsers(dest="recharge_command", required=True)
+    limits = sub.add_parser("limits", help="set an account's recharge limits")
+    limits.add_argument("account")
+    cap = limits.add_mutually_exclusive_group()
+    cap.add_argument("--monthly-cap", type=int, help="most charged per calendar month (UTC)")
+    cap.add_argument("--no-cap", action="store_true", help="remove the monthly cap")
+    limits.add_argument("--cap-unit", choices=("credits", "money"))
+    limits.add_argument("--hourly-limit", type=int, help="most charges in any hour")
+    limits.add_argument("--decline-limit", type=int,
+                        help="declined charges in a row before auto-recharge pauses")
+    for name, text in (("enable", "turn auto-recharge back on (charges at once if still low)"),
+                       ("show", "show the account's limits and state (JSON)")):
+        sub.add_parser(name, help=text).add_argument("account")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(methods_set(args, settings))
         if args.command == "invoices":
             return asyncio.run(invoices(args, settings))
+        if args.command == "recharge":
+            return asyncio.run(recharge(args, settings))
+        if args.command == "audit":
+            return asyncio.run(audit(settings))
         return asyncio.run(run(settings))
     except BillingServiceError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -91,3 +91,43 @@ CREATE TABLE IF NOT EXISTS billing_ref.outbox (
     published_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS outbox_unpublished ON billing_ref.outbox (id) WHERE published_at IS NULL;
+
+-- Recharge safety rules (issue 17), added in place: every statement is idempotent.
+-- Per-account limits (NULL: the service's BILLING_* default) and the decline/cap state.
+ALTER TABLE billing_ref.accounts
+    ADD COLUMN IF NOT EXISTS hourly_limit integer CHECK (hourly_limit >= 1),
+    ADD COLUMN IF NOT EXISTS decline_limit integer CHECK (decline_limit >= 1),
+    ADD COLUMN IF NOT EXISTS monthly_cap bigint CHECK (monthly_cap > 0),
+    ADD COLUMN IF NOT EXISTS cap_unit text NOT NULL DEFAULT 'credits'
+        CHECK (cap_unit IN ('credits', 'money')),
+    -- Set when the cap was reached: no automatic charge while month and cap are unchanged.
+    ADD COLUMN IF NOT EXISTS capped_month text,
+    ADD COLUMN IF NOT EXISTS capped_cap bigint,
+    ADD COLUMN IF NOT EXISTS consecutive_declines integer NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS decline_run jsonb NOT NULL DEFAULT '[]',
+    -- Auto-recharge turned itself off (consecutive declines); only an owner turns it back on.
+    ADD COLUMN IF NOT EXISTS paused_at timestamptz,
+    -- The dispatcher's auto_recharge.changed_at known when pausing: a later owner change, seen
+    -- on a balance event, turns auto-recharge back on.
+    ADD COLUMN IF NOT EXISTS paused_settings_at timestamptz,
+    ADD COLUMN IF NOT EXISTS owner_changed_at timestamptz,
+    -- The last balance event seen, so an owner's re-enable can charge once at once.
+    ADD COLUMN IF NOT EXISTS last_trigger jsonb;
+
+-- The limits in force when each charge was made, so the audit checks each charge exactly.
+ALTER TABLE billing_ref.invoices
+    ADD COLUMN IF NOT EXISTS hourly_limit integer,
+    ADD COLUMN IF NOT EXISTS monthly_cap bigint,
+    ADD COLUMN IF NOT EXISTS cap_unit text;
+CREATE INDEX IF NOT EXISTS invoices_account_time ON billing_ref.invoices (account, created_at);
+
+-- Each cap warning (80, 90) and the cap notice (100) once per account, month and cap value.
+CREATE TABLE IF NOT EXISTS billing_ref.cap_notices (
+    account    text NOT NULL,
+    month      text NOT NULL,
+    level      integer NOT NULL,
+    cap        bigint NOT NULL,
+    event_id   uuid NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (account, month, level, cap)
+);

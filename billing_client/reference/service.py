@@ -20,7 +20,9 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from billing_client.publisher import ConfirmedPublisher
+from billing_client.reference.clock import Clock, utc_now
 from billing_client.reference.consumer import EventConsumer, declare
+from billing_client.reference.decision import Verdict, check_limits, decide
 from billing_client.reference.errors import ServiceUnavailable
 from billing_client.reference.gateway import FakeGateway, PaymentGateway
 from billing_client.reference.handler import EventHandler
@@ -60,8 +62,10 @@ async def open_broker(settings: BillingSettings) -> AbstractRobustConnection:
 class ReferenceBillingService:
     """Consumes balance events, charges the gateway and replies; usable in-process."""
 
-    def __init__(self, settings: BillingSettings, gateway: PaymentGateway | None = None) -> None:
+    def __init__(self, settings: BillingSettings, gateway: PaymentGateway | None = None, *,
+                 clock: Clock | None = None) -> None:
         self.settings = settings
+        self.clock: Clock = clock or utc_now
         self.gateway: PaymentGateway = gateway or FakeGateway(
             timeout_delay=settings.fake_timeout_delay_seconds,
             latency=settings.fake_charge_latency_seconds)
@@ -92,7 +96,7 @@ class ReferenceBillingService:
     async def _open(self) -> None:
         s = self.settings
         self._pool = await open_pool(s)
-        store = BillingStore(self._pool)
+        store = BillingStore(self._pool, self.clock, defaults_of(s))
         await store.ensure_schema()
         self._amqp = await open_broker(s)
         channel = await self._amqp.channel(publisher_confirms=True, on_return_raises=True)
@@ -116,6 +120,39 @@ class ReferenceBillingService:
                 log.exception("background_task_died", task=name)
                 self._stop.set()
         self._tasks.append(asyncio.create_task(guarded(), name=name))
+
+    def wake(self) -> None:
+        """Look for due top-ups now (after the injected clock moved, or an owner action)."""
+        if self._worker is not None:
+            self._worker.wake()
+
+    async def enable_auto_recharge(self, account: str) -> Verdict:
+        """Owner action: turn auto-recharge back on; still below the threshold: charge now."""
+        store = self._store()
+        await store.enable(account)
+        return await self._charge_if_low(store, account)
+
+    async def set_recharge_limits(self, account: str, **limits: Any) -> Verdict:
+        """Owner action: set the account's limits (see ``BillingStore.set_limits``); a raised
+        cap charges a still-low account at once."""
+        check_limits(**limits)
+        store = self._store()
+        await store.set_limits(account, **limits)
+        return await self._charge_if_low(store, account)
+
+    async def recharge_status(self, account: str) -> dict[str, Any] | None:
+        """The account's recharge limits and safety state."""
+        return await self._store().status(account)
+
+    def _store(self) -> BillingStore:
+        if self._pool is None:
+            raise ServiceUnavailable("the billing service is not running")
+        return BillingStore(self._pool, self.clock, defaults_of(self.settings))
+
+    async def _charge_if_low(self, store: BillingStore, account: str) -> Verdict:
+        verdict, _ = await store.charge_now_if_low(account, decide)
+        self.wake()
+        return verdict
 
     def request_stop(self) -> None:
         """Ask the service to stop (signal handlers call this)."""
@@ -162,3 +199,8 @@ class ReferenceBillingService:
                 await self._relay.relay_once()
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             log.warning("outbox_flush_failed")
+
+
+def defaults_of(settings: BillingSettings) -> tuple[int, int]:
+    """The service-wide defaults of the per-account recharge limits."""
+    return settings.hourly_charge_limit, settings.decline_limit

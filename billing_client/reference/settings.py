@@ -32,6 +32,10 @@ class BillingSettings:
     fake_timeout_delay_seconds: float = 1.0
     # How long every fake-gateway charge takes (the demo's top-ups arrive after a pause).
     fake_charge_latency_seconds: float = 0.0
+    # Recharge safety defaults for accounts without their own: at most this many charges in
+    # any hour, and auto-recharge pauses after this many declined charges in a row.
+    hourly_charge_limit: int = 3
+    decline_limit: int = 3
     delivery_limit: int = 5
     prefetch: int = 16
     max_concurrent_charges: int = 8
@@ -46,6 +50,9 @@ class BillingSettings:
             raise InvalidSettings("BILLING_MAX_ATTEMPTS must be at least 1")
         if self.backoff_base_seconds < 0 or self.backoff_max_seconds < 0:
             raise InvalidSettings("backoff seconds must not be negative")
+        if self.hourly_charge_limit < 1 or self.decline_limit < 1:
+            raise InvalidSettings("BILLING_HOURLY_CHARGE_LIMIT and BILLING_DECLINE_LIMIT must be "
+                                  "at least 1")
         if self.delivery_limit < 1 or self.prefetch < 1 or self.max_concurrent_charges < 1:
             raise InvalidSettings("delivery limit, prefetch and concurrency must be positive")
 

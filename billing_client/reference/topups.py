@@ -5,6 +5,10 @@ restarted process share the work. Every gateway request is recorded before it is
 whose outcome is unknown (timeout, crash) is retried later with the same idempotency key, and the
 backup is never charged while the primary's outcome is unknown, so a customer is never charged
 twice for one top-up.
+
+Before every new charge the account's recharge safety rules are checked under its lock (see
+``BillingStore.gate``): paused after consecutive declines, monthly cap, charges per hour. Only one
+top-up is ever in flight per account, so that check and the charge cannot interleave with another.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import structlog
 
-from billing_client.events import CreditsGranted, TopupFailed
-from billing_client.reference.decision import backoff_seconds
+from billing_client.events import CreditsGranted, DeclinedCharge, TopupDisabled, TopupFailed
+from billing_client.reference.decision import CAPPED, CHARGE, HOURLY, PAUSED, backoff_seconds
 from billing_client.reference.errors import GatewayError
 from billing_client.reference.gateway import (
     FAILURES,
@@ -27,7 +31,13 @@ from billing_client.reference.gateway import (
     PaymentGateway,
 )
 from billing_client.reference.settings import BillingSettings
-from billing_client.reference.store import DATABASE_ERRORS, ROLES, BillingStore, Topup
+from billing_client.reference.store import (
+    DATABASE_ERRORS,
+    PAUSE_ADVICE,
+    ROLES,
+    BillingStore,
+    Topup,
+)
 from billing_client.reference.waiting import wait_any
 
 log = structlog.get_logger(__name__)
@@ -123,15 +133,42 @@ class TopupWorker:
             token = methods.get(role)
             if not token:
                 continue
+            gate = await self._store.gate(topup)
+            if gate.decision != CHARGE:
+                await self._stopped(topup, gate.decision, last_role)
+                return
             result = await self._charge(topup, role, token)
             last_role = role
             if result.succeeded and result.charge_id is not None:
+                await self._store.record_outcome(topup, role, result)
                 await self._succeed(topup, role, result.charge_id)
                 return
             rule = FAILURES[result.status]
+            declines, limit, run = await self._store.record_outcome(topup, role, result)
+            if limit and declines >= limit:
+                await self._fail(topup, rule, role, disable=run)
+                return
             if not rule.definite:
                 break
         await self._fail(topup, rule, last_role)
+
+    async def _stopped(self, topup: Topup, decision: str, role: str | None) -> None:
+        """A safety rule stopped the charge: wait for the hourly window, or end the top-up."""
+        log.warning("topup_held_by_rule", topup_id=topup.id, account_id=topup.account,
+                    rule=decision)
+        if decision == HOURLY:
+            return  # rescheduled by the gate; no attempt is counted
+        reason = {PAUSED: "auto_recharge_paused", CAPPED: "monthly_cap"}[decision]
+        advice = ("Auto-recharge is paused after declined charges: an owner turns it back on."
+                  if decision == PAUSED else
+                  "The monthly recharge cap is reached: an owner may raise it, or it resets "
+                  "next month.")
+        failed = TopupFailed(account=topup.account, attempts=topup.attempts + 1, reason=reason,
+                             advice=advice, next_attempt_at=None, amount=topup.amount,
+                             payment_method=role, episode=topup.episode,
+                             in_reply_to=topup.trigger_event_id, occurred_at=self._store.clock())
+        if await self._store.finish_failure(topup, failed, gave_up=True):
+            self._on_reply()
 
     async def _methods(self, account: str) -> dict[str, str]:
         """Registered auto-recharge methods, or the configured defaults when none are."""
@@ -172,19 +209,28 @@ class TopupWorker:
                  amount=topup.amount, episode=topup.episode,
                  payment_reference=grant.payment_reference)
 
-    async def _fail(self, topup: Topup, rule: FailureRule, role: str | None) -> None:
+    async def _fail(self, topup: Topup, rule: FailureRule, role: str | None, *,
+                    disable: list[DeclinedCharge] | None = None) -> None:
         attempts = topup.attempts + 1
-        gave_up = attempts >= self._settings.max_attempts
-        next_at = None if gave_up else datetime.now(UTC) + timedelta(seconds=backoff_seconds(
+        now = self._store.clock()
+        gave_up = attempts >= self._settings.max_attempts or disable is not None
+        next_at = None if gave_up else now + timedelta(seconds=backoff_seconds(
             attempts, self._settings.backoff_base_seconds, self._settings.backoff_max_seconds))
         failed = TopupFailed(
             account=topup.account, attempts=attempts, reason=rule.reason, advice=rule.advice,
             next_attempt_at=next_at, amount=topup.amount, payment_method=role,
-            episode=topup.episode, in_reply_to=topup.trigger_event_id)
-        if not await self._store.finish_failure(topup, failed, gave_up=gave_up):
+            episode=topup.episode, in_reply_to=topup.trigger_event_id, occurred_at=now)
+        disabled = None if disable is None else TopupDisabled(
+            account=topup.account, declines=len(disable), decline_reasons=disable[-50:],
+            advice=PAUSE_ADVICE, occurred_at=now)
+        if not await self._store.finish_failure(topup, failed, gave_up=gave_up,
+                                                disabled=disabled):
             log.warning("topup_attempt_stale", topup_id=topup.id, account_id=topup.account)
             return
         self._on_reply()
+        if disabled is not None:
+            log.warning("auto_recharge_paused", account_id=topup.account,
+                        declines=disabled.declines)
         log.warning("topup_gave_up" if gave_up else "topup_retry_scheduled", topup_id=topup.id,
                     account_id=topup.account, attempts=attempts, reason=rule.reason,
                     next_attempt_at=None if next_at is None else next_at.isoformat())

@@ -55,7 +55,8 @@ class AutoRecharge(ResponseBody):
 
 
 class AutoRechargeUpdate(RequestBody):
-    """New auto-recharge settings; ``topup_at_zero`` is kept when omitted."""
+    """New auto-recharge settings; ``topup_at_zero`` is kept when omitted. Enabled, ``amount``
+    must be greater than ``threshold`` (one top-up from zero lifts the balance above it)."""
 
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"enabled": {"const": True}}},
@@ -72,6 +73,12 @@ class AutoRechargeUpdate(RequestBody):
     def _amount_when_enabled(cls, amount: int, info: ValidationInfo) -> int:
         if info.data.get("enabled") and amount <= 0:
             raise ValueError("amount must be > 0 when auto-recharge is enabled")
+        threshold = info.data.get("threshold")
+        if info.data.get("enabled") and isinstance(threshold, int) and amount <= threshold:
+            raise ValueError(f"amount ({amount}) must be greater than threshold ({threshold}) "
+                             "when auto-recharge is enabled: one top-up from zero must lift "
+                             "the balance above the threshold, or it would charge again and "
+                             "again")
         return amount
 
 

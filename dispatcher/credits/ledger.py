@@ -205,6 +205,13 @@ class CreditStore:
         row = await self._db.fetchrow(q("grant_credits"), account_id, amount, kind, reference)
         return _grant_outcome(row["status"], account_id, reference)
 
+    async def pause_auto_recharge(self, account_id: str,
+                                  settings_changed_at: datetime | None) -> bool:
+        """Turn auto-recharge off after billing paused it, unless an owner changed the settings
+        after ``settings_changed_at`` (the ones billing saw); True when it was turned off."""
+        row = await self._db.fetchrow(q("pause_auto_recharge"), account_id, settings_changed_at)
+        return row is not None
+
     async def start_period(self, account_id: str, amount: int, reference: str,
                            start: datetime, end: datetime) -> bool:
         """Reset subscription credits to ``amount`` for a new period (unspent ones forfeited)."""

@@ -16,7 +16,7 @@ import asyncpg
 
 from dispatcher.credits.ledger import CreditStore, check_amount
 from dispatcher.db import Connection
-from dispatcher.errors import AccountExists, InvalidPlan
+from dispatcher.errors import AccountExists, InvalidAutoRecharge, InvalidPlan
 from dispatcher.queries import q
 
 CADENCES = ("monthly", "annual", "annual_monthly")
@@ -69,6 +69,23 @@ def period_reference(account_id: str, start: datetime) -> str:
     return f"{account_id}:{start.astimezone(UTC).isoformat()}"
 
 
+def auto_recharge_problem(enabled: bool, threshold: int, amount: int) -> str | None:
+    """Why these auto-recharge settings would charge in a loop, or None: enabled, the amount
+    must lift a balance at zero above the threshold (migration 0024 enforces it in SQL too)."""
+    if enabled and amount <= threshold:
+        return (f"amount ({amount}) must be greater than threshold ({threshold}): one top-up "
+                "from zero must lift the balance above the threshold, or it would charge "
+                "again and again")
+    return None
+
+
+def check_auto_recharge(enabled: bool, threshold: int, amount: int) -> None:
+    """Refuse settings that would charge in a loop (``InvalidAutoRecharge`` names the fields)."""
+    problem = auto_recharge_problem(enabled, threshold, amount)
+    if problem is not None:
+        raise InvalidAutoRecharge(problem, fields=["amount", "threshold"])
+
+
 async def create_account(db: asyncpg.Pool | Connection, account_id: str, *,
                          name: str = "", plan: Plan | None = None, now: datetime | None = None,
                          auto_recharge: tuple[bool, int, int] = (False, 0, 0)) -> None:
@@ -80,6 +97,7 @@ async def create_account(db: asyncpg.Pool | Connection, account_id: str, *,
     plan = plan or Plan()
     now = now or datetime.now(UTC)
     enabled, threshold, amount = auto_recharge
+    check_auto_recharge(enabled, threshold, amount)
     async with db.transaction():
         created = await db.fetchval(
             q("create_account"), account_id, name, plan.allocation, plan.cadence,

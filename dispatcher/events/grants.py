@@ -3,6 +3,8 @@
 The payment reference is the grant's ledger reference, so a redelivered or duplicated event
 changes nothing. Granting credits to a paused account wakes the resumer through PostgreSQL.
 ``topup.failed`` is logged: the account stays paused with its jobs held until credits arrive.
+``topup.disabled`` (billing paused auto-recharge after declined charges) turns auto-recharge off
+here too, unless an owner changed the settings since; turning it on again is an owner action.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from billing_client.events import CreditsGranted, InvalidEvent, TopupFailed, decode_event
+from billing_client.events import (
+    CreditsGranted,
+    InvalidEvent,
+    TopupDisabled,
+    TopupFailed,
+    decode_event,
+)
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.errors import DispatcherError
 from dispatcher.events.topology import Names, Topology
@@ -22,7 +30,7 @@ from dispatcher.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
-LISTENED = ("credits.granted", "topup.failed")
+LISTENED = ("credits.granted", "topup.failed", "topup.disabled")
 RETRY_DELAY_SECONDS = 1.0
 PREFETCH = 32
 OUTAGE_BACKOFF = Backoff(first=0.5, cap=5.0)
@@ -82,6 +90,13 @@ class CreditsListener:
             await message.ack()
             log.warning("topup_failed", account_id=event.account, reason=event.reason,
                         attempts=event.attempts, gave_up=event.next_attempt_at is None)
+            return
+        if isinstance(event, TopupDisabled):
+            turned_off = await self._store.pause_auto_recharge(event.account,
+                                                               event.settings_changed_at)
+            await message.ack()
+            log.warning("auto_recharge_paused_by_billing", account_id=event.account,
+                        declines=event.declines, turned_off=turned_off)
             return
         if not isinstance(event, CreditsGranted):
             raise InvalidEvent(f"unexpected event type {event.type!r} on the credits queue")

@@ -59,7 +59,7 @@ SELECT number FROM opt_outs WHERE account_id = $1 AND number = ANY($2::text[]);
 -- name: api_set_auto_recharge
 UPDATE accounts
    SET auto_recharge_enabled = $2, auto_recharge_threshold = $3, auto_recharge_amount = $4,
-       topup_at_zero = coalesce($5, topup_at_zero)
+       topup_at_zero = coalesce($5, topup_at_zero), auto_recharge_changed_at = now()
  WHERE id = $1
 RETURNING auto_recharge_enabled, auto_recharge_threshold, auto_recharge_amount, topup_at_zero;
 

@@ -67,9 +67,17 @@ ON CONFLICT (channel, country) DO UPDATE SET credits = EXCLUDED.credits, updated
 -- name: set_auto_recharge
 UPDATE accounts
    SET auto_recharge_enabled = $2, auto_recharge_threshold = $3, auto_recharge_amount = $4,
-       topup_at_zero = coalesce($5, topup_at_zero)
+       topup_at_zero = coalesce($5, topup_at_zero), auto_recharge_changed_at = now()
  WHERE id = $1
 RETURNING id;
 
 -- name: smart_encoding_accounts
 SELECT id FROM accounts WHERE smart_encoding;
+
+-- name: pause_auto_recharge
+-- Billing paused auto-recharge after declines (topup.disabled): off here too, unless an owner
+-- changed the settings after the ones billing saw ($2, null: never changed).
+UPDATE accounts SET auto_recharge_enabled = false
+ WHERE id = $1 AND auto_recharge_enabled
+   AND auto_recharge_changed_at IS NOT DISTINCT FROM $2
+RETURNING id;

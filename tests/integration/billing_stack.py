@@ -11,8 +11,10 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from billing_client.reference import (
     BillingSettings,
     ChargeResult,
     FakeGateway,
+    GatewayCall,
     ReferenceBillingService,
     set_payment_methods,
 )
@@ -44,17 +47,39 @@ class Tapped:
     body: dict[str, Any]
 
 
+class OffsetClock:
+    """The billing service's injected clock: real time plus an offset that tests move forward
+    (an hour, a month) instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, delta: timedelta) -> None:
+        """Jump forward by ``delta``."""
+        self.offset += delta
+
+
 class GatedGateway(FakeGateway):
-    """The fake gateway, whose charges wait while ``gate`` is closed (a slow bank)."""
+    """The fake gateway, whose charges wait while ``gate`` is closed (a slow bank), and whose
+    next ``decline_next`` requests are declined whatever the token (a flaky card)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gate = asyncio.Event()
         self.gate.set()
+        self.decline_next = 0
 
     async def charge(self, account: str, token: str, amount_credits: int,
                      idempotency_key: str) -> ChargeResult:
         await self.gate.wait()
+        if self.decline_next > 0:
+            self.decline_next -= 1
+            self.calls.append(GatewayCall(account, token, amount_credits, idempotency_key,
+                                          "declined", None, False, time.monotonic()))
+            return ChargeResult("declined")
         return await super().charge(account, token, amount_credits, idempotency_key)
 
 
@@ -66,6 +91,7 @@ class BillingStack:
     billing: ReferenceBillingService
     gateway: GatedGateway
     billing_settings: BillingSettings
+    clock: OffsetClock = field(default_factory=OffsetClock)
     tapped: list[Tapped] = field(default_factory=list)
 
     def seen(self, routing_key: str, account: str) -> list[dict[str, Any]]:
@@ -138,9 +164,10 @@ async def billing_stack_fixture(dispatcher: RunningDispatcher) -> AsyncIterator[
         backoff_base_seconds=0.5, backoff_max_seconds=2.0, max_attempts=2,
         default_primary="tok_ok", outbox_sweep_seconds=0.5, shutdown_timeout_seconds=5.0)
     gateway = GatedGateway(timeout_delay=0.2)
-    service = ReferenceBillingService(settings, gateway)
+    clock = OffsetClock()
+    service = ReferenceBillingService(settings, gateway, clock=clock)
     await service.start()
-    stack = BillingStack(dispatcher, service, gateway, settings)
+    stack = BillingStack(dispatcher, service, gateway, settings, clock)
     connection = await aio_pika.connect_robust(s.amqp_url)
     channel = await connection.channel()
     tap = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -170,4 +197,5 @@ async def drop_billing_queues(settings: BillingSettings) -> None:
             await channel.queue_delete(name)
 
 
-__all__ = ["BillingStack", "Tapped", "billing_stack_fixture", "drop_billing_queues"]
+__all__ = ["BillingStack", "OffsetClock", "Tapped", "billing_stack_fixture",
+           "drop_billing_queues"]

@@ -243,6 +243,8 @@ async def test_auto_recharge_update_and_keep_topup_at_zero(api: Api) -> None:
 
 @pytest.mark.parametrize(("payload", "field"), [
     ({"enabled": True, "threshold": 400, "amount": 0}, "amount"),
+    ({"enabled": True, "threshold": 500, "amount": 100}, "amount"),  # charges in a loop
+    ({"enabled": True, "threshold": 500, "amount": 500}, "amount"),
     ({"enabled": True, "threshold": -1, "amount": 5}, "threshold"),
     ({"enabled": True, "threshold": 1, "amount": "5"}, "amount"),
     ({"enabled": 1, "threshold": 1, "amount": 5}, "enabled"),

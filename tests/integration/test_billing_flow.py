@@ -181,7 +181,12 @@ async def test_both_methods_declined_keep_the_account_paused_until_a_manual_gran
     primary = [c.at for c in stack.gateway.calls_for(account) if c.token == "tok_decline"]
     assert len(primary) == 2 and primary[1] - primary[0] >= 0.45  # the backoff was honoured
     await asyncio.sleep(1.0)  # no retry storm after giving up, nothing sent meanwhile
-    assert len(stack.gateway.calls_for(account)) == 4 and not stack.gateway.charges
+    # The third decline in a row (primary, backup, primary) paused auto-recharge: the backup
+    # was not charged a fourth time (issue 17).
+    assert len(stack.gateway.calls_for(account)) == 3 and not stack.gateway.charges
+    [disabled] = stack.seen("topup.disabled", account)
+    assert [d["payment_method"] for d in disabled["decline_reasons"]] == [
+        "primary", "backup", "primary"]
     statuses = await stack.statuses(account)
     assert [statuses[i] for i in ids] == ["delivered", "held", "held", "held"]
     assert [e["status"] for e in stack.seen("account.paused", account)] == ["paused"]
@@ -226,7 +231,8 @@ async def test_overage_below_zero_requests_a_top_up_even_with_auto_recharge_off(
     await wait_for(topped_up)
     [low] = await stack.outbox("balance.low", wants)
     assert (low["available"], low["topup_requested_even_if_disabled"]) == (-1, True)
-    assert low["auto_recharge"] == {"enabled": False, "threshold": 5, "amount": 20}
+    assert low["auto_recharge"] == {"enabled": False, "threshold": 5, "amount": 20,
+                                    "changed_at": None}
     assert [c.amount for c in stack.gateway.charges_for(wants)] == [20]
     assert [g["kind"] for g in await stack.grant_lines(wants)] == [
         "grant_purchase", "grant_auto_recharge"]

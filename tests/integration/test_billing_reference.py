@@ -271,6 +271,8 @@ async def test_primary_declined_then_backup_is_charged(billing: Dispatcher) -> N
 async def test_both_methods_failing_back_off_then_give_up(billing: Dispatcher) -> None:
     account = new_account()
     await billing.methods(account, "tok_decline", "tok_insufficient_funds")
+    # Past the default pause after 3 declines in a row (tests/.../test_recharge_rules.py).
+    await billing.service.set_recharge_limits(account, decline_limit=10)
     event = low(account)
     await billing.send(event)
     failures = await billing.failures(account, 3)

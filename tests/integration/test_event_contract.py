@@ -159,6 +159,19 @@ async def a_failed_top_up(stack: BillingStack) -> str:
     return account
 
 
+async def a_capped_and_a_paused_auto_recharge(stack: BillingStack) -> None:
+    """One charge that fills a small monthly cap (cap warnings, topup.capped), and a card
+    declined three times in a row (topup.disabled)."""
+    capped = await stack.d.funded_account(uid("capped"), 0, enabled=True, threshold=5,
+                                          amount=10)
+    await stack.billing.set_recharge_limits(capped, monthly_cap=10)
+    paused = await stack.d.funded_account(uid("paused"), 0, enabled=True, threshold=5,
+                                          amount=10)
+    await stack.methods(paused, "tok_decline", "tok_decline")
+    for account in (capped, paused):
+        await CreditStore(stack.d.pool).grant(account, 1, "adjustment", uid("adj"))
+
+
 async def a_broadcast_held_then_canceled(stack: BillingStack, numbers: list[str]) -> str:
     """3 of 6 recipients paid for and sent, 3 held then canceled; 3 more skipped."""
     d = stack.d
@@ -224,12 +237,14 @@ async def test_every_event_follows_the_document_and_every_documented_event_is_em
     found = await tap(amqp, prefix)
     contract = Contract()
     declined = await a_failed_top_up(stack)
+    await a_capped_and_a_paused_auto_recharge(stack)
     account, ids = await sms_and_call_through_a_pause(stack)
     broadcast_id = await a_broadcast_held_then_canceled(stack, numbers_of("US", 7))
     refused = await refused_jobs(stack, amqp, prefix)
 
     async def declined_reported() -> bool:
-        return any(s.routing_key == "topup.failed" for s in found.seen)
+        keys = {s.routing_key for s in found.seen}
+        return {"topup.failed", "topup.capped", "topup.disabled"} <= keys
     await wait_for(declined_reported, timeout=30)
     await everything_relayed(stack, found, dead_letters=4)
 

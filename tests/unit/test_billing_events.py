@@ -13,10 +13,15 @@ from billing_client import (
     EVENT_TYPES,
     AutoRecharge,
     BalanceDepleted,
+    BalanceForecast,
     BalanceLow,
     BillingEvent,
     CreditsGranted,
+    DeclinedCharge,
     InvalidEvent,
+    TopupCapped,
+    TopupCapWarning,
+    TopupDisabled,
     TopupFailed,
     decode_event,
     encode_event,
@@ -38,6 +43,15 @@ EVENTS: list[BillingEvent] = [
                 advice="Raise the auto-recharge amount so charges happen less often.",
                 next_attempt_at=datetime.now(UTC) + timedelta(hours=1), amount=1000),
     TopupFailed(account="acme", attempts=5, reason="insufficient_funds"),
+    BalanceLow(account="acme", available=600, threshold=1000, auto_recharge=SETTINGS, episode=4,
+               forecast=BalanceForecast(spent=1200, seconds_to_zero=1800), held_jobs=2,
+               held_credits=16),
+    TopupCapWarning(account="acme", percent=90, month="2026-11", unit="credits", cap=10000,
+                    used=9000),
+    TopupCapped(account="acme", month="2026-11", unit="money", cap=10000, used=9500,
+                refused_amount=1000, resets_at=datetime(2026, 12, 1, tzinfo=UTC)),
+    TopupDisabled(account="acme", declines=3, decline_reasons=[
+        DeclinedCharge(reason="declined", payment_method="primary", at=datetime.now(UTC))]),
 ]
 
 

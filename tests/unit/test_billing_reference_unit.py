@@ -8,7 +8,16 @@ import pytest
 
 from billing_client import AutoRecharge, BalanceDepleted, BalanceLow
 from billing_client.reference import BillingSettings, FakeGateway, InvalidSettings
-from billing_client.reference.decision import AccountState, backoff_seconds, decide
+from billing_client.reference.clock import month_of, month_start, next_month_start
+from billing_client.reference.decision import (
+    AccountState,
+    Limits,
+    backoff_seconds,
+    cap_levels,
+    check_limits,
+    decide,
+    gate_charge,
+)
 from billing_client.reference.queries import parse, q
 from billing_client.reference.topups import payment_reference
 
@@ -113,3 +122,71 @@ def test_payment_reference_is_contract_safe_and_queries_load() -> None:
     assert "FOR UPDATE SKIP LOCKED" in q("claim_due_topup")
     with pytest.raises(ValueError, match="duplicate"):
         parse("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2")
+
+
+# --- recharge safety rules (issue 17) ---------------------------------------------------------
+
+def limits(**changes: object) -> Limits:
+    base: dict[str, object] = dict(
+        paused=False, hourly_limit=3, decline_limit=3, monthly_cap=None, cap_unit="credits",
+        capped=False, charges_last_hour=0, oldest_in_hour=None, month_used=0)
+    return Limits(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def test_gate_paused_capped_and_the_charge_that_would_pass_the_cap() -> None:
+    assert gate_charge(limits(), 1000, T0).decision == "charge"
+    assert gate_charge(limits(paused=True), 1000, T0).decision == "auto_recharge_paused"
+    assert gate_charge(limits(capped=True), 1, T0).decision == "monthly_cap"
+    assert gate_charge(limits(monthly_cap=5000, month_used=4000), 1000, T0).decision == "charge"
+    assert gate_charge(limits(monthly_cap=5000, month_used=4001), 1000, T0).decision == (
+        "monthly_cap")
+
+
+def test_gate_hourly_limit_waits_until_the_oldest_charge_is_an_hour_old() -> None:
+    oldest = T0 - timedelta(minutes=40)
+    gate = gate_charge(limits(charges_last_hour=3, oldest_in_hour=oldest), 10, T0)
+    assert (gate.decision, gate.retry_at) == ("hourly_limit", oldest + timedelta(hours=1))
+    assert gate_charge(limits(charges_last_hour=2, oldest_in_hour=oldest), 10, T0).decision == (
+        "charge")
+
+
+def test_cap_levels() -> None:
+    assert cap_levels(100, None) == []
+    assert cap_levels(79, 100) == [] and cap_levels(80, 100) == [80]
+    assert cap_levels(95, 100) == [80, 90] and cap_levels(100, 100) == [80, 90, 100]
+
+
+def test_paused_or_capped_accounts_start_no_topup() -> None:
+    assert decide(low(), AccountState(False, paused=True)).decision == "auto_recharge_paused"
+    assert decide(depleted(), AccountState(False, capped=True)).decision == "monthly_cap"
+
+
+def test_limits_are_checked_naming_the_field() -> None:
+    check_limits(hourly_limit=1, decline_limit=1, monthly_cap=1, cap_unit="money")
+    for bad, field in (({"hourly_limit": 0}, "hourly_limit"), ({"monthly_cap": -1}, "monthly_cap"),
+                       ({"cap_unit": "eur"}, "cap_unit"), ({"decline_limit": 0}, "decline_limit")):
+        with pytest.raises(InvalidSettings, match=field):
+            check_limits(**bad)  # type: ignore[arg-type]
+
+
+def test_calendar_months_in_utc() -> None:
+    at = datetime(2026, 12, 31, 23, 30, tzinfo=UTC)
+    assert (month_of(at), month_start(at).day, next_month_start(at)) == (
+        "2026-12", 1, datetime(2027, 1, 1, tzinfo=UTC))
+    with pytest.raises(InvalidSettings):
+        BillingSettings(hourly_charge_limit=0)
+
+
+def test_only_an_owner_change_after_the_pause_lifts_it() -> None:
+    paused = AccountState(False, paused=True, paused_settings_at=T0)
+
+    def enabled_low(changed: datetime | None, enabled: bool = True) -> BalanceLow:
+        return low().model_copy(update={"auto_recharge": AutoRecharge(
+            enabled=enabled, threshold=400, amount=1000, changed_at=changed)})
+    assert decide(enabled_low(None), paused).decision == "auto_recharge_paused"
+    assert decide(enabled_low(T0), paused).decision == "auto_recharge_paused"
+    lifted = decide(enabled_low(T0 + timedelta(seconds=1)), paused)
+    assert lifted.starts_topup and lifted.resume
+    assert not decide(enabled_low(T0 + timedelta(1), enabled=False), paused).starts_topup
+    never = AccountState(False, paused=True)
+    assert decide(enabled_low(T0), never).resume

@@ -353,6 +353,11 @@ SCHEMA_MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "BalanceDepleted": (billing.BalanceDepleted, "serialization"),
     "CreditsGranted": (billing.CreditsGranted, "serialization"),
     "TopupFailed": (billing.TopupFailed, "serialization"),
+    "TopupCapWarning": (billing.TopupCapWarning, "serialization"),
+    "TopupCapped": (billing.TopupCapped, "serialization"),
+    "TopupDisabled": (billing.TopupDisabled, "serialization"),
+    "BalanceForecast": (billing.BalanceForecast, "serialization"),
+    "DeclinedCharge": (billing.DeclinedCharge, "serialization"),
 }
 
 
@@ -410,7 +415,8 @@ def test_dead_letter_examples_match_what_the_parser_says(asyncapi: dict[str, Any
 
 
 @pytest.mark.parametrize("message", ["BalanceLow", "BalanceDepleted", "CreditsGranted",
-                                     "TopupFailed"])
+                                     "TopupFailed", "TopupCapWarning", "TopupCapped",
+                                     "TopupDisabled"])
 def test_billing_examples_decode(asyncapi: dict[str, Any], message: str) -> None:
     for example in examples(asyncapi, message):
         event = billing.decode_event(raw(example["payload"]))
