@@ -44,6 +44,7 @@ LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "kind": metrics_module.KINDS, "outcome": metrics_module.OUTCOMES,
     "reason": metrics_module.DEAD_LETTER_REASONS, "operation": metrics_module.CREDIT_OPERATIONS,
     "type": metrics_module.LOW_BALANCE_TYPES, "code_class": metrics_module.CODE_CLASSES,
+    "loop": metrics_module.LOOP_NAMES,
 }
 
 
