@@ -3,12 +3,14 @@
 Each replica takes a sender's turns from its bucket (``rate_slots``; in PostgreSQL in
 production) in batches, so the database sees one round trip per batch, not per send. Locally,
 waiting sends are served first come first served, as by the per-process limiter. A batch is
-sized by demand — the sends waiting, or as many as were taken in the last lease, whichever is
-more, at most ``lease_seconds`` of the rate — so a busy replica takes about one batch per lease
-and a quiet one does not hoard turns the others could use. A turn not used within
-``lease_seconds`` after its time is dropped (a replica cannot save turns up to send faster
-later). A take that fails (the database is away) fails the sends waiting for it, as any other
-database call of theirs would: their callers wait the outage out and try again.
+sized by demand — the sends waiting, or as many as this replica used for the sender in the last
+``keep_seconds``, whichever is more, at most ``lease_seconds`` of the rate — so a replica at the
+limit takes one batch per lease, a steady quiet sender about one per ``keep_seconds``, and no
+replica hoards turns the others could use. A turn not used within ``keep_seconds`` after its
+time is dropped. A replica holds one batch at most, so turns used late can put a window at most
+one batch per replica (``lease_seconds`` of the rate each) above what the bucket allows. A take
+that fails (the database is away) fails the sends waiting for it, as any other database call of
+theirs would: their callers wait the outage out and try again.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ log = structlog.get_logger(__name__)
 
 # How often a waiting send asks whether it is still wanted.
 GIVE_UP_CHECK_SECONDS = 0.05
-# A batch covers at most this much of the rate; an unused turn is kept this long.
+# A batch covers at most this much of the rate.
 LEASE_SECONDS = 0.1
+# An unused turn is kept this long after its time; demand is counted over as long.
+KEEP_SECONDS = 1.0
 
 
 @dataclass
@@ -45,15 +49,15 @@ class _Run:
         """When the next turn may go."""
         return self.taken_at + self.grant.delay(self.next)
 
-    def drop_expired(self, now: float, lease: float) -> None:
-        """Skip the turns whose time is more than ``lease`` ago."""
-        if self.empty or self.due() + lease >= now:
+    def drop_expired(self, now: float, keep: float) -> None:
+        """Skip the turns whose time is more than ``keep`` ago."""
+        if self.empty or self.due() + keep >= now:
             return
         g = self.grant
-        # The first turn still valid: taken_at + start + i * interval >= now - lease.
+        # The first turn still valid: taken_at + start + i * interval >= now - keep.
         self.next = max(self.next + 1,
-                        math.ceil((now - lease - self.taken_at - g.start) / g.interval))
-        while not self.empty and self.due() + lease < now:  # float rounding
+                        math.ceil((now - keep - self.taken_at - g.start) / g.interval))
+        while not self.empty and self.due() + keep < now:  # float rounding
             self.next += 1
 
     @property
@@ -78,11 +82,11 @@ class SharedSenderRateLimiter:
     """Sender turns shared with every replica using the same ``SlotSource``."""
 
     def __init__(self, slots: SlotSource, per_second: float, burst: float | None = None, *,
-                 lease_seconds: float = LEASE_SECONDS,
+                 lease_seconds: float = LEASE_SECONDS, keep_seconds: float = KEEP_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._slots = slots
         self._pace = Pace.of(per_second, burst)
-        self._lease = lease_seconds
+        self._keep = keep_seconds
         self._batch = max(1, int(per_second * lease_seconds))
         self._clock = clock
         self._senders: dict[str, _Sender] = {}
@@ -124,9 +128,9 @@ class SharedSenderRateLimiter:
             raise
 
     def _count(self, state: _Sender, now: float) -> None:
-        """Acquisitions in this lease and the one before: the size of the next take."""
-        if now - state.window_start >= self._lease:
-            recent = now - state.window_start < 2 * self._lease
+        """Acquisitions in this window and the one before: the size of the next take."""
+        if now - state.window_start >= self._keep:
+            recent = now - state.window_start < 2 * self._keep
             state.previous_count = state.window_count if recent else 0
             state.window_start, state.window_count = now, 0
         state.window_count += 1
@@ -136,7 +140,7 @@ class SharedSenderRateLimiter:
         run = state.run
         if run is None:
             return False
-        run.drop_expired(now, self._lease)
+        run.drop_expired(now, self._keep)
         if run.empty or run.due() > now:
             return False
         run.next += 1
@@ -153,7 +157,7 @@ class SharedSenderRateLimiter:
                 now = self._clock()
                 run = state.run
                 if run is not None:
-                    run.drop_expired(now, self._lease)
+                    run.drop_expired(now, self._keep)
                 if run is None or run.empty:
                     await self._take(sender, state)
                     continue

@@ -84,15 +84,32 @@ async def test_a_quiet_sender_takes_in_growing_batches() -> None:
     assert slots.takes <= 12  # 1, 1, 2, 4, ... within a lease
 
 
-async def test_unused_turns_expire_after_the_lease() -> None:
+async def test_unused_turns_expire_after_keep_seconds() -> None:
     slots = MemorySlots()
-    limiter = SharedSenderRateLimiter(slots, 1000, lease_seconds=0.05)
+    limiter = SharedSenderRateLimiter(slots, 1000, keep_seconds=0.05)
     for _ in range(8):
         await limiter.acquire("s")
     takes = slots.takes
     await asyncio.sleep(0.08)
     await limiter.acquire("s")
     assert slots.takes == takes + 1  # what was left over was dropped, not saved up
+
+
+async def test_a_steady_quiet_sender_takes_about_once_per_keep_seconds() -> None:
+    # 10 sends a second, far below the limit: the turns of one take last the next ones.
+    slots = MemorySlots()
+    limiter = SharedSenderRateLimiter(slots, 1e6, keep_seconds=0.5)
+    for _ in range(15):
+        await limiter.acquire("s")
+        await asyncio.sleep(0.1)
+    assert slots.takes <= 6
+
+
+async def test_a_batch_is_at_most_lease_seconds_of_the_rate() -> None:
+    slots = MemorySlots()
+    limiter = SharedSenderRateLimiter(slots, 100, burst=100, lease_seconds=0.1)
+    await asyncio.gather(*(limiter.acquire("s") for _ in range(50)))
+    assert slots.takes == 5  # 50 waiting sends, 10 turns a take
 
 
 class FailingOnce(MemorySlots):
