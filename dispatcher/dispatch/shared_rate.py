@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from dispatcher.dispatch.rate_slots import Grant, Pace, SlotSource
+from dispatcher.dispatch.ratelimit import GIVE_UP_CHECK_SECONDS
 from dispatcher.loops import is_outage
 
 log = structlog.get_logger(__name__)
 
-# How often a waiting send asks whether it is still wanted.
-GIVE_UP_CHECK_SECONDS = 0.05
 # A batch covers at most this much of the rate.
 LEASE_SECONDS = 0.1
 # An unused turn is kept this long after its time; demand is counted over as long.
