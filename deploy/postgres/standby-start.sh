@@ -15,4 +15,7 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   done
   chmod 0700 "$PGDATA"
 fi
-exec postgres -c hot_standby=on
+# The clone carries the primary's synchronous_standby_names (postgresql.auto.conf); once this
+# node is promoted it has no standby of its own, so it must not wait for one: cleared here (the
+# command line wins over the configuration files).
+exec postgres -c hot_standby=on -c synchronous_standby_names=

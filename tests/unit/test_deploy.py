@@ -513,14 +513,21 @@ def test_compose_cluster_services_and_images_match_the_single_node_stack() -> No
 
 def test_compose_cluster_replication_is_synchronous_to_the_standby() -> None:
     services = _cluster_compose()["services"]
-    command = " ".join(services["postgres-primary"]["command"])
-    [names] = re.findall(r"synchronous_standby_names=(.+?)(?: -c|$)", command)
+    init = (DEPLOY / "postgres" / "primary-init.sh").read_text()
+    # Set by the init script, never on the command line: the image's first-start server takes
+    # the command's options, and its initialisation would wait for a standby forever.
+    assert "synchronous_standby_names" not in " ".join(services["postgres-primary"]["command"])
+    [names] = re.findall(r"ALTER SYSTEM SET synchronous_standby_names = '([^']+)'", init)
     standby = (DEPLOY / "postgres" / "standby-start.sh").read_text()
     [application] = re.findall(r"application_name=(\w+)", standby)
     assert re.fullmatch(rf"FIRST 1 \({application}\)", names)
     assert "host=postgres-primary " in standby and "user=replicator " in standby
-    init = (DEPLOY / "postgres" / "primary-init.sh").read_text()
+    # Promoted, the standby commits alone: it must not inherit the wait for a standby.
+    assert standby.rstrip().endswith("-c synchronous_standby_names=")
     assert "REPLICATION LOGIN" in init and "host replication replicator" in init
+    primary = services["postgres-primary"]
+    assert "./postgres/primary-init.sh:/docker-entrypoint-initdb.d/10-replication.sh:ro" in (
+        primary["volumes"])
     assert services["postgres-standby"]["depends_on"]["postgres-primary"] == {
         "condition": "service_healthy"}
 
