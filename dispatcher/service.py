@@ -33,8 +33,10 @@ from dispatcher.db import connect, create_pool, ping
 from dispatcher.dispatch.consumer import Consumer
 from dispatcher.dispatch.handler import HandlerConfig, JobHandler
 from dispatcher.dispatch.outage import DatabaseWatch
-from dispatcher.dispatch.ratelimit import SenderRateLimiter
+from dispatcher.dispatch.rate_slots import PostgresSlots
+from dispatcher.dispatch.ratelimit import SenderLimiter, SenderRateLimiter
 from dispatcher.dispatch.retries import RetrySweeper
+from dispatcher.dispatch.shared_rate import SharedSenderRateLimiter
 from dispatcher.errors import PortUnavailable, ServiceUnavailable
 from dispatcher.events.grants import CreditsListener, declare_credits_queue
 from dispatcher.events.outbox import OutboxRelay
@@ -110,7 +112,7 @@ class Service:
         broadcasts = Broadcasts(self.pool, rates, wake=runner.wake, canceled=runner.canceled)
         handler = JobHandler(
             jobs, TwilioSender(self.twilio_client, s.twilio_timeout_seconds),
-            rates, SenderRateLimiter(s.sender_rate_per_second), self.metrics,
+            rates, self._sender_limiter(), self.metrics,
             HandlerConfig(callback_base_url=s.public_base_url.rstrip("/"),
                           max_in_flight=s.max_in_flight,
                           reclaim_after_seconds=s.reconcile_grace_seconds / 4),
@@ -186,6 +188,14 @@ class Service:
                 "what uses it or set DISPATCHER_HTTP_PORT to a free port") from exc
         self.http_port = self.runner.addresses[0][1]
         log.info("dispatcher_started", http_port=self.http_port, prefix=s.amqp_prefix)
+
+    def _sender_limiter(self) -> SenderLimiter:
+        """Per-sender pacing: shared with every replica through PostgreSQL, or this process's."""
+        s = self.settings
+        if s.sender_rate_scope == "process":
+            return SenderRateLimiter(s.sender_rate_per_second)
+        assert self.pool is not None
+        return SharedSenderRateLimiter(PostgresSlots(self.pool), s.sender_rate_per_second)
 
     def _watch(self, name: str, work: Awaitable[None], stop: asyncio.Event) -> None:
         async def guarded() -> None:

@@ -13,6 +13,7 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SENDER_RATE_SCOPES = ("shared", "process")
 
 
 class InvalidSetting(ValueError):
@@ -48,6 +49,10 @@ class Settings:
     twilio_base_url: str = ""
     twilio_timeout_seconds: float = _num(10.0, above=True)
     sender_rate_per_second: float = _num(100.0, above=True)
+    # `shared`: the rate holds across every replica on the same database (its buckets are in
+    # PostgreSQL, taken a few turns at a time); `process`: each process paces alone, no
+    # database work (one replica, or a limit meant per process).
+    sender_rate_scope: str = _one_of("shared", SENDER_RATE_SCOPES)
     # Unacked deliveries per work queue.
     prefetch: int = _num(200, 1)
     # Provider calls in flight at once (the bound Twilio sees).

@@ -17,7 +17,7 @@ from dispatcher.broadcasts.runner import Broadcasts
 from dispatcher.credits.rates import RateCache
 from dispatcher.credits.sending_settings import SmartEncodingAccounts
 from dispatcher.dispatch.ordering import AccountTurns
-from dispatcher.dispatch.ratelimit import SenderRateLimiter
+from dispatcher.dispatch.ratelimit import SenderLimiter
 from dispatcher.dispatch.send_slots import SendSlots
 from dispatcher.errors import DispatcherError, JobIdConflict
 from dispatcher.events.topology import RETRY_DELAYS_SECONDS
@@ -79,7 +79,7 @@ class JobHandler:
     """Turns one raw job into exactly one provider call at most, and its outcome."""
 
     def __init__(self, jobs: JobStore, sender: Sender, rates: RateCache,
-                 limiter: SenderRateLimiter, metrics: Metrics, config: HandlerConfig,
+                 limiter: SenderLimiter, metrics: Metrics, config: HandlerConfig,
                  broadcasts: Broadcasts | None = None,
                  smart_encoding: SmartEncodingAccounts | None = None,
                  clock: Callable[[], datetime] = utc_now) -> None:

@@ -1,15 +1,28 @@
-"""Per-sender pacing: at most N provider calls per second for each sending number (aiolimiter)."""
+"""Per-sender pacing: at most N provider calls per second for each sending number.
+
+``SenderRateLimiter`` paces this process alone (aiolimiter); ``shared_rate`` holds the rate
+across replicas. Both serve waiting sends first come first served and honour ``wanted``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
 # How often a waiting send asks whether it is still wanted.
 GIVE_UP_CHECK_SECONDS = 0.05
+
+
+class SenderLimiter(Protocol):
+    """What the handler needs of a limiter."""
+
+    async def acquire(self, sender: str, wanted: Callable[[], bool] | None = None) -> bool:
+        """Wait for ``sender``'s turn; False if ``wanted`` said no first."""
+        ...
 
 
 class SenderRateLimiter:

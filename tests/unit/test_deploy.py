@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from billing_client.reference.settings import BillingSettings
 from dispatcher import metrics as metrics_module
 from dispatcher.metrics import Metrics
-from dispatcher.settings import Settings
+from dispatcher.settings import SENDER_RATE_SCOPES, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -44,6 +44,7 @@ LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "kind": metrics_module.KINDS, "outcome": metrics_module.OUTCOMES,
     "reason": metrics_module.DEAD_LETTER_REASONS, "operation": metrics_module.CREDIT_OPERATIONS,
     "type": metrics_module.LOW_BALANCE_TYPES, "code_class": metrics_module.CODE_CLASSES,
+    "loop": metrics_module.LOOP_NAMES,
 }
 
 
@@ -347,3 +348,214 @@ def test_wheel_ships_every_data_file() -> None:
                 relative = path.relative_to(ROOT / package).as_posix()
                 assert any(fnmatch.fnmatch(relative, p) for p in patterns), \
                     f"{package}/{relative} is missing from [tool.setuptools.package-data]"
+
+
+# --- The cluster shape (issue 18): k8s-cluster overlay and compose.cluster.yaml -------------------
+
+K8S_CLUSTER = DEPLOY / "k8s-cluster"
+HELPER_ENV = {"PGPASSWORD", "RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}  # not settings: inputs
+
+
+def _pointer(path: str) -> list[str]:
+    return [part.replace("~1", "/").replace("~0", "~") for part in path.split("/")[1:]]
+
+
+def _json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    """The JSON 6902 ``add`` and ``remove`` the overlay uses, applied in place."""
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert last in node or op["op"] == "add", f"{op['path']} not in the base"
+        if op["op"] == "add":
+            node[last] = op["value"]
+        else:
+            assert op["op"] == "remove", op
+            del node[last]
+
+
+def _cluster_overlay() -> list[dict[str, Any]]:
+    """What ``kubectl kustomize deploy/k8s-cluster`` builds, composed in Python."""
+    kustomization = _yaml(K8S_CLUSTER / "kustomization.yaml")
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        path = (K8S_CLUSTER / resource).resolve()
+        if path.is_dir():
+            base = _yaml(path / "kustomization.yaml")["resources"]
+            docs += [doc for name in base for doc in yaml.safe_load_all((path / name).read_text())
+                     if doc]
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for patch in kustomization["patches"]:
+        target = patch["target"]
+        [doc] = [d for d in docs if d["kind"] == target["kind"]
+                 and d["metadata"]["name"] == target["name"]]
+        _json_patch(doc, _yaml(K8S_CLUSTER / patch["path"]))
+    return docs
+
+
+def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [doc] = [doc for doc in docs if doc["kind"] == kind]
+    return doc
+
+
+def _hosts(url: str) -> list[str]:
+    """``host:port`` of each host of a (multi-host) URL."""
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    return netloc.rpartition("@")[2].split(",")
+
+
+def test_cluster_overlay_resources_validate_and_the_operators_are_referenced() -> None:
+    docs = _cluster_overlay()
+    kinds = {doc["kind"] for doc in docs}
+    assert {"RabbitmqCluster", "Cluster", "Deployment", "Job", "ConfigMap", "Secret"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"].endswith((".com/v1beta1", ".cnpg.io/v1")):
+            continue  # custom resources: checked field by field below
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}: {exc.message} at {list(exc.path)}")
+    rabbit = _one(docs, "RabbitmqCluster")
+    assert rabbit["apiVersion"] == "rabbitmq.com/v1beta1"
+    assert rabbit["spec"]["replicas"] == 3
+    postgres = _one(docs, "Cluster")
+    assert postgres["apiVersion"] == "postgresql.cnpg.io/v1"
+    assert postgres["spec"]["instances"] in (2, 3)
+    sync = postgres["spec"]["postgresql"].get("synchronous")
+    assert (sync and sync["number"] >= 1 and sync["method"] in {"any", "first"}) or (
+        postgres["spec"].get("minSyncReplicas", 0) >= 1)
+    assert postgres["spec"]["imageName"].endswith(":15")  # the version the tests run on
+
+
+def test_cluster_overlay_connection_settings() -> None:
+    docs = _cluster_overlay()
+    rabbit = _one(docs, "RabbitmqCluster")["metadata"]["name"]
+    cluster = _one(docs, "Cluster")
+    initdb = cluster["spec"]["bootstrap"]["initdb"]
+    config = _one(docs, "ConfigMap")["data"]
+    _env_keys_are_settings(config)
+    # The URLs come from the operators, not from the placeholder Secret (no shadowing).
+    secret = _one(docs, "Secret")["stringData"]
+    assert not {"DISPATCHER_DATABASE_URL", "DISPATCHER_AMQP_URL"} & set(secret)
+    dsn = config["DISPATCHER_DATABASE_URL"]
+    assert _hosts(dsn) == [f"{cluster['metadata']['name']}-rw:5432"]
+    assert dsn.split("://")[1].split("@")[0] == initdb["owner"]  # password from PGPASSWORD
+    assert dsn.split("/")[-1] == f"{initdb['database']}?target_session_attrs=read-write"
+    assert config["DISPATCHER_SENDER_RATE_SCOPE"] in SENDER_RATE_SCOPES
+    for workload in ("Deployment", "Job"):
+        [container] = _one(docs, workload)["spec"]["template"]["spec"]["containers"]
+        env = container["env"]
+        names = [e["name"] for e in env]
+        _env_keys_are_settings({n: "" for n in names if n not in HELPER_ENV})
+        secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e}
+        assert secrets == {f"{cluster['metadata']['name']}-app", f"{rabbit}-default-user"}
+        [amqp] = [e["value"] for e in env if e["name"] == "DISPATCHER_AMQP_URL"]
+        urls = amqp.split(",")
+        assert [_hosts(url) for url in urls] == [
+            [f"{rabbit}-server-{i}.{rabbit}-nodes:5672"] for i in range(3)]
+        defined_before = names[:names.index("DISPATCHER_AMQP_URL")]
+        assert set(re.findall(r"\$\((\w+)\)", amqp)) <= set(defined_before)
+
+
+def test_cluster_overlay_renders_with_kubectl_kustomize() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:  # optional: the Python composition above checks the same patches
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run([kubectl, "kustomize", str(K8S_CLUSTER)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    composed = _cluster_overlay()
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in composed)
+    for kind in ("ConfigMap", "Deployment", "Job"):
+        assert _one(rendered, kind)["spec" if kind != "ConfigMap" else "data"] == _one(
+            composed, kind)["spec" if kind != "ConfigMap" else "data"]
+
+
+def _cluster_compose() -> dict[str, Any]:
+    data: dict[str, Any] = _yaml(DEPLOY / "compose.cluster.yaml")
+    return data
+
+
+def test_compose_cluster_services_and_images_match_the_single_node_stack() -> None:
+    services = _cluster_compose()["services"]
+    single = _compose()["services"]
+    brokers = sorted(n for n in services if n.startswith("rabbitmq-"))
+    assert brokers == ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
+    replicas = sorted(n for n in services if n.startswith("dispatcher-"))
+    assert len(replicas) == 2
+    assert {"postgres-primary", "postgres-standby", "migrate", "twilio-sandbox",
+            "billing"} <= set(services)
+    for name in brokers:
+        assert services[name]["image"] == single["rabbitmq"]["image"]
+        assert services[name]["hostname"] == name
+    assert len({services[n]["environment"]["RABBITMQ_ERLANG_COOKIE"] for n in brokers}) == 1
+    conf = (DEPLOY / "rabbitmq" / "cluster.conf").read_text()
+    assert sorted(re.findall(r"classic_config\.nodes\.\d+ = rabbit@(\S+)", conf)) == brokers
+    for name in ("postgres-primary", "postgres-standby"):
+        assert services[name]["image"] == single["postgres"]["image"]
+    for name, service in services.items():
+        check = service["healthcheck"]
+        if name == "migrate":
+            assert check == {"disable": True}
+        else:
+            assert check["test"][0] in {"CMD", "CMD-SHELL"} and check["retries"] >= 3, name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+    published = [p.split(":")[0] for s in services.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published))
+
+
+def test_compose_cluster_replication_is_synchronous_to_the_standby() -> None:
+    services = _cluster_compose()["services"]
+    init = (DEPLOY / "postgres" / "primary-init.sh").read_text()
+    # Set by the init script, never on the command line: the image's first-start server takes
+    # the command's options, and its initialisation would wait for a standby forever.
+    assert "synchronous_standby_names" not in " ".join(services["postgres-primary"]["command"])
+    [names] = re.findall(r"ALTER SYSTEM SET synchronous_standby_names = '([^']+)'", init)
+    standby = (DEPLOY / "postgres" / "standby-start.sh").read_text()
+    [application] = re.findall(r"application_name=(\w+)", standby)
+    assert re.fullmatch(rf"FIRST 1 \({application}\)", names)
+    assert "host=postgres-primary " in standby and "user=replicator " in standby
+    # Promoted, the standby commits alone: it must not inherit the wait for a standby.
+    assert standby.rstrip().endswith("-c synchronous_standby_names=")
+    assert "REPLICATION LOGIN" in init and "host replication replicator" in init
+    primary = services["postgres-primary"]
+    assert "./postgres/primary-init.sh:/docker-entrypoint-initdb.d/10-replication.sh:ro" in (
+        primary["volumes"])
+    assert services["postgres-standby"]["depends_on"]["postgres-primary"] == {
+        "condition": "service_healthy"}
+
+
+def test_compose_cluster_replicas_list_every_node() -> None:
+    services = _cluster_compose()["services"]
+    brokers = {f"{n}:5672" for n in services if n.startswith("rabbitmq-")}
+    databases = {"postgres-primary:5432", "postgres-standby:5432"}
+    replicas = [s for n, s in services.items() if n.startswith("dispatcher-")]
+    envs = [replica["environment"] for replica in replicas]
+    for replica, env in zip(replicas, envs, strict=True):
+        _env_keys_are_settings(env)
+        assert {h for url in env["DISPATCHER_AMQP_URL"].split(",") for h in _hosts(url)} == brokers
+        assert set(_hosts(env["DISPATCHER_DATABASE_URL"])) == databases
+        assert env["DISPATCHER_DATABASE_URL"].endswith("?target_session_attrs=read-write")
+        assert env["DISPATCHER_SENDER_RATE_SCOPE"] == "shared"
+        grace = int(replica["stop_grace_period"].removesuffix("s"))
+        assert grace > float(env["DISPATCHER_SHUTDOWN_TIMEOUT_SECONDS"])
+        assert replica["command"] == ["run"]
+        waits = replica["depends_on"]
+        assert {n for n in waits if waits[n]["condition"] == "service_healthy"} >= {
+            b.split(":")[0] for b in brokers} | {d.split(":")[0] for d in databases}
+        assert waits["migrate"] == {"condition": "service_completed_successfully"}
+    # The replicas differ only in the address Twilio calls back.
+    same = [{k: v for k, v in env.items() if k != "DISPATCHER_PUBLIC_BASE_URL"} for env in envs]
+    assert all(s == same[0] for s in same)
+    assert len({env["DISPATCHER_PUBLIC_BASE_URL"] for env in envs}) == len(envs)
+    billing = services["billing"]["environment"]
+    _env_keys_are_settings(billing)
+    assert {h for url in billing["BILLING_AMQP_URL"].split(",") for h in _hosts(url)} == brokers
+    assert set(_hosts(billing["BILLING_DATABASE_URL"])) == databases

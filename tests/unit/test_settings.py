@@ -15,6 +15,8 @@ from dispatcher.settings import InvalidSetting, Settings
     ({"DISPATCHER_WORKERS": "0", "DISPATCHER_SHUTDOWN_TIMEOUT_SECONDS": "0"},
      {"workers": 0, "shutdown_timeout_seconds": 0.0}),
     ({"DISPATCHER_SENDER_RATE_PER_SECOND": "0.5"}, {"sender_rate_per_second": 0.5}),
+    ({}, {"sender_rate_scope": "shared"}),
+    ({"DISPATCHER_SENDER_RATE_SCOPE": "Process"}, {"sender_rate_scope": "process"}),
 ])
 def test_good_values_are_read(env: dict[str, str], expected: dict[str, object]) -> None:
     settings = Settings.from_env(env)
@@ -28,6 +30,7 @@ def test_good_values_are_read(env: dict[str, str], expected: dict[str, object]) 
     ("DISPATCHER_WORKERS", "-1"), ("DISPATCHER_SENDER_RATE_PER_SECOND", "0"),
     ("DISPATCHER_TWILIO_TIMEOUT_SECONDS", "nan"), ("DISPATCHER_LOG_FORMAT", "xml"),
     ("DISPATCHER_LOG_LEVEL", "loud"), ("DISPATCHER_DB_POOL_MAX", "0"),
+    ("DISPATCHER_SENDER_RATE_SCOPE", "cluster"),
 ])
 def test_bad_values_are_refused_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(InvalidSetting) as refused:
