@@ -2,9 +2,12 @@
 
 Jobs arrive on the topic exchange ``<prefix>.jobs`` with routing keys ``<kind>.<priority>``.
 Two quorum queues take them, each with an explicit delivery limit and a dead-letter exchange
-(RabbitMQ 3.10 quorum queues have no default limit). Transient failures wait in classic retry
-queues whose TTL dead-letters them back to their work queue. Rejected jobs land on
-``<prefix>.dead`` with their reason in the headers.
+(RabbitMQ 3.10 quorum queues have no default limit). On a cluster, ``quorum_group_size``
+(``DISPATCHER_AMQP_QUORUM_GROUP_SIZE``, 3 for 3 nodes) replicates each quorum queue on that many
+nodes, so it survives the loss of a minority of them; the classic retry queues live on one node
+(a job waiting there is also ``retry_wait`` in the database: the retry sweeper sends it anyway).
+Transient failures wait in classic retry queues whose TTL dead-letters them back to their work
+queue. Rejected jobs land on ``<prefix>.dead`` with their reason in the headers.
 """
 
 from __future__ import annotations
@@ -75,7 +78,15 @@ class Topology:
     work_queues: dict[str, AbstractQueue]
 
 
-async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -> Topology:
+def quorum(group_size: int = 0, **arguments: object) -> dict[str, object]:
+    """Arguments of a quorum queue, replicated on ``group_size`` nodes if set (0: the broker's
+    default)."""
+    extra = {"x-quorum-initial-group-size": group_size} if group_size else {}
+    return {"x-queue-type": "quorum", **extra, **arguments}
+
+
+async def declare(channel: AbstractChannel, names: Names, delivery_limit: int,
+                  quorum_group_size: int = 0) -> Topology:
     """Declare everything (idempotent: same arguments every time)."""
     topic = aio_pika.ExchangeType.TOPIC
     jobs = await channel.declare_exchange(names.jobs_exchange, topic, durable=True)
@@ -84,16 +95,16 @@ async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -
     events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
     billing = await channel.declare_exchange(names.billing_exchange, topic, durable=True)
     dead_queue = await channel.declare_queue(
-        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+        names.dead_queue, durable=True, arguments=quorum(quorum_group_size))
     await dead_queue.bind(dead, routing_key="#")
     work_queues: dict[str, AbstractQueue] = {}
     for priority in PRIORITIES:
-        queue = await channel.declare_queue(names.work_queue(priority), durable=True, arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": delivery_limit,
-            "x-dead-letter-exchange": names.dead_exchange,
-            "x-dead-letter-routing-key": "delivery_limit",
-        })
+        queue = await channel.declare_queue(
+            names.work_queue(priority), durable=True, arguments=quorum(
+                quorum_group_size, **{
+                    "x-delivery-limit": delivery_limit,
+                    "x-dead-letter-exchange": names.dead_exchange,
+                    "x-dead-letter-routing-key": "delivery_limit"}))
         await queue.bind(jobs, routing_key=f"*.{priority}")
         work_queues[priority] = queue
         for delay in RETRY_DELAYS_SECONDS:
