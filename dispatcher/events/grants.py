@@ -33,7 +33,7 @@ async def declare_credits_queue(channel: AbstractChannel, names: Names,
     """The dispatcher's queue of billing replies; bounds the channel's unacked messages."""
     await channel.set_qos(prefetch_count=PREFETCH)
     queue = await channel.declare_queue(
-        f"{names.prefix}.credits", durable=True, arguments=quorum(quorum_group_size, **{
+        f"{names.prefix}.credits", durable=True, arguments=quorum(quorum_group_size, {
             "x-delivery-limit": 10, "x-dead-letter-exchange": names.dead_exchange,
             "x-dead-letter-routing-key": "delivery_limit"}))
     for routing_key in LISTENED:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pamqp.common import FieldTable
 
 PRIORITIES = ("transactional", "bulk")
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
@@ -78,11 +79,11 @@ class Topology:
     work_queues: dict[str, AbstractQueue]
 
 
-def quorum(group_size: int = 0, **arguments: object) -> dict[str, object]:
+def quorum(group_size: int = 0, arguments: FieldTable | None = None) -> FieldTable:
     """Arguments of a quorum queue, replicated on ``group_size`` nodes if set (0: the broker's
     default)."""
-    extra = {"x-quorum-initial-group-size": group_size} if group_size else {}
-    return {"x-queue-type": "quorum", **extra, **arguments}
+    extra: FieldTable = {"x-quorum-initial-group-size": group_size} if group_size else {}
+    return {"x-queue-type": "quorum", **extra, **(arguments or {})}
 
 
 async def declare(channel: AbstractChannel, names: Names, delivery_limit: int,
@@ -101,7 +102,7 @@ async def declare(channel: AbstractChannel, names: Names, delivery_limit: int,
     for priority in PRIORITIES:
         queue = await channel.declare_queue(
             names.work_queue(priority), durable=True, arguments=quorum(
-                quorum_group_size, **{
+                quorum_group_size, {
                     "x-delivery-limit": delivery_limit,
                     "x-dead-letter-exchange": names.dead_exchange,
                     "x-dead-letter-routing-key": "delivery_limit"}))
