@@ -42,16 +42,19 @@ DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutErro
 
 
 class Replica(DispatcherProcess):
-    """``dispatcher run`` as a process, given longer to get ready on a busy 2-core host."""
+    """``dispatcher run`` as a process, given longer to get ready on a busy 2-core host; one
+    that exits while starting (the database failing over under it) is started again, as its
+    supervisor would."""
 
     def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "run"], cwd=ROOT,
-                                         env=settings_env(self.settings), stdout=log,
-                                         stderr=log)
         deadline = time.monotonic() + READY_SECONDS
+        self._spawn()
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                time.sleep(1.0)
+                self._spawn()
+                continue
             try:
                 with urlopen(f"{self.settings.public_base_url}/readyz", timeout=1) as r:
                     if r.status == 200:
@@ -60,6 +63,12 @@ class Replica(DispatcherProcess):
                 pass
             time.sleep(0.2)
         raise AssertionError("replica did not become ready:\n" + self.log_path.read_text()[-3000:])
+
+    def _spawn(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "run"], cwd=ROOT,
+                                         env=settings_env(self.settings), stdout=log,
+                                         stderr=log)
 
 
 @dataclass
