@@ -58,6 +58,8 @@ from dispatcher.twilio.sender import TwilioSender
 log = structlog.get_logger(__name__)
 
 START_RABBITMQ_HINT = "start it with: rabbitmq-server -detached"
+# Between reconnect rounds once every node refused (each round tries all of them at once).
+RECONNECT_INTERVAL_SECONDS = 2.0
 
 
 async def connect_broker(settings: Settings) -> AbstractRobustConnection:
@@ -65,7 +67,8 @@ async def connect_broker(settings: Settings) -> AbstractRobustConnection:
     cluster's comma-separated) that answers; or a clear error saying how to start RabbitMQ."""
     try:
         async with asyncio.timeout(15):
-            return await connect_robust(settings.amqp_url)
+            return await connect_robust(settings.amqp_url,
+                                        reconnect_interval=RECONNECT_INTERVAL_SECONDS)
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPConnectionError) as exc:
         raise ServiceUnavailable(
             f"RabbitMQ is not reachable ({type(exc).__name__}); {START_RABBITMQ_HINT}") from exc

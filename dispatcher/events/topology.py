@@ -4,10 +4,11 @@ Jobs arrive on the topic exchange ``<prefix>.jobs`` with routing keys ``<kind>.<
 Two quorum queues take them, each with an explicit delivery limit and a dead-letter exchange
 (RabbitMQ 3.10 quorum queues have no default limit). On a cluster, ``quorum_group_size``
 (``DISPATCHER_AMQP_QUORUM_GROUP_SIZE``, 3 for 3 nodes) replicates each quorum queue on that many
-nodes, so it survives the loss of a minority of them; the classic retry queues live on one node
-(a job waiting there is also ``retry_wait`` in the database: the retry sweeper sends it anyway).
-Transient failures wait in classic retry queues whose TTL dead-letters them back to their work
-queue. Rejected jobs land on ``<prefix>.dead`` with their reason in the headers.
+nodes, so it survives the loss of a minority of them; the retry queues are then quorum queues
+too (a classic queue lives on one node, and while that node is down it cannot be redeclared, so
+no client could restore its channels on the others). Transient failures wait in retry queues
+(classic on a single node) whose TTL dead-letters them back to their work queue. Rejected jobs
+land on ``<prefix>.dead`` with their reason in the headers.
 """
 
 from __future__ import annotations
@@ -109,12 +110,17 @@ async def declare(channel: AbstractChannel, names: Names, delivery_limit: int,
         await queue.bind(jobs, routing_key=f"*.{priority}")
         work_queues[priority] = queue
         for delay in RETRY_DELAYS_SECONDS:
-            await channel.declare_queue(names.retry_queue(priority, delay), durable=True,
-                                        arguments={
+            retry: FieldTable = {
                 "x-message-ttl": delay * 1000,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": names.work_queue(priority),
-            })
+            }
+            # On a cluster a classic queue lives on one node: while that node is down it cannot
+            # even be redeclared, and every reconnect's restore fails. Quorum there (TTL and
+            # dead-lettering work for quorum queues since RabbitMQ 3.10).
+            await channel.declare_queue(
+                names.retry_queue(priority, delay), durable=True,
+                arguments=quorum(quorum_group_size, retry) if quorum_group_size else retry)
     return Topology(jobs, dead, events, billing, work_queues)
 
 
