@@ -33,7 +33,7 @@ from tests.integration.dispatcher_fixture import wait_for
 from tests.integration.sandbox_fixture import SandboxHandle
 
 ACCOUNTS = 10
-JOBS_EACH = 50
+JOBS_EACH = 40
 DOWN_SECONDS = 2.0
 
 
