@@ -226,6 +226,12 @@ class SentMeter:
         before = max((n for t, n in self.samples if t <= moment), default=0)
         return next((t for t, n in self.samples if t > moment and n > before), None)
 
+    def last_send(self) -> float:
+        """When the sent count reached its final value (the end of the flow, before the
+        reconciler's tail of lost callbacks)."""
+        final = max((n for _, n in self.samples), default=0)
+        return next((t for t, n in self.samples if n == final), time.monotonic())
+
     async def wait_sent(self, count: int, timeout: float = 60) -> None:
         async def enough() -> bool:
             return (await self.sent() or 0) >= count

@@ -73,7 +73,6 @@ async def test_b_broker_node_kill_9_and_back_while_jobs_flow(
         async def settled() -> bool:
             return await quiescent(stack.pool, accounts, len(jobs))
         await wait_for(settled, timeout=120, interval=0.5)
-        done = time.monotonic()
         await restart
         violations = await verify(stack, twilio_sandbox, accounts, sink)
         assert violations == [], violations[:20]
@@ -86,7 +85,7 @@ async def test_b_broker_node_kill_9_and_back_while_jobs_flow(
         print(f"\nbroker node kill: {len(jobs)} jobs, {retried} publishes retried, sending "
               f"again {back - killed if back else float('nan'):.2f} s after the kill; "
               f"{meter.rate(started, killed):.0f} jobs/s before, "
-              f"{meter.rate(back or killed, done):.0f} after")
+              f"{meter.rate(back or killed, meter.last_send()):.0f} after")
     finally:
         if restart is not None:  # the cluster is the next test's too: whole again
             await asyncio.gather(restart, return_exceptions=True)

@@ -113,7 +113,7 @@ async def test_c_chaos_broker_node_replica_and_database_lost_nothing_lost_or_dou
                   f"{retried} publishes retried; database failover {failover_seconds:.2f} s "
                   f"(sending again {back - crash:.2f} s after the crash); "
                   f"{meter.rate(started, first_kill):.0f} jobs/s before the first kill, "
-                  f"{meter.rate(back, done):.0f} after the failover; "
+                  f"{meter.rate(back, meter.last_send()):.0f} after the failover; "
                   f"{done - started:.0f} s in all")
     finally:
         for task in background:

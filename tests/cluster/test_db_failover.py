@@ -62,7 +62,6 @@ async def test_a_failover_while_jobs_flow_loses_no_committed_send_or_charge(
         async def settled() -> bool:
             return await quiescent(stack.pool, accounts, len(jobs))
         await wait_for(settled, timeout=120, interval=0.5)
-        done = time.monotonic()
         violations = await verify(stack, twilio_sandbox, accounts, sink)
         # What the provider accepted is exactly what the promoted ledger says was sent+charged.
         creates = creates_per_job(twilio_sandbox, stack.base_urls)
@@ -86,7 +85,7 @@ async def test_a_failover_while_jobs_flow_loses_no_committed_send_or_charge(
         print(f"\nfailover: {len(jobs)} jobs, promote took {failover_seconds:.2f} s, sending "
               f"again {back - crash if back else float('nan'):.2f} s after the crash; "
               f"{meter.rate(started, crash):.0f} jobs/s before, "
-              f"{meter.rate(back or crash, done):.0f} after")
+              f"{meter.rate(back or crash, meter.last_send()):.0f} after")
     finally:
         await meter.stop()
         stack.stop_all()
