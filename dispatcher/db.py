@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -155,7 +156,7 @@ def refused(exc: asyncpg.PostgresError) -> ServiceUnavailable:
 
 def database_missing(dsn: str) -> DatabaseMissing:
     """The error for a database that does not exist, with the command that creates it."""
-    url = urlsplit(dsn)
+    url = urlsplit(re.sub(r",[^/?]*", "", dsn, count=1))  # several hosts: name the first
     name = unquote(url.path.lstrip("/")) or unquote(url.username or "postgres")
     port = f" -p {url.port}" if url.port not in (None, 5432) else ""
     create = f"createdb -h {url.hostname or '127.0.0.1'}{port} -U {url.username or 'postgres'}"

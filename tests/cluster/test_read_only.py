@@ -37,6 +37,13 @@ async def test_the_writable_host_is_found_and_a_read_only_one_refused(
         replicated_postgres: ReplicatedPostgres) -> None:
     pg = replicated_postgres
     await asyncio.to_thread(pg.create_database, "ro")
+    for _ in range(100):  # committed on the standby at once; replayed a moment later
+        names = await asyncio.to_thread(
+            pg.standby._run, "psql", "-h", "127.0.0.1", "-p", str(pg.standby.port), "-U",
+            "postgres", "-Atc", "SELECT datname FROM pg_database")
+        if "ro" in names.stdout.split():
+            break
+        await asyncio.sleep(0.1)
     standby_first = (f"postgresql://postgres@127.0.0.1:{pg.standby.port},"
                      f"127.0.0.1:{pg.primary.port}/ro")
     pool = await create_pool(replace(Settings(), database_url=standby_first), min_size=1,
