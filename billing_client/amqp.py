@@ -55,6 +55,7 @@ class ClusterConnection(RobustConnection):
     def __init__(self, urls: Sequence[str], **kwargs: Any) -> None:
         self.urls = [URL(url) for url in split_urls(urls)]
         self._current = 0
+        self._connected_once = False
         super().__init__(self.urls[0], **kwargs)
 
     @property
@@ -77,7 +78,11 @@ class ClusterConnection(RobustConnection):
                 log.warning("amqp_node_unreachable", node=self.node, error=type(exc).__name__,
                             next_node=redacted(self.urls[(index + 1) % len(self.urls)]))
                 continue
-            log.info("amqp_connected", node=self.node, nodes=len(self.urls))
+            if self._connected_once:  # a reconnect (maybe to another node) is worth a warning
+                log.warning("amqp_reconnected", node=self.node, nodes=len(self.urls))
+            else:
+                log.info("amqp_connected", node=self.node, nodes=len(self.urls))
+            self._connected_once = True
             return
 
     async def _RobustConnection__connect_transport(self) -> None:

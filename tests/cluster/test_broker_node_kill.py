@@ -79,7 +79,7 @@ async def test_b_broker_node_kill_9_and_back_while_jobs_flow(
         for replica in stack.replicas:
             assert replica.proc is not None and replica.proc.poll() is None
         first = next(stack.logs())
-        assert first.count('"amqp_connected"') >= 2, "replica 0 reconnected to another node"
+        assert '"amqp_reconnected"' in first, "replica 0 reconnected to another node"
         assert await asyncio.to_thread(mq.running_nodes) == 3
         back = meter.first_progress_after(killed)
         print(f"\nbroker node kill: {len(jobs)} jobs, {retried} publishes retried, sending "
