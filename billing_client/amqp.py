@@ -22,8 +22,8 @@ from typing import Any, cast
 import structlog
 from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from yarl import URL
 
 log = structlog.get_logger(__name__)
 
@@ -43,9 +43,9 @@ def split_urls(urls: str | Sequence[str]) -> list[str]:
     return found
 
 
-def redacted(url: str | URL) -> str:
+def redacted(url: object) -> str:
     """``url`` without its password, for logs."""
-    parsed = URL(str(url))
+    parsed = make_url(str(url))
     return str(parsed.with_password("******") if parsed.password else parsed)
 
 
@@ -53,7 +53,7 @@ class ClusterConnection(RobustConnection):
     """A ``RobustConnection`` that rotates through the cluster's addresses on every connect."""
 
     def __init__(self, urls: Sequence[str], **kwargs: Any) -> None:
-        self.urls = [URL(url) for url in split_urls(urls)]
+        self.urls = [make_url(url) for url in split_urls(urls)]
         self._current = 0
         self._connected_once = False
         super().__init__(self.urls[0], **kwargs)

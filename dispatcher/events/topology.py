@@ -14,10 +14,13 @@ land on ``<prefix>.dead`` with their reason in the headers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
-from pamqp.common import FieldTable
+
+# Queue arguments (pamqp's FieldTable, which aio-pika's declare_queue takes).
+FieldTable = dict[str, Any]
 
 PRIORITIES = ("transactional", "bulk")
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
