@@ -21,6 +21,7 @@ import aio_pika.exceptions
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from billing_client.amqp import connect_robust
 from billing_client.events import BillingClientError, BillingEvent, encode_event
 
 DEFAULT_TIMEOUT = 5.0
@@ -54,10 +55,13 @@ class ConfirmedPublisher:
     @classmethod
     async def connect(cls, amqp_url: str, exchange_name: str, *,
                       timeout: float = DEFAULT_TIMEOUT) -> Self:
-        """Connect and open ``exchange_name``, which must already exist."""
+        """Connect and open ``exchange_name``, which must already exist.
+
+        ``amqp_url``: one address or a cluster's, comma-separated (``billing_client.amqp``).
+        """
         try:
             async with asyncio.timeout(timeout):
-                connection = await aio_pika.connect_robust(amqp_url, timeout=timeout)
+                connection = await connect_robust(amqp_url, timeout=timeout)
         except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
             raise PublishFailed(f"cannot connect: {exc!r}", reason="unavailable") from exc
         try:

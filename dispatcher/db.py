@@ -5,15 +5,25 @@ advisory unlock: one more round trip per release). That is safe because nothing 
 state on a pooled connection: LISTEN runs on connections of its own (``listening``), nothing
 sets session settings, and a session advisory lock is always unlocked, or its connection
 terminated, before release. asyncpg still rolls back a transaction left open.
+
+A primary with a standby that takes over: ``DISPATCHER_DATABASE_URL`` may list every host,
+``postgresql://h1:5432,h2:5432/db?target_session_attrs=read-write`` (added when a multi-host
+URL has none): each new connection goes to the host that accepts writes. After a failover the
+old primary's connections die, the pool and the LISTEN connections reconnect to the new one
+(``database_server_changed`` in the log), and a connection found read-only (a standby, or a
+fenced old primary) is dropped by ``ping`` rather than used again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
+import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from dispatcher.errors import DatabaseMissing, DatabaseNotMigrated, ServiceUnavailable
@@ -29,6 +39,8 @@ START_POSTGRES_HINT = (
 )
 
 
+log = structlog.get_logger(__name__)
+
 # A connection of its own listening on channel X shows as application_name "dispatcher listen X".
 LISTEN_APPLICATION_PREFIX = "dispatcher listen "
 
@@ -42,12 +54,43 @@ async def _no_reset(_connection: asyncpg.Connection) -> None:
     """Pooled connections carry no session state (see the module docstring)."""
 
 
+def primary_dsn(dsn: str) -> str:
+    """``dsn``, with ``target_session_attrs=read-write`` if it lists several hosts and says
+    nothing of which (asyncpg's default, ``any``, could pick a standby)."""
+    url = urlsplit(dsn)
+    if "," not in url.netloc or "target_session_attrs" in parse_qs(url.query):
+        return dsn
+    if os.environ.get("PGTARGETSESSIONATTRS"):
+        return dsn
+    return f"{dsn}{'&' if url.query else '?'}target_session_attrs=read-write"
+
+
+class ServerTracker:
+    """Logs ``database_server_changed`` when a new connection lands on another server than
+    the one before (a failover seen from this process); no round trip."""
+
+    def __init__(self) -> None:
+        self.server: str | None = None
+
+    async def __call__(self, conn: asyncpg.Connection) -> None:
+        addr = getattr(conn, "_addr", None)
+        server = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        if self.server is not None and server != self.server:
+            log.warning("database_server_changed", previous=self.server, server=server)
+        self.server = server
+
+
+NO_PRIMARY = ("PostgreSQL: none of the hosts of DISPATCHER_DATABASE_URL accepts writes (a "
+              "failover in progress?)")
+
+
 async def create_pool(settings: Settings, *, min_size: int | None = None,
                       max_size: int | None = None) -> asyncpg.Pool:
     """Open a pool with bounded timeouts and TCP keepalives so a dead socket cannot wedge it."""
     try:
         pool = await asyncpg.create_pool(
-            settings.database_url,
+            primary_dsn(settings.database_url),
+            init=ServerTracker(),
             min_size=settings.db_pool_min if min_size is None else min_size,
             max_size=settings.db_pool_max if max_size is None else max_size,
             timeout=10,
@@ -62,6 +105,8 @@ async def create_pool(settings: Settings, *, min_size: int | None = None,
         )
     except asyncpg.InvalidCatalogNameError as exc:
         raise database_missing(settings.database_url) from exc
+    except asyncpg.TargetServerAttributeNotMatched as exc:
+        raise ServiceUnavailable(NO_PRIMARY) from exc
     except asyncpg.PostgresError as exc:
         raise refused(exc) from exc
     except (OSError, TimeoutError) as exc:
@@ -76,16 +121,25 @@ PING_TIMEOUT_SECONDS = 2.0
 
 
 async def ping(pool: asyncpg.Pool) -> None:
-    """One round trip through the pool; raises if PostgreSQL does not answer in time."""
-    await pool.fetchval(q("ping"), timeout=PING_TIMEOUT_SECONDS)
+    """One round trip through the pool; raises if PostgreSQL does not answer in time, or
+    answers read-only (a standby, a demoted primary): then every pooled connection is expired,
+    so the next ones are opened afresh, on the host that accepts writes."""
+    writable = await pool.fetchval(q("ping"), timeout=PING_TIMEOUT_SECONDS)
+    if writable is False:
+        await pool.expire_connections()
+        log.warning("database_read_only", action="pool connections expired")
+        raise ServiceUnavailable("PostgreSQL answered read-only (a standby?): reconnecting; "
+                                 "list every host with target_session_attrs=read-write")
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
     """One connection with a bounded connect timeout and a clear error if PostgreSQL is down."""
     try:
-        return await asyncpg.connect(dsn, timeout=10)
+        return await asyncpg.connect(primary_dsn(dsn), timeout=10)
     except asyncpg.InvalidCatalogNameError as exc:
         raise database_missing(dsn) from exc
+    except asyncpg.TargetServerAttributeNotMatched as exc:
+        raise ServiceUnavailable(NO_PRIMARY) from exc
     except asyncpg.PostgresError as exc:
         raise refused(exc) from exc
     except (OSError, TimeoutError) as exc:
@@ -102,7 +156,7 @@ def refused(exc: asyncpg.PostgresError) -> ServiceUnavailable:
 
 def database_missing(dsn: str) -> DatabaseMissing:
     """The error for a database that does not exist, with the command that creates it."""
-    url = urlsplit(dsn)
+    url = urlsplit(re.sub(r",[^/?]*", "", dsn, count=1))  # several hosts: name the first
     name = unquote(url.path.lstrip("/")) or unquote(url.username or "postgres")
     port = f" -p {url.port}" if url.port not in (None, 5432) else ""
     create = f"createdb -h {url.hostname or '127.0.0.1'}{port} -U {url.username or 'postgres'}"

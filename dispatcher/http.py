@@ -9,6 +9,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from dispatcher.db import ping
+from dispatcher.errors import ServiceUnavailable
 from dispatcher.metrics import Metrics
 from dispatcher.twilio.callbacks import StatusCallbacks
 
@@ -60,8 +61,9 @@ def broker_connected(amqp: AbstractRobustConnection | None) -> bool:
 async def _database_ok(pool: asyncpg.Pool) -> bool:
     try:
         await ping(pool)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-        return False
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError,
+            asyncpg.TargetServerAttributeNotMatched, ServiceUnavailable):
+        return False  # ServiceUnavailable: a read-only server (a standby) answered
     return True
 
 

@@ -28,8 +28,11 @@ log = structlog.get_logger(__name__)
 # 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown,
 # crash, starting up, statement timeout), 40 transaction rollback (deadlock, serialization).
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "40"})
+# 25006 read_only_sql_transaction: a write reached a standby or a demoted primary (a failover).
+TRANSIENT_SQLSTATES = frozenset({"25006"})
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, ServiceUnavailable, asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,
     aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError,
     aio_pika.exceptions.ChannelInvalidStateError)
 
@@ -42,7 +45,8 @@ def is_outage(exc: BaseException, transient: tuple[type[BaseException], ...] = (
     if isinstance(exc, BaseExceptionGroup):  # a loop running a TaskGroup (outbox, resumer)
         return all(is_outage(inner, transient) for inner in exc.exceptions)
     if isinstance(exc, asyncpg.PostgresError):
-        return str(getattr(exc, "sqlstate", "") or "")[:2] in TRANSIENT_SQLSTATE_CLASSES
+        sqlstate = str(getattr(exc, "sqlstate", "") or "")
+        return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
     return False
 
 

@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from billing_client.amqp import connect_robust
 from dispatcher.api import add_api_routes
 from dispatcher.broadcasts.runner import BroadcastRunner, Broadcasts
 from dispatcher.credits.flow import CreditFlowSampler
@@ -60,13 +61,17 @@ from dispatcher.twilio.sender import TwilioSender
 log = structlog.get_logger(__name__)
 
 START_RABBITMQ_HINT = "start it with: rabbitmq-server -detached"
+# Between reconnect rounds once every node refused (each round tries all of them at once).
+RECONNECT_INTERVAL_SECONDS = 2.0
 
 
 async def connect_broker(settings: Settings) -> AbstractRobustConnection:
-    """A robust connection, or a clear error saying how to start RabbitMQ."""
+    """A robust connection to the first node of ``DISPATCHER_AMQP_URL`` (one address, or a
+    cluster's comma-separated) that answers; or a clear error saying how to start RabbitMQ."""
     try:
         async with asyncio.timeout(15):
-            return await aio_pika.connect_robust(settings.amqp_url)
+            return await connect_robust(settings.amqp_url,
+                                        reconnect_interval=RECONNECT_INTERVAL_SECONDS)
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPConnectionError) as exc:
         raise ServiceUnavailable(
             f"RabbitMQ is not reachable ({type(exc).__name__}); {START_RABBITMQ_HINT}") from exc
@@ -124,7 +129,8 @@ class Service:
             await ping(pool)
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.worker_count,
-                                 delivery_limit=s.delivery_limit, database=DatabaseWatch(probe))
+                                 delivery_limit=s.delivery_limit, database=DatabaseWatch(probe),
+                                 quorum_group_size=s.amqp_quorum_group_size)
         await self.consumer.start()
         topology = self.consumer.topology
         # LISTEN runs on connections of its own: pooled ones carry no session state (see db).
@@ -141,9 +147,10 @@ class Service:
                                concurrency=s.max_in_flight)
         credits_channel = await self.amqp.channel()
         credits_queue = await declare_credits_queue(credits_channel, Names(s.amqp_prefix),
-                                                    topology)
+                                                    topology, s.amqp_quorum_group_size)
         await credits_queue.consume(
             CreditsListener(CreditStore(self.pool), topology, self.metrics).on_message)
+        self.consumer.watch_channel("credits", credits_channel)
         resumer = Resumer(self.pool, handler.send_released, self.metrics,
                           listen_connect=listen_connect,
                           sweep_seconds=s.resume_sweep_interval_seconds)

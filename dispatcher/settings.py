@@ -36,7 +36,12 @@ class Settings:
     """Everything the service reads from its environment. Secrets are excluded from ``repr``."""
 
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
+    # One address, or a RabbitMQ cluster's nodes comma-separated: the first that answers is
+    # used, another on reconnect (billing_client.amqp).
     amqp_url: str = field(default=DEFAULT_AMQP_URL, repr=False)
+    # x-quorum-initial-group-size of the quorum queues declared (3 on a 3-node cluster); 0 leaves
+    # it to RabbitMQ. Only applies to queues not yet declared: the broker refuses a change.
+    amqp_quorum_group_size: int = _num(0)
     # Prefix for every exchange and queue name, so deployments and test runs never collide.
     amqp_prefix: str = "dispatcher"
     http_host: str = "127.0.0.1"

@@ -19,6 +19,7 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
+from billing_client.amqp import connect_robust
 from billing_client.publisher import ConfirmedPublisher
 from billing_client.reference.clock import Clock, utc_now
 from billing_client.reference.consumer import EventConsumer, declare
@@ -53,7 +54,7 @@ async def open_broker(settings: BillingSettings) -> AbstractRobustConnection:
     """A robust connection, or ``ServiceUnavailable`` saying RabbitMQ cannot be reached."""
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
-            return await aio_pika.connect_robust(settings.amqp_url)
+            return await connect_robust(settings.amqp_url)
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPConnectionError) as exc:
         raise ServiceUnavailable(
             f"RabbitMQ is not reachable ({type(exc).__name__})") from exc

@@ -15,7 +15,8 @@ HINTS = {
 
 
 def _reachable(url: str, default_port: int) -> tuple[str, int, bool]:
-    parts = urlsplit(url)
+    # Several hosts (a cluster, a primary and its standby): the first one is checked.
+    parts = urlsplit(url.split(",")[0])
     host, port = parts.hostname or "127.0.0.1", parts.port or default_port
     try:
         with socket.create_connection((host, port), timeout=3):

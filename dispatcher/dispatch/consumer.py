@@ -54,7 +54,7 @@ class Consumer:
 
     def __init__(self, connection: AbstractRobustConnection, names: Names, handle: Handle,
                  metrics: Metrics, *, prefetch: int, workers: int, delivery_limit: int,
-                 database: DatabaseWatch | None = None) -> None:
+                 database: DatabaseWatch | None = None, quorum_group_size: int = 0) -> None:
         self._connection = connection
         self._database = database or DatabaseWatch(None)
         self._names = names
@@ -63,6 +63,7 @@ class Consumer:
         self._prefetch = prefetch
         self._workers = workers
         self._delivery_limit = delivery_limit
+        self._quorum_group_size = quorum_group_size
         # (priority rank, arrival order, delivered at, message)
         self._pending: asyncio.PriorityQueue[
             tuple[int, int, float, AbstractIncomingMessage]] = asyncio.PriorityQueue()
@@ -71,6 +72,8 @@ class Consumer:
         self._consumer_tags: dict[str, str] = {}
         self._consume_channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
+        # Channels of others on this connection (the credits listener's) watched like ours.
+        self._watched: dict[str, AbstractChannel] = {}
         self._topology: Topology | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -80,7 +83,8 @@ class Consumer:
     async def start(self) -> None:
         """Declare the topology and start consuming."""
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
-        self._topology = await declare(self._publish_channel, self._names, self._delivery_limit)
+        self._topology = await declare(self._publish_channel, self._names, self._delivery_limit,
+                                       self._quorum_group_size)
         self._tasks = [asyncio.create_task(self._work(), name=f"dispatch-worker-{i}")
                        for i in range(self._workers)]
         await self._consume()
@@ -96,28 +100,35 @@ class Consumer:
             self._consumer_tags[priority] = await queue.consume(self._enqueue_for(rank))
         self._metrics.consumers_attached.set(len(self._consumer_tags))
 
+    def watch_channel(self, name: str, channel: AbstractChannel) -> None:
+        """Reopen ``channel`` too if it stays closed while the connection is up."""
+        self._watched[name] = channel
+
     async def _keep_consuming(self) -> None:
         """Re-attach when the broker is back but the consume channel is not: a robust
         connection restores itself, yet its channel may stay closed (a restore that failed
         while the restarted node's queues were not up). Waits a check or two so it never races
-        the robust channel's own restore."""
-        closed_checks = 0
+        the robust channel's own restore. The publish channel (the outbox relay's exchanges,
+        retries, dead letters) and watched channels are reopened the same way."""
+        closed_checks: dict[str, int] = {}
         while not self._stopping:
             await asyncio.sleep(CONSUME_CHECK_SECONDS)
-            channel = self._consume_channel
             connected = not self._connection.is_closed and self._connection.connected.is_set()
-            stuck = channel is not None and channel.is_closed and connected
-            closed_checks = closed_checks + 1 if stuck else 0
-            if closed_checks < 2 or self._stopping:
-                continue
-            try:
-                async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                    await self._consume()
-            except (*ACK_ERRORS, TimeoutError) as exc:
-                log.warning("consume_channel_reopen_failed", error=type(exc).__name__)
-                continue
-            closed_checks = 0
-            log.warning("consume_channel_reopened")
+            channels = {"consume": self._consume_channel, "publish": self._publish_channel,
+                        **self._watched}
+            for name, channel in channels.items():
+                stuck = channel is not None and channel.is_closed and connected
+                closed_checks[name] = closed_checks.get(name, 0) + 1 if stuck else 0
+                if closed_checks[name] < 2 or self._stopping or channel is None:
+                    continue
+                try:
+                    async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                        await (self._consume() if name == "consume" else channel.reopen())
+                except (*ACK_ERRORS, TimeoutError) as exc:
+                    log.warning("channel_reopen_failed", channel=name, error=type(exc).__name__)
+                    continue
+                closed_checks[name] = 0
+                log.warning("channel_reopened", channel=name)
 
     @property
     def topology(self) -> Topology:

@@ -24,7 +24,7 @@ from billing_client.events import (
 )
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.errors import DispatcherError
-from dispatcher.events.topology import Names, Topology
+from dispatcher.events.topology import Names, Topology, quorum
 from dispatcher.loops import Backoff, is_outage
 from dispatcher.metrics import Metrics
 
@@ -37,14 +37,13 @@ OUTAGE_BACKOFF = Backoff(first=0.5, cap=5.0)
 
 
 async def declare_credits_queue(channel: AbstractChannel, names: Names,
-                                topology: Topology) -> AbstractQueue:
+                                topology: Topology, quorum_group_size: int = 0) -> AbstractQueue:
     """The dispatcher's queue of billing replies; bounds the channel's unacked messages."""
     await channel.set_qos(prefetch_count=PREFETCH)
     queue = await channel.declare_queue(
-        f"{names.prefix}.credits", durable=True, arguments={
-            "x-queue-type": "quorum", "x-delivery-limit": 10,
-            "x-dead-letter-exchange": names.dead_exchange,
-            "x-dead-letter-routing-key": "delivery_limit"})
+        f"{names.prefix}.credits", durable=True, arguments=quorum(quorum_group_size, {
+            "x-delivery-limit": 10, "x-dead-letter-exchange": names.dead_exchange,
+            "x-dead-letter-routing-key": "delivery_limit"}))
     for routing_key in LISTENED:
         await queue.bind(topology.billing, routing_key=routing_key)
     return queue

@@ -8,7 +8,9 @@ unless the job has one: the dispatcher measures end-to-end latency from it), pub
 persistent with ``message_id`` = job id and ``type`` = kind, and the call returns only once
 the broker has confirmed it. An unroutable job (no queue bound) raises instead of vanishing.
 After a timeout the outcome is unknown: publish the same job again — the job id is the
-idempotency key, so it is sent at most once.
+idempotency key, so it is sent at most once. ``amqp_url`` may list a cluster's nodes
+comma-separated: the connection goes to the first that answers and moves to another when its
+node dies (a publish in flight then fails: publish it again).
 """
 # ``timeout`` parameters with defaults on purpose: publishes are bounded even if callers forget.
 # ruff: noqa: ASYNC109

@@ -2,17 +2,25 @@
 
 Jobs arrive on the topic exchange ``<prefix>.jobs`` with routing keys ``<kind>.<priority>``.
 Two quorum queues take them, each with an explicit delivery limit and a dead-letter exchange
-(RabbitMQ 3.10 quorum queues have no default limit). Transient failures wait in classic retry
-queues whose TTL dead-letters them back to their work queue. Rejected jobs land on
-``<prefix>.dead`` with their reason in the headers.
+(RabbitMQ 3.10 quorum queues have no default limit). On a cluster, ``quorum_group_size``
+(``DISPATCHER_AMQP_QUORUM_GROUP_SIZE``, 3 for 3 nodes) replicates each quorum queue on that many
+nodes, so it survives the loss of a minority of them; the retry queues are then quorum queues
+too (a classic queue lives on one node, and while that node is down it cannot be redeclared, so
+no client could restore its channels on the others). Transient failures wait in retry queues
+(classic on a single node) whose TTL dead-letters them back to their work queue. Rejected jobs
+land on ``<prefix>.dead`` with their reason in the headers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+# Queue arguments (pamqp's FieldTable, which aio-pika's declare_queue takes).
+FieldTable = dict[str, Any]
 
 PRIORITIES = ("transactional", "bulk")
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
@@ -75,7 +83,15 @@ class Topology:
     work_queues: dict[str, AbstractQueue]
 
 
-async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -> Topology:
+def quorum(group_size: int = 0, arguments: FieldTable | None = None) -> FieldTable:
+    """Arguments of a quorum queue, replicated on ``group_size`` nodes if set (0: the broker's
+    default)."""
+    extra: FieldTable = {"x-quorum-initial-group-size": group_size} if group_size else {}
+    return {"x-queue-type": "quorum", **extra, **(arguments or {})}
+
+
+async def declare(channel: AbstractChannel, names: Names, delivery_limit: int,
+                  quorum_group_size: int = 0) -> Topology:
     """Declare everything (idempotent: same arguments every time)."""
     topic = aio_pika.ExchangeType.TOPIC
     jobs = await channel.declare_exchange(names.jobs_exchange, topic, durable=True)
@@ -84,25 +100,30 @@ async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -
     events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
     billing = await channel.declare_exchange(names.billing_exchange, topic, durable=True)
     dead_queue = await channel.declare_queue(
-        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+        names.dead_queue, durable=True, arguments=quorum(quorum_group_size))
     await dead_queue.bind(dead, routing_key="#")
     work_queues: dict[str, AbstractQueue] = {}
     for priority in PRIORITIES:
-        queue = await channel.declare_queue(names.work_queue(priority), durable=True, arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": delivery_limit,
-            "x-dead-letter-exchange": names.dead_exchange,
-            "x-dead-letter-routing-key": "delivery_limit",
-        })
+        queue = await channel.declare_queue(
+            names.work_queue(priority), durable=True, arguments=quorum(
+                quorum_group_size, {
+                    "x-delivery-limit": delivery_limit,
+                    "x-dead-letter-exchange": names.dead_exchange,
+                    "x-dead-letter-routing-key": "delivery_limit"}))
         await queue.bind(jobs, routing_key=f"*.{priority}")
         work_queues[priority] = queue
         for delay in RETRY_DELAYS_SECONDS:
-            await channel.declare_queue(names.retry_queue(priority, delay), durable=True,
-                                        arguments={
+            retry: FieldTable = {
                 "x-message-ttl": delay * 1000,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": names.work_queue(priority),
-            })
+            }
+            # On a cluster a classic queue lives on one node: while that node is down it cannot
+            # even be redeclared, and every reconnect's restore fails. Quorum there (TTL and
+            # dead-lettering work for quorum queues since RabbitMQ 3.10).
+            await channel.declare_queue(
+                names.retry_queue(priority, delay), durable=True,
+                arguments=quorum(quorum_group_size, retry) if quorum_group_size else retry)
     return Topology(jobs, dead, events, billing, work_queues)
 
 

@@ -30,5 +30,6 @@ SELECT coalesce(sum(amount) FILTER (WHERE kind = 'reserve'), 0)::bigint AS reser
 SELECT name FROM schema_migrations;
 
 -- name: ping
--- Readiness and the consumer's outage probe: one round trip, nothing read.
-SELECT 1;
+-- Readiness and the consumer's outage probe: one round trip, nothing read; false on a server
+-- that cannot take writes (a standby, or a primary fenced read-only).
+SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off';

@@ -14,7 +14,7 @@ that broke at once, beside its seed:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import asyncpg
 
@@ -25,21 +25,27 @@ SENT = ("sent", "delivered", "undelivered")
 TERMINAL = (*SENT, "failed", "expired", "canceled")
 
 
-def creates_per_job(sandbox: SandboxHandle, public_base_url: str) -> Counter[str]:
-    """Accepted creates at the sandbox, by the job id in their status-callback URL."""
-    prefix = f"{public_base_url}/twilio/status/"
-    return Counter(
-        record.status_callback.removeprefix(prefix)
-        for record in sandbox.state.creates(accepted=True)
-        if record.status_callback and record.status_callback.startswith(prefix)
-    )
+def creates_per_job(sandbox: SandboxHandle, public_base_url: str | Sequence[str]) -> Counter[str]:
+    """Accepted creates at the sandbox, by the job id in their status-callback URL (of any of
+    the replicas' base URLs when given several)."""
+    bases = [public_base_url] if isinstance(public_base_url, str) else list(public_base_url)
+    prefixes = tuple(f"{base}/twilio/status/" for base in bases)
+    counts: Counter[str] = Counter()
+    for record in sandbox.state.creates(accepted=True):
+        callback = record.status_callback or ""
+        for prefix in prefixes:
+            if callback.startswith(prefix):
+                counts[callback.removeprefix(prefix)] += 1
+                break
+    return counts
 
 
 async def audit_clean(pool: asyncpg.Pool) -> list[str]:
     return [f"audit: {v}" for v in await run_audit(pool)]
 
 
-async def sent_once(pool: asyncpg.Pool, sandbox: SandboxHandle, public_base_url: str,
+async def sent_once(pool: asyncpg.Pool, sandbox: SandboxHandle,
+                    public_base_url: str | Sequence[str],
                     job_ids: Iterable[str]) -> list[str]:
     creates = creates_per_job(sandbox, public_base_url)
     rows = await pool.fetch("SELECT job_id, status FROM jobs WHERE job_id = ANY($1::text[])",
@@ -115,7 +121,8 @@ async def events_relayed(pool: asyncpg.Pool, accounts: Iterable[str]) -> list[st
     return problems
 
 
-async def check_all(pool: asyncpg.Pool, sandbox: SandboxHandle, public_base_url: str,
+async def check_all(pool: asyncpg.Pool, sandbox: SandboxHandle,
+                    public_base_url: str | Sequence[str],
                     accounts: list[str], job_ids: list[str], price: int = 1) -> list[str]:
     """Every invariant above, in one list of violations."""
     return [

@@ -72,8 +72,12 @@ def postgres_bindir() -> Path:
 class PrivatePostgres:
     """One PostgreSQL cluster of our own: initdb'd in a temporary directory, on a free port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, initdb: bool = True,
+                 options: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        # More ``-c name=value`` settings (tests/cluster: replication); without ``initdb`` the
+        # data directory is filled by the caller (a standby's pg_basebackup).
+        self.options = options
         self.root = Path(tempfile.mkdtemp(prefix="private-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
@@ -82,8 +86,9 @@ class PrivatePostgres:
         if self._as_postgres:
             entry = pwd.getpwnam(POSTGRES_USER)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
+        if initdb:
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E",
+                      "UTF8", "--no-sync", "--no-instructions")
 
     def dsn(self, database: str = "postgres") -> str:
         """A libpq URL for ``database`` on this node (user postgres, trust auth)."""
@@ -95,7 +100,8 @@ class PrivatePostgres:
         # kernel still holds the writes); synchronous_commit stays on, or a crash would lose
         # commits already acknowledged — a test would see the harness lose data, not the code.
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c full_page_writes=off")
+                   "-c fsync=off -c full_page_writes=off"
+                   + "".join(f" -c {option}" for option in self.options))
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w",
                   "-t", str(int(START_TIMEOUT_SECONDS)), "start")
 
