@@ -54,7 +54,8 @@ UPDATE broadcasts b SET status = 'completed', finished_at = now()
    AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
                     WHERE r.broadcast_id = b.id AND r.status = 'pending')
    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.broadcast_id = b.id
-                    AND j.status IN ('held', 'sending', 'retry_wait', 'unknown'))
+                    AND j.status IN ('held', 'sending', 'retry_wait', 'unknown',
+                                     'deferred'))  -- deferred: quiet hours (0025)
 RETURNING id;
 
 -- name: broadcast_cancel
