@@ -15,6 +15,7 @@ from dispatcher.api.broadcasts import BroadcastsApi
 from dispatcher.api.errors import Handler, error_middleware
 from dispatcher.api.openapi import OPERATIONS, serve_openapi
 from dispatcher.api.optouts import InboundWebhook, OptOutsApi, is_opted_out, record_opt_out
+from dispatcher.api.schedule import ScheduleApi
 from dispatcher.broadcasts.runner import Broadcasts
 from dispatcher.credits.rates import RateCache
 
@@ -23,6 +24,7 @@ __all__ = ["add_api_routes", "is_opted_out", "record_opt_out"]
 
 def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts) -> dict[str, Handler]:
     accounts, optouts, sends = AccountsApi(pool), OptOutsApi(pool), BroadcastsApi(broadcasts)
+    schedule = ScheduleApi(pool, broadcasts)
     return {
         "getBalance": accounts.get_balance,
         "listLedger": accounts.get_ledger,
@@ -39,6 +41,9 @@ def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts) -> dict[str, Handler]:
         "submitBroadcast": sends.post_broadcast,
         "getBroadcast": sends.get_broadcast,
         "cancelBroadcast": sends.post_cancel,
+        "cancelJob": schedule.post_cancel_job,
+        "getQuietHours": schedule.get_quiet_hours,
+        "putQuietHours": schedule.put_quiet_hours,
     }
 
 

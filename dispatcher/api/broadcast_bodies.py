@@ -8,6 +8,7 @@ Recipient numbers are not checked here: a bad number is skipped by the pre-fligh
 
 from __future__ import annotations
 
+from datetime import datetime
 from itertools import chain
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -35,6 +36,10 @@ SenderText = Annotated[str, msgspec.Meta(
     pattern=r"^(\+[1-9][0-9]{6,14}|[A-Za-z0-9 +\-_&]{1,11})$",
     description="E.164 number or alphanumeric sender id")]
 ServiceSid = Annotated[str, msgspec.Meta(pattern=r"^MG[0-9a-fA-F]{32}$")]
+SendAt = Annotated[datetime, msgspec.Meta(tz=True, description=(
+    "Not before this time (RFC 3339 with an offset): the broadcast is stored `scheduled`, "
+    "reserved and fanned out from then; the pre-flight's figures are today's. One in the "
+    "past goes at once; at most 35 days ahead (else 422 schedule_too_far)"))]
 
 _SENDER: TypeAdapter[str] = TypeAdapter(SenderId)
 
@@ -59,6 +64,7 @@ class PreflightIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     from_: SenderText | None = msgspec.field(default=None, name="from")
     messaging_service_sid: ServiceSid | None = None
     priority: Literal["transactional", "bulk"] = "bulk"
+    send_at: SendAt | None = None
 
 
 class BroadcastIn(PreflightIn, forbid_unknown_fields=True, gc=False):

@@ -32,6 +32,7 @@ from dispatcher.api.schemas import (
     CreditsIn,
     CreditsOut,
     ErrorOut,
+    JobCanceled,
     LedgerPage,
     MessagingSettings,
     MessagingSettingsUpdate,
@@ -39,6 +40,8 @@ from dispatcher.api.schemas import (
     OptOutPage,
     PageQuery,
     PreflightOut,
+    QuietHoursSettings,
+    QuietHoursUpdate,
     RefundIn,
     RefundOut,
 )
@@ -109,6 +112,18 @@ OPERATIONS: tuple[Operation, ...] = (
               "recipient whose provider call has not started ends canceled, credits released, "
               "before the answer; only calls already in flight finish (owner, admin, service)",
               Permission.BROADCAST, {200: BroadcastProgress}),
+    Operation("cancelJob", "POST", f"{ACCOUNT}/jobs/{{job}}/cancel",
+              "Cancel a job waiting for its send_at or its recipient's quiet hours (or a "
+              "broadcast, by its id) before it goes: it ends canceled, nothing charged; "
+              "canceling again answers the same; 409 not_cancelable once it is being sent or "
+              "done (owner, admin, service)",
+              Permission.BROADCAST, {200: JobCanceled}, errors=(409,)),
+    Operation("getQuietHours", "GET", f"{ACCOUNT}/quiet-hours",
+              "Quiet hours: the daily window of the recipient's local time in which bulk "
+              "messages are deferred", Permission.READ, {200: QuietHoursSettings}),
+    Operation("putQuietHours", "PUT", f"{ACCOUNT}/quiet-hours",
+              "Set quiet hours (both times, HH:MM; both null: none) (owner, admin)",
+              Permission.BILLING, {200: QuietHoursSettings}, body=QuietHoursUpdate),
 )
 
 ERRORS: dict[int, tuple[str, str]] = {
@@ -117,10 +132,11 @@ ERRORS: dict[int, tuple[str, str]] = {
     403: ("Forbidden", "forbidden: the token's role may not do this"),
     404: ("NotFound", "not_found: no such account (or not the token's account)"),
     409: ("Conflict", "idempotency_conflict, refund_too_large (details.refundable), "
-                      "insufficient_credits (details: shortfall, advice, preflight)"),
+                      "insufficient_credits (details: shortfall, advice, preflight), "
+                      "not_cancelable (details.status)"),
     413: ("PayloadTooLarge", "payload_too_large"),
     422: ("InvalidRequest", "invalid_request (details.errors: location, field, message, type),"
-                            " unknown_purchase"),
+                            " unknown_purchase, schedule_too_far"),
 }
 
 
@@ -149,6 +165,10 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
     if "{broadcast}" in op.path:
         params.append({"name": "broadcast", "in": "path", "required": True,
                        "description": "broadcast id",
+                       "schema": {"type": "string", "pattern": BROADCAST_PATTERN}})
+    if "{job}" in op.path:
+        params.append({"name": "job", "in": "path", "required": True,
+                       "description": "job id (the publisher's, or a broadcast's)",
                        "schema": {"type": "string", "pattern": BROADCAST_PATTERN}})
     if op.paged:
         props = PageQuery.model_json_schema()["properties"]

@@ -112,8 +112,7 @@ class PreflightResult:
             "auto_recharge": {**vars(auto), "covers_shortfall": self.auto_recharge_covers,
                               "top_ups_needed": top_ups},
             "advice": self.advice,
-            **({"schedule": self.schedule} if self.schedule is not None else {}),
-            **({"quiet_hours": self.quiet_hours} if self.quiet_hours is not None else {}),
+            "schedule": self.schedule, "quiet_hours": self.quiet_hours,
         }
 
 

@@ -178,6 +178,10 @@ class Broadcasts:
             return preflight(template, recipients, rates, opted_out, row["available"], auto,
                              self._resolver, countries)
 
+    def now(self) -> datetime:
+        """What time it is for schedules and quiet hours (the service's clock)."""
+        return self._clock()
+
     def scheduled(self, spec: BroadcastSpec) -> bool:
         """Whether this broadcast waits for its ``send_at`` (one in the past goes at once)."""
         return spec.send_at is not None and spec.send_at > self._clock()
