@@ -14,7 +14,7 @@ from dispatcher.credits.ledger import Executor
 from dispatcher.queries import q
 
 BeginOutcome = Literal["send", "held", "duplicate", "conflict", "unknown_account", "scheduled",
-                      "deferred"]
+                      "deferred", "canceled"]
 FINAL_STATUSES = frozenset({"delivered", "undelivered", "failed", "expired", "canceled"})
 
 

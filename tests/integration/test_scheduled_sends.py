@@ -246,3 +246,19 @@ async def test_two_releasers_release_each_due_job_exactly_once(
     assert await pool.fetchval("SELECT count(*) FROM jobs WHERE job_id = ANY($1) AND "
                                "status = 'sending'", ids) == len(ids)
     assert await pool.fetchval("SELECT reserved FROM accounts WHERE id = $1", account) == 120
+
+
+async def test_a_cancel_that_overtakes_its_scheduled_job_still_cancels_it(
+        d: RunningDispatcher) -> None:
+    account = await d.funded_account(uid("overtake"), 10)
+    job_id = uid("later")
+    await d.publisher.publish({"schema_version": 1, "id": uid("cancel"), "kind": "cancel",
+                               "account": account, "target": job_id})
+
+    async def recorded() -> bool:
+        return await d.pool.fetchval("SELECT outcome FROM cancel_requests WHERE target = $1",
+                                     job_id) == "unknown"
+    await wait_for(recorded)
+    await d.publish_sms(job_id, account, to=TO, send_at=(START + timedelta(hours=1)).isoformat())
+    await wait_status(d, job_id, "canceled")
+    assert await events_of(d.pool, job_id) == [("canceled", "canceled_by_request")]

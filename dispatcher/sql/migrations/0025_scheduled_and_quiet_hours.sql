@@ -33,10 +33,13 @@ CREATE TABLE cancel_requests (
     outcome     text NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX cancel_requests_target ON cancel_requests (target, account_id);
 
 
 -- Store a job that waits for its time (`scheduled` or `deferred`), nothing reserved; the same
 -- answers as begin_job for an id already known (duplicate, or conflict with other content).
+-- A cancel that arrived first (its target then unknown: the cancel came off the transactional
+-- queue before the job off the bulk one) ends it at once: stored `canceled`, 'canceled'.
 CREATE FUNCTION wait_job(
     p_job_id text, p_account text, p_kind text, p_priority text, p_payload jsonb,
     p_estimate bigint, p_country text, p_units integer, p_rate bigint, p_status text,
@@ -80,6 +83,17 @@ BEGIN
     candidate.updated_at := now();
     candidate.not_before := p_not_before;
     candidate.expires_at := (p_payload ->> 'expires_at')::timestamptz;
+    IF EXISTS (SELECT 1 FROM cancel_requests c
+                WHERE c.target = p_job_id AND c.account_id = p_account
+                  AND c.outcome = 'unknown') THEN
+        candidate.status := 'canceled';
+        candidate.reason := 'canceled_by_request';
+        candidate.final_cost := 0;
+        INSERT INTO jobs SELECT candidate.*;
+        PERFORM emit_job_event(candidate, 'canceled', 'canceled_by_request');
+        RETURN QUERY SELECT 'canceled'::text, 'canceled'::text, 0;
+        RETURN;
+    END IF;
     INSERT INTO jobs SELECT candidate.*;
     PERFORM emit_job_event(candidate, p_status, p_reason);
     RETURN QUERY SELECT p_status, p_status, 0;
