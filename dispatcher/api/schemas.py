@@ -273,6 +273,8 @@ class QuietHoursPreflight(ResponseBody):
     end: str
     at: datetime
     deferred: int
+    estimated: bool = Field(description=(
+        "past 5,000 billable recipients, `deferred` is scaled from an even sample of them"))
     deferred_until: datetime | None
 
 

@@ -380,8 +380,9 @@ class BroadcastRunner:
         if window is None:
             return args
         now = self._clock()
-        untils = [window.quiet_until(zones_for(json.loads(payload)["to"]), now)
-                  for payload in args[2]]
+        zones = [zones_for(json.loads(payload)["to"]) for payload in args[2]]
+        ends = {z: window.quiet_until(z, now) for z in set(zones)}
+        untils = [ends[z] for z in zones]
         later = [i for i, until in enumerate(untils) if until is not None]
         if not later:
             return args
