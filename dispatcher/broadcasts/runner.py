@@ -425,7 +425,7 @@ class BroadcastRunner:
         rates = await self._rates.get()
         # The text priced at submission is the text sent: Smart-Encoded if it was then.
         template = Template(b["body"], b["footer"], smart_encoding=b["smart_encoding"])
-        created_at = b["created_at"].isoformat()
+        created_at = max(b["created_at"], b.get("send_at") or b["created_at"]).isoformat()
         metadata = json.loads(b["metadata"])
         seqs, ids, payloads, estimates, countries, units, unit_rates = [], [], [], [], [], [], []
         for r in pending:
@@ -434,7 +434,8 @@ class BroadcastRunner:
             segments = count_segments(text).segments
             rate = rates.rate("sms", country)
             job_id = f"{b['id']}:{r['seq']}"
-            # created_at: the submission's, so end-to-end latency counts the fan-out's wait.
+            # created_at: the submission's (a scheduled one's send_at), so end-to-end latency
+            # counts the fan-out's wait.
             payload: dict[str, Any] = {
                 "schema_version": 1, "id": job_id, "kind": "sms", "account": b["account_id"],
                 "to": r["to_number"], "body": text, "priority": b["priority"],

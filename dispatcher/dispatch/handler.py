@@ -310,10 +310,11 @@ class JobHandler:
             self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
             if job.created_at is not None:
                 # A broadcast's recipients count from the submission, a whole fan-out long:
-                # kept apart from the sms latency.
+                # kept apart from the sms latency. A scheduled job counts from its send_at.
                 kind = "broadcast" if recipient else job.kind
+                since = max(job.created_at, job.send_at or job.created_at)
                 self._metrics.end_to_end_seconds.labels(kind=kind).observe(
-                    max(0.0, (datetime.now(UTC) - job.created_at).total_seconds()))
+                    max(0.0, (datetime.now(UTC) - since).total_seconds()))
             return Done("sent")
         self._metrics.twilio_errors.labels(code_class=result.code_class).inc()
         bound = bound.bind(reason=result.reason, code=result.code, attempt=attempt)

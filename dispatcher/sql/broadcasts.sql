@@ -26,7 +26,7 @@ SELECT job_id FROM begin_broadcast_batch($1, $2, $3, $4::jsonb[], $5, $6, $7, $8
 
 -- name: running_broadcasts
 SELECT id, account_id, sender, messaging_service_sid, body, footer, priority, created_at,
-       metadata::text AS metadata, smart_encoding
+       metadata::text AS metadata, smart_encoding, send_at
   FROM broadcasts WHERE status = 'running' ORDER BY created_at;
 
 -- name: broadcast_get

@@ -262,3 +262,28 @@ async def test_a_cancel_that_overtakes_its_scheduled_job_still_cancels_it(
     await d.publish_sms(job_id, account, to=TO, send_at=(START + timedelta(hours=1)).isoformat())
     await wait_status(d, job_id, "canceled")
     assert await events_of(d.pool, job_id) == [("canceled", "canceled_by_request")]
+
+
+async def test_a_job_held_at_its_release_ages_from_its_release_not_its_creation(
+        pool: asyncpg.Pool) -> None:
+    account = uid("aged")
+    await create_account(pool, account)  # no credits: held when released
+    job_id = uid("aged")
+    payload = {"schema_version": 1, "id": job_id, "kind": "sms", "account": account, "to": TO,
+               "from": "+14155550199", "body": "hi"}
+    now = await pool.fetchval("SELECT now()")
+    await JobStore(pool).wait(NewJob(job_id, account, "sms", "transactional", payload, 1, "US",
+                                     1, 1), "scheduled", now, "send_at")
+    # Accepted 10 days ago for today: the hold limit (72 h) counts from today.
+    await pool.execute("UPDATE jobs SET created_at = now() - interval '10 days' "
+                       "WHERE job_id = $1", job_id)
+
+    async def never(payload: bytes, attempt: int) -> Outcome:
+        raise AssertionError("nothing is sent without credits")
+
+    released = await Releaser(pool, never, Metrics(CollectorRegistry()),
+                              clock=lambda: now).release_due()
+    assert (released.sent, released.held) == (0, 1)
+    assert await pool.fetch("SELECT * FROM expire_held_by_kind(now() - interval '72 hours', "
+                            "100)") == []
+    assert await pool.fetchval("SELECT status FROM jobs WHERE job_id = $1", job_id) == "held"

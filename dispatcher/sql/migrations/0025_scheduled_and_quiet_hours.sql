@@ -6,9 +6,10 @@
 -- the account paused when short). A scheduled broadcast is a broadcasts row `scheduled` with
 -- `send_at`; it becomes `running` at its time and the runner reserves batch by batch.
 --
--- No existing function is redefined here: every function below is new, and the old ones
--- (begin_job, cancel_broadcast, begin_broadcast_batch, reserve_batch, emit_job_event, hold_job)
--- are only called.
+-- One existing function is redefined, by one condition: expire_held_by_kind (0013), whose hold
+-- age of a released job counts from its not_before. Every other function below is new; the old
+-- ones (begin_job, cancel_broadcast, begin_broadcast_batch, reserve_batch, emit_job_event,
+-- pause_account) are only called.
 
 ALTER TABLE accounts ADD COLUMN quiet_hours_start time,
                      ADD COLUMN quiet_hours_end time,
@@ -305,4 +306,27 @@ BEGIN
     UPDATE broadcast_counts SET pending = pending - cardinality(live)
      WHERE broadcast_id = p_broadcast;
     RETURN QUERY SELECT x FROM unnest(stored) AS x;
+END $$;
+
+
+-- As in 0013, but a job's hold age counts from when it could first go: coalesce(not_before,
+-- created_at). A job scheduled days ahead and held at its release must not expire at once for
+-- being created long ago. (The only change: that one condition.)
+CREATE OR REPLACE FUNCTION expire_held_by_kind(p_before timestamptz, p_limit integer)
+RETURNS TABLE (kind text, expired integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    h record;
+    kinds text[] := '{}';
+BEGIN
+    FOR h IN SELECT j.job_id, j.account_id, j.kind FROM jobs j
+              WHERE j.status = 'held' AND coalesce(j.not_before, j.created_at) < p_before
+              ORDER BY j.hold_seq LIMIT p_limit LOOP
+        PERFORM 1 FROM accounts a WHERE a.id = h.account_id FOR UPDATE;
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = h.job_id
+                                                          AND j.status = 'held');
+        PERFORM job_not_sent(h.job_id, 'failed', 'insufficient_credits', NULL);
+        kinds := kinds || h.kind;
+    END LOOP;
+    RETURN QUERY SELECT k, count(*)::integer FROM unnest(kinds) AS k GROUP BY k;
 END $$;
