@@ -25,6 +25,7 @@ from dispatcher.demo.options import DemoOptions
 from dispatcher.errors import DispatcherError
 from dispatcher.logs import configure_logging
 from dispatcher.migrate import migrate
+from dispatcher.pricing.quiet_hours import parse_clock
 from dispatcher.queries import q
 from dispatcher.settings import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, InvalidSetting, Settings
 
@@ -116,6 +117,25 @@ async def cmd_accounts_smart_encoding(args: argparse.Namespace, settings: Settin
         if row is None:
             raise DispatcherError(f"no account {args.account!r}")
         print(f"smart encoding {args.state} for {args.account}")
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_accounts_quiet_hours(args: argparse.Namespace, settings: Settings) -> int:
+    window = (None, None) if args.start == "off" else (args.start, args.end)
+    if window[0] is not None and (window[1] is None or window[0] == window[1]):
+        raise DispatcherError("give START END (HH:MM, different), or off")
+    try:
+        start, end = (None if t is None else parse_clock(t) for t in window)
+    except ValueError as exc:
+        raise DispatcherError(f"quiet hours: {exc}") from None
+
+    async def work(pool: asyncpg.Pool) -> int:
+        row = await pool.fetchrow(q("set_quiet_hours"), args.account, start, end)
+        if row is None:
+            raise DispatcherError(f"no account {args.account!r}")
+        shown = f"{args.start}-{args.end}" if start is not None else "off"
+        print(f"quiet hours {shown} for {args.account} (recipient's local time, bulk only)")
         return 0
     return await _with_pool(settings, work)
 
@@ -363,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     smart.add_argument("account")
     smart.add_argument("state", choices=("on", "off"))
     smart.set_defaults(func=cmd_accounts_smart_encoding)
+    quiet = _command(accounts, "quiet-hours",
+                     "bulk messages wait while the recipient's local time is in START-END")
+    quiet.add_argument("account")
+    quiet.add_argument("start", help="HH:MM, or off")
+    quiet.add_argument("end", nargs="?", help="HH:MM (before START: crosses midnight)")
+    quiet.set_defaults(func=cmd_accounts_quiet_hours)
 
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="credits_command", required=True)

@@ -10,14 +10,14 @@ from typing import Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-Kind = Literal["sms", "call", "broadcast", "unknown"]
+Kind = Literal["sms", "call", "broadcast", "cancel", "unknown"]
 Outcome = Literal["consumed", "sent", "failed", "held", "expired", "dead_lettered", "unknown",
-                  "duplicate", "released", "retried"]
+                  "duplicate", "released", "retried", "scheduled", "deferred", "canceled"]
 DeadLetterReason = Literal["too_large", "not_json", "not_utf8", "unsupported_version",
                            "unknown_kind", "unsupported_kind", "invalid_field",
                            "invalid_recipient", "unknown_account", "job_id_conflict",
                            "routing_mismatch", "delivery_limit", "handler_error", "invalid_text",
-                           "duplicate_key"]
+                           "duplicate_key", "schedule_too_far"]
 CreditOperation = Literal["reserved", "captured", "released", "granted", "forfeited"]
 LowBalanceType = Literal["balance_low", "balance_depleted"]
 CodeClass = Literal["4xx", "429", "5xx", "timeout", "network"]
@@ -27,7 +27,8 @@ Listener = Literal["resumer", "outbox"]
 OverdueState = Literal["sending", "retry_wait", "unknown"]
 HandlerErrorAction = Literal["waited_for_database", "retried", "dead_lettered"]
 LoopName = Literal["broadcast_runner", "outbox_relay", "resumer", "hold_sweeper", "reconciler",
-                   "credit_flow", "retry_sweeper", "expiry_sweeper"]
+                   "credit_flow", "retry_sweeper", "expiry_sweeper",
+                   "releaser"]
 
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)

@@ -29,13 +29,14 @@ from dispatcher.broadcasts.runner import BroadcastRunner, Broadcasts
 from dispatcher.credits.flow import CreditFlowSampler
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.rates import RateCache
-from dispatcher.credits.sending_settings import SmartEncodingAccounts
+from dispatcher.credits.sending_settings import QuietHoursAccounts, SmartEncodingAccounts
 from dispatcher.db import connect, create_pool, ping
 from dispatcher.dispatch.consumer import Consumer
 from dispatcher.dispatch.handler import HandlerConfig, JobHandler
 from dispatcher.dispatch.outage import DatabaseWatch
 from dispatcher.dispatch.rate_slots import PostgresSlots
 from dispatcher.dispatch.ratelimit import SenderLimiter, SenderRateLimiter
+from dispatcher.dispatch.releaser import Clock, Releaser, utc_now
 from dispatcher.dispatch.retries import RetrySweeper
 from dispatcher.dispatch.shared_rate import SharedSenderRateLimiter
 from dispatcher.errors import PortUnavailable, ServiceUnavailable
@@ -94,6 +95,8 @@ class Service:
     stop: asyncio.Event | None = None
     # Set when a background task died of a bug: ``run`` then exits non-zero.
     failed: bool = False
+    # What "now" is for scheduled sends and quiet hours (tests move it instead of sleeping).
+    clock: Clock = utc_now
 
     async def start(self, stop: asyncio.Event) -> None:
         """Open everything; background tasks watch ``stop``."""
@@ -113,15 +116,18 @@ class Service:
             return await handler.send_released(payload, attempt, wanted)
         # Broadcast fan-out: the runner sends through the handler, submissions wake the runner,
         # cancels stop its waiting sends.
-        runner = BroadcastRunner(self.pool, rates, send_released)
-        broadcasts = Broadcasts(self.pool, rates, wake=runner.wake, canceled=runner.canceled)
+        quiet_hours = QuietHoursAccounts(self.pool)
+        runner = BroadcastRunner(self.pool, rates, send_released, quiet_hours=quiet_hours,
+                                 clock=self.clock)
+        broadcasts = Broadcasts(self.pool, rates, wake=runner.wake, canceled=runner.canceled,
+                                quiet_hours=quiet_hours, clock=self.clock)
         handler = JobHandler(
             jobs, TwilioSender(self.twilio_client, s.twilio_timeout_seconds),
             rates, self._sender_limiter(), self.metrics,
             HandlerConfig(callback_base_url=s.public_base_url.rstrip("/"),
                           max_in_flight=s.max_in_flight,
                           reclaim_after_seconds=s.reconcile_grace_seconds / 4),
-            broadcasts, SmartEncodingAccounts(self.pool))
+            broadcasts, SmartEncodingAccounts(self.pool), quiet_hours, self.clock)
         self.handler = handler
         pool = self.pool
 
@@ -155,6 +161,11 @@ class Service:
                           listen_connect=listen_connect,
                           sweep_seconds=s.resume_sweep_interval_seconds)
         m = self.metrics
+        # Scheduled sends and quiet hours: what came due is reserved and sent, once.
+        releaser = Releaser(self.pool, handler.send_released, m, wake_broadcasts=runner.wake,
+                            clock=self.clock)
+        self._watch("releaser", every("releaser", s.release_sweep_interval_seconds,
+                                      releaser.release_due, stop, m), stop)
         self._watch("resumer", forever("resumer", lambda: resumer.run(stop), stop, m), stop)
         self._watch("hold-sweeper", every(
             "hold_sweeper", s.hold_sweep_interval_seconds,

@@ -78,6 +78,8 @@ class Settings:
     reconcile_interval_seconds: float = _num(15.0, above=True)
     # How often retry_wait jobs that came due are claimed and sent.
     retry_sweep_interval_seconds: float = _num(1.0, above=True)
+    # How often scheduled and deferred jobs (and scheduled broadcasts) that came due are released.
+    release_sweep_interval_seconds: float = _num(1.0, above=True)
     # How often database-wide metrics (credits moved, from the ledger) are sampled.
     metrics_interval_seconds: float = _num(5.0, above=True)
     shutdown_timeout_seconds: float = _num(25.0)

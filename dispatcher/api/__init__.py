@@ -16,6 +16,7 @@ from dispatcher.api.errors import Handler, error_middleware
 from dispatcher.api.jobs import JobsApi
 from dispatcher.api.openapi import OPERATIONS, serve_openapi
 from dispatcher.api.optouts import InboundWebhook, OptOutsApi, is_opted_out, record_opt_out
+from dispatcher.api.schedule import ScheduleApi
 from dispatcher.broadcasts.runner import Broadcasts
 from dispatcher.credits.rates import RateCache
 
@@ -26,6 +27,7 @@ def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts,
               hold_expiry_seconds: float) -> dict[str, Handler]:
     accounts, optouts, sends = AccountsApi(pool), OptOutsApi(pool), BroadcastsApi(broadcasts)
     jobs = JobsApi(pool, hold_expiry_seconds)
+    schedule = ScheduleApi(pool, broadcasts)
     return {
         "getJob": jobs.get_job,
         "getBalance": accounts.get_balance,
@@ -43,6 +45,9 @@ def _handlers(pool: asyncpg.Pool, broadcasts: Broadcasts,
         "submitBroadcast": sends.post_broadcast,
         "getBroadcast": sends.get_broadcast,
         "cancelBroadcast": sends.post_cancel,
+        "cancelJob": schedule.post_cancel_job,
+        "getQuietHours": schedule.get_quiet_hours,
+        "putQuietHours": schedule.put_quiet_hours,
     }
 
 

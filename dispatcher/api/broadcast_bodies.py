@@ -47,6 +47,10 @@ ExpiresAt = Annotated[datetime, msgspec.Meta(
 ValiditySeconds = Annotated[int, msgspec.Meta(
     ge=1, le=MAX_VALIDITY_SECONDS,
     description="Validity counted from the submission: an alternative to expires_at")]
+SendAt = Annotated[datetime, msgspec.Meta(tz=True, description=(
+    "Not before this time (RFC 3339 with an offset): the broadcast is stored `scheduled`, "
+    "reserved and fanned out from then; the pre-flight's figures are today's. One in the "
+    "past goes at once; at most 35 days ahead (else 422 schedule_too_far)"))]
 
 _SENDER: TypeAdapter[str] = TypeAdapter(SenderId)
 
@@ -71,6 +75,7 @@ class PreflightIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     from_: SenderText | None = msgspec.field(default=None, name="from")
     messaging_service_sid: ServiceSid | None = None
     priority: Literal["transactional", "bulk"] = "bulk"
+    send_at: SendAt | None = None
     expires_at: ExpiresAt | None = None
     validity_seconds: ValiditySeconds | None = None
 

@@ -24,7 +24,7 @@ from dispatcher.api.broadcast_bodies import (
     columns,
     decode,
 )
-from dispatcher.api.errors import NotFound
+from dispatcher.api.errors import NotFound, ScheduleTooFar
 from dispatcher.api.idempotency import Outcome, run_once
 from dispatcher.api.parsing import idempotency_key, read_body
 from dispatcher.broadcasts.preflight import gc_paused
@@ -35,6 +35,7 @@ from dispatcher.broadcasts.runner import (
     store_broadcast,
 )
 from dispatcher.db import Connection
+from dispatcher.jobs.contract import schedule_too_far
 from dispatcher.pricing.templates import Template
 
 log = structlog.get_logger(__name__)
@@ -63,7 +64,7 @@ class BroadcastsApi:
         with gc_paused():
             recipients = columns(body)
         result = await self._broadcasts.preflight(account, Template(body.body, body.footer),
-                                                  recipients)
+                                                  recipients, body.send_at, body.priority)
         log.info("broadcast_preflight", account_id=account, recipients=result.recipients,
                  advice=result.advice, token_id=principal(request).token_id)
         return _timed(web.json_response(result.as_json()), started)
@@ -76,15 +77,22 @@ class BroadcastsApi:
         caller = principal(request)
         spec = BroadcastSpec(account, body.body, body.footer, body.priority, body.from_,
                              body.messaging_service_sid, columns(body),
-                             expires_at=body.expiry(datetime.now(UTC)))
+                             expires_at=body.expiry(datetime.now(UTC)),
+                             send_at=body.send_at.astimezone(UTC) if body.send_at else None)
+        too_far = schedule_too_far(spec.send_at, self._broadcasts.now())
+        if too_far is not None:
+            raise ScheduleTooFar(too_far, field="send_at")
 
         async def submit(conn: Connection) -> Outcome:
             result = await self._broadcasts.check(spec, refuse_if_short=True)
             broadcast_id = _broadcast_id()
-            await store_broadcast(conn, broadcast_id, spec, result)
+            scheduled = self._broadcasts.scheduled(spec)
+            await store_broadcast(conn, broadcast_id, spec, result, scheduled=scheduled)
             log.info("broadcast_submitted_api", account_id=account, broadcast_id=broadcast_id,
-                     recipients=result.recipients, token_id=caller.token_id)
-            return 202, {"broadcast_id": broadcast_id, "status": "running",
+                     recipients=result.recipients, scheduled=scheduled,
+                     token_id=caller.token_id)
+            return 202, {"broadcast_id": broadcast_id,
+                         "status": "scheduled" if scheduled else "running",
                          "preflight": result.as_json()}
 
         request_hash = hashlib.sha256(b"broadcast\n" + msgspec.json.encode(body)).digest()

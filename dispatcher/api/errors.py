@@ -111,6 +111,22 @@ class InvalidRequest(ApiError):
     status, code = 422, "invalid_request"
 
 
+class ScheduleTooFar(ApiError):
+    """send_at is further ahead than a schedule may be (35 days)."""
+
+    status, code = 422, "schedule_too_far"
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message, errors=[{"location": "body", "field": field,
+                                           "message": message, "type": "schedule_too_far"}])
+
+
+class NotCancelable(ApiError):
+    """The job is no longer waiting for its time: it is being sent or done."""
+
+    status, code = 409, "not_cancelable"
+
+
 class InternalError(ApiError):
     """Internal error."""
 

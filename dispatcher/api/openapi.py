@@ -32,6 +32,7 @@ from dispatcher.api.schemas import (
     CreditsIn,
     CreditsOut,
     ErrorOut,
+    JobCanceled,
     LedgerPage,
     MessagingSettings,
     MessagingSettingsUpdate,
@@ -39,6 +40,8 @@ from dispatcher.api.schemas import (
     OptOutPage,
     PageQuery,
     PreflightOut,
+    QuietHoursSettings,
+    QuietHoursUpdate,
     RefundIn,
     RefundOut,
 )
@@ -118,6 +121,18 @@ OPERATIONS: tuple[Operation, ...] = (
               "queued for its fair turn, retry_wait, sending; or why it never went (expired…). "
               "A broadcast recipient's job id is <broadcast>:<seq>", Permission.READ,
               {200: JobView}),
+    Operation("cancelJob", "POST", f"{ACCOUNT}/jobs/{{job_id}}/cancel",
+              "Cancel a job waiting for its send_at or its recipient's quiet hours (or a "
+              "broadcast, by its id) before it goes: it ends canceled, nothing charged; "
+              "canceling again answers the same; 409 not_cancelable once it is being sent or "
+              "done (owner, admin, service)",
+              Permission.BROADCAST, {200: JobCanceled}, errors=(409,)),
+    Operation("getQuietHours", "GET", f"{ACCOUNT}/quiet-hours",
+              "Quiet hours: the daily window of the recipient's local time in which bulk "
+              "messages are deferred", Permission.READ, {200: QuietHoursSettings}),
+    Operation("putQuietHours", "PUT", f"{ACCOUNT}/quiet-hours",
+              "Set quiet hours (both times, HH:MM; both null: none) (owner, admin)",
+              Permission.BILLING, {200: QuietHoursSettings}, body=QuietHoursUpdate),
 )
 
 ERRORS: dict[int, tuple[str, str]] = {
@@ -126,10 +141,11 @@ ERRORS: dict[int, tuple[str, str]] = {
     403: ("Forbidden", "forbidden: the token's role may not do this"),
     404: ("NotFound", "not_found: no such account (or not the token's account)"),
     409: ("Conflict", "idempotency_conflict, refund_too_large (details.refundable), "
-                      "insufficient_credits (details: shortfall, advice, preflight)"),
+                      "insufficient_credits (details: shortfall, advice, preflight), "
+                      "not_cancelable (details.status)"),
     413: ("PayloadTooLarge", "payload_too_large"),
     422: ("InvalidRequest", "invalid_request (details.errors: location, field, message, type),"
-                            " unknown_purchase"),
+                            " unknown_purchase, schedule_too_far"),
 }
 
 

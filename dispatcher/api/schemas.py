@@ -264,6 +264,63 @@ class Ucs2Character(ResponseBody):
         description="Smart Encoding would replace it (turn the account setting on)")
 
 
+class ScheduleOut(ResponseBody):
+    """When a scheduled broadcast goes, and what the balance available today covers of it."""
+
+    send_at: datetime
+    covered_today: int = Field(description=(
+        "billable recipients the balance available now would cover (at their average price)"))
+    note: str
+
+
+class QuietHoursPreflight(ResponseBody):
+    """Who the account's quiet hours would defer, if the broadcast went at ``at``."""
+
+    start: str
+    end: str
+    at: datetime
+    deferred: int
+    estimated: bool = Field(description=(
+        "past 5,000 billable recipients, `deferred` is scaled from an even sample of them"))
+    deferred_until: datetime | None
+
+
+class QuietHoursSettings(ResponseBody):
+    """The account's quiet hours: a daily window of the recipient's local time (HH:MM) in
+    which bulk messages wait (deferred, never dropped); transactional ones are exempt."""
+
+    start: str | None = Field(description="HH:MM local time, e.g. 21:00; null: none")
+    end: str | None = Field(description="HH:MM local time, e.g. 08:00 (before start: the "
+                                        "window crosses midnight)")
+
+
+Clock = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+
+
+class QuietHoursUpdate(RequestBody):
+    """New quiet hours: both times, or both null to turn them off."""
+
+    start: Clock | None
+    end: Clock | None
+
+    @field_validator("end")
+    @classmethod
+    def _both_or_none(cls, end: str | None, info: ValidationInfo) -> str | None:
+        start = info.data.get("start")
+        if (start is None) != (end is None):
+            raise ValueError("give both start and end, or neither")
+        if start is not None and start == end:
+            raise ValueError("start and end must differ")
+        return end
+
+
+class JobCanceled(ResponseBody):
+    """A cancel's answer: the job is ``canceled`` (now or before); nothing was charged."""
+
+    job_id: str
+    status: Literal["canceled"]
+
+
 class PreflightOut(ResponseBody):
     """What a broadcast would cost now, who would be skipped, and what to do."""
 
@@ -284,6 +341,13 @@ class PreflightOut(ResponseBody):
     shortfall: int
     auto_recharge: PreflightAutoRecharge
     advice: Literal["ok", "ok_with_auto_recharge", "enable_auto_recharge", "top_up"]
+    schedule: ScheduleOut | None = Field(description=(
+        "a broadcast with a send_at ahead: credits are reserved then, from the balance then; "
+        "the figures above (available, shortfall, advice) are today's"))
+    quiet_hours: QuietHoursPreflight | None = Field(description=(
+        "the account's quiet hours (bulk only): recipients that would be deferred if sent at "
+        "`at` (now, or the send_at) and the last moment one of them would go; null when the "
+        "account has none or the broadcast is transactional"))
 
 
 class BroadcastAccepted(ResponseBody):
@@ -299,7 +363,7 @@ class BroadcastProgress(ResponseBody):
 
     broadcast_id: str
     account: str
-    status: Literal["running", "completed", "canceled"]
+    status: Literal["scheduled", "running", "completed", "canceled"]
     total: int
     skipped: int
     pending: int = Field(description="not yet reserved")
@@ -313,3 +377,7 @@ class BroadcastProgress(ResponseBody):
     credits_spent: int
     created_at: datetime
     finished_at: datetime | None
+    send_at: datetime | None = Field(description="a scheduled broadcast starts then")
+    deferred: int = Field(description=(
+        "recipients waiting for the end of their quiet hours (nothing reserved yet)"))
+    deferred_until: datetime | None = Field(description="when the last deferred one may go")

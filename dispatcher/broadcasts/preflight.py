@@ -91,6 +91,10 @@ class PreflightResult:
     smart_encoding: bool = False
     ucs2_characters: list[str] = field(default_factory=list)
     savings: int = 0
+    # A scheduled broadcast: its send_at and what the balance covers today (reserved then).
+    schedule: dict[str, object] | None = None
+    # The account's quiet hours: recipients that would be deferred if sent at that time.
+    quiet_hours: dict[str, object] | None = None
 
     def as_json(self) -> dict[str, object]:
         """The HTTP body (without per-recipient detail)."""
@@ -108,6 +112,7 @@ class PreflightResult:
             "auto_recharge": {**vars(auto), "covers_shortfall": self.auto_recharge_covers,
                               "top_ups_needed": top_ups},
             "advice": self.advice,
+            "schedule": self.schedule, "quiet_hours": self.quiet_hours,
         }
 
 

@@ -9,6 +9,7 @@ which makes a re-run of a batch after a crash a no-op.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,12 +28,15 @@ from dispatcher.broadcasts.preflight import (
     gc_paused,
     preflight,
 )
+from dispatcher.broadcasts.timing import deferred_at, schedule_note
 from dispatcher.credits.rates import RateCache
+from dispatcher.credits.sending_settings import QuietHoursAccounts
 from dispatcher.db import Connection
 from dispatcher.errors import DispatcherError, JobIdConflict, UnknownAccount
 from dispatcher.jobs.contract import BroadcastJob, job_fingerprint
 from dispatcher.jobs.outcomes import Outcome
 from dispatcher.pricing.numbers import default_resolver
+from dispatcher.pricing.quiet_hours import zones_for
 from dispatcher.pricing.quotes import count_segments
 from dispatcher.pricing.templates import Template
 from dispatcher.queries import q
@@ -42,6 +46,11 @@ log = structlog.get_logger(__name__)
 # (payload, attempt, wanted): ``wanted()`` turns false once the send's broadcast is canceled.
 SendReleased = Callable[[bytes, int, Callable[[], bool]], Awaitable[Outcome]]
 OptedOut = Callable[[asyncpg.Pool, str, list[str]], Awaitable[set[str]]]
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,10 @@ class Progress:
     credits_spent: int
     created_at: str
     finished_at: str | None
+    # Scheduled: when it starts; deferred: recipients waiting for their quiet hours to end.
+    send_at: str | None = None
+    deferred: int = 0
+    deferred_until: str | None = None
 
     def as_json(self) -> dict[str, object]:
         return dict(vars(self))
@@ -90,6 +103,8 @@ class BroadcastSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     # No recipient is sent after this (issue 16): pending ones then end failed/expired.
     expires_at: datetime | None = None
+    # Not before this time: stored `scheduled`, reserved and fanned out from then.
+    send_at: datetime | None = None
 
     @classmethod
     def from_job(cls, job: BroadcastJob) -> BroadcastSpec:
@@ -97,7 +112,7 @@ class BroadcastSpec:
         return cls(job.account, job.body, job.footer, job.priority, job.from_,
                    job.messaging_service_sid,
                    Recipients.from_dicts([dict(r) for r in job.recipients]), dict(job.metadata),
-                   job.expires_at)
+                   job.expires_at, job.send_at)
 
 
 async def account_opt_outs(pool: asyncpg.Pool, account: str, numbers: list[str]) -> set[str]:
@@ -119,17 +134,36 @@ class Broadcasts:
     def __init__(self, pool: asyncpg.Pool, rates: RateCache,
                  opted_out: OptedOut = account_opt_outs,
                  wake: Callable[[], None] = lambda: None,
-                 canceled: Callable[[str], None] = lambda _: None) -> None:
+                 canceled: Callable[[str], None] = lambda _: None,
+                 quiet_hours: QuietHoursAccounts | None = None,
+                 clock: Clock = _utc_now) -> None:
         self.pool = pool
+        self._quiet_hours = quiet_hours or QuietHoursAccounts(pool)
+        self._clock = clock
         self._rates = rates
         self._opted_out = opted_out
         self.wake = wake
         self._canceled = canceled
         self._resolver = default_resolver()
 
-    async def preflight(self, account: str, template: Template,
-                        recipients: Recipients) -> PreflightResult:
-        """Price a broadcast without writing anything."""
+    async def preflight(self, account: str, template: Template, recipients: Recipients,
+                        send_at: datetime | None = None,
+                        priority: str = "bulk") -> PreflightResult:
+        """Price a broadcast without writing anything; with ``send_at``, say what today's
+        balance covers, and for bulk, who the account's quiet hours would defer then."""
+        result = await self._price(account, template, recipients)
+        now = self._clock()
+        at = send_at if send_at is not None and send_at > now else now
+        changes: dict[str, Any] = {}
+        if at > now:
+            changes["schedule"] = schedule_note(result, at)
+        window = await self._quiet_hours.window(account) if priority == "bulk" else None
+        if window is not None:
+            changes["quiet_hours"] = deferred_at(result, window, at)
+        return dataclasses.replace(result, **changes) if changes else result
+
+    async def _price(self, account: str, template: Template,
+                     recipients: Recipients) -> PreflightResult:
         row = await self.pool.fetchrow(q("preflight_account"), account)
         if row is None:
             raise UnknownAccount(f"no account {account!r}", account_id=account)
@@ -146,11 +180,21 @@ class Broadcasts:
             return preflight(template, recipients, rates, opted_out, row["available"], auto,
                              self._resolver, countries)
 
+    def now(self) -> datetime:
+        """What time it is for schedules and quiet hours (the service's clock)."""
+        return self._clock()
+
+    def scheduled(self, spec: BroadcastSpec) -> bool:
+        """Whether this broadcast waits for its ``send_at`` (one in the past goes at once)."""
+        return spec.send_at is not None and spec.send_at > self._clock()
+
     async def check(self, spec: BroadcastSpec, *, refuse_if_short: bool) -> PreflightResult:
-        """The pre-flight of a submission; ``BroadcastShort`` if refused for lack of credits."""
+        """The pre-flight of a submission; ``BroadcastShort`` if refused for lack of credits
+        (never a scheduled one: it is reserved at its time, from the balance then)."""
         result = await self.preflight(spec.account, Template(spec.body, spec.footer),
-                                      spec.recipients)
-        if refuse_if_short and result.advice in ("enable_auto_recharge", "top_up"):
+                                      spec.recipients, spec.send_at, spec.priority)
+        if refuse_if_short and not self.scheduled(spec) and result.advice in (
+                "enable_auto_recharge", "top_up"):
             raise BroadcastShort(
                 f"{result.shortfall} more credits are needed", shortfall=result.shortfall,
                 advice=result.advice, preflight=result.as_json())
@@ -168,7 +212,8 @@ class Broadcasts:
         result = await self.check(spec, refuse_if_short=refuse_if_short)
         async with self.pool.acquire() as conn, conn.transaction():
             stored = await store_broadcast(conn, broadcast_id, spec, result,
-                                           fingerprint=fingerprint)
+                                           fingerprint=fingerprint,
+                                           scheduled=self.scheduled(spec))
             if not stored:
                 first = await conn.fetchrow(q("broadcast_identity"), broadcast_id)
                 if first is not None and (first["account_id"] != job.account or first[
@@ -185,12 +230,18 @@ class Broadcasts:
             self._canceled(broadcast_id)
         return status
 
+    def notify_canceled(self, broadcast_id: str) -> None:
+        """A cancel of this broadcast committed elsewhere (an AMQP cancel): stop its sends."""
+        self._canceled(broadcast_id)
+
 
 async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSpec,
-                          result: PreflightResult, *, fingerprint: str | None = None) -> bool:
+                          result: PreflightResult, *, fingerprint: str | None = None,
+                          scheduled: bool = False) -> bool:
     """Write the broadcast and its recipients (COPY); False if that id already exists.
 
     ``fingerprint`` (``job_fingerprint``) lets a reused id with another broadcast be told apart.
+    ``scheduled``: it waits, `scheduled`, for its ``send_at`` (the releaser starts it).
     """
     created = await conn.fetchval(
         q("broadcast_insert"), broadcast_id, spec.account, spec.priority, spec.sender,
@@ -214,6 +265,8 @@ async def store_broadcast(conn: Connection, broadcast_id: str, spec: BroadcastSp
                        sum(1 for row in rows if row[4] == "pending"))
     if skips:
         await conn.execute(q("broadcast_emit_skipped"), broadcast_id)
+    if scheduled:
+        await conn.execute(q("broadcast_schedule"), broadcast_id, spec.send_at)
     log.info("broadcast_stored", broadcast_id=broadcast_id, account_id=spec.account,
              recipients=result.recipients, billable=result.billable)
     return True
@@ -228,10 +281,14 @@ class BroadcastRunner:
     """
 
     def __init__(self, pool: asyncpg.Pool, rates: RateCache, send: SendReleased, *,
-                 batch: int = 100, window: int = 150) -> None:
+                 batch: int = 100, window: int = 150,
+                 quiet_hours: QuietHoursAccounts | None = None,
+                 clock: Clock = _utc_now) -> None:
         if window < batch:
             raise ValueError("the window must hold at least one batch")
         self._pool = pool
+        self._quiet_hours = quiet_hours or QuietHoursAccounts(pool)
+        self._clock = clock
         self._rates = rates
         self._send = send
         self._batch = batch
@@ -304,10 +361,13 @@ class BroadcastRunner:
         for _ in pending:
             await self._slots.acquire()
         to_send: list[str] = []
+        args: list[Any] = []
+        now_args: list[Any] = [[]]
         try:
             args = await self._batch_args(broadcast, pending)
+            now_args = await self._defer_quiet(broadcast, args)
             to_send = [r["job_id"] for r in await self._pool.fetch(
-                q("begin_broadcast_batch"), broadcast["id"], *args)]
+                q("begin_broadcast_batch"), broadcast["id"], *now_args)] if now_args[0] else []
             self._last_seq[broadcast["id"]] = pending[-1]["seq"]
         finally:
             for _ in range(len(pending) - len(to_send)):  # held, canceled or failed: no send
@@ -319,7 +379,28 @@ class BroadcastRunner:
                                        name="broadcast-send")
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
-        return bool(to_send)
+        return bool(to_send) or len(now_args[0]) < len(args[0])
+
+    async def _defer_quiet(self, b: asyncpg.Record, args: list[Any]) -> list[Any]:
+        """Store the batch's recipients inside the account's quiet hours as `deferred` (a bulk
+        broadcast only); the rest of the batch, to reserve now."""
+        window = await self._quiet_hours.window(b["account_id"]) if b[
+            "priority"] == "bulk" else None
+        if window is None:
+            return args
+        now = self._clock()
+        zones = [zones_for(json.loads(payload)["to"]) for payload in args[2]]
+        ends = {z: window.quiet_until(z, now) for z in set(zones)}
+        untils = [ends[z] for z in zones]
+        later = [i for i, until in enumerate(untils) if until is not None]
+        if not later:
+            return args
+        await self._pool.fetch(q("defer_broadcast_batch"), b["id"],
+                               *[[column[i] for i in later] for column in args],
+                               [untils[i] for i in later])
+        log.info("broadcast_recipients_deferred", broadcast_id=b["id"], deferred=len(later))
+        keep = [i for i, until in enumerate(untils) if until is None]
+        return [[column[i] for i in keep] for column in args]
 
     async def _pending(self, broadcast_id: str) -> list[asyncpg.Record]:
         """The next batch of pending recipients, after the last one this runner claimed.
@@ -353,7 +434,7 @@ class BroadcastRunner:
         rates = await self._rates.get()
         # The text priced at submission is the text sent: Smart-Encoded if it was then.
         template = Template(b["body"], b["footer"], smart_encoding=b["smart_encoding"])
-        created_at = b["created_at"].isoformat()
+        created_at = max(b["created_at"], b.get("send_at") or b["created_at"]).isoformat()
         metadata = json.loads(b["metadata"])
         seqs, ids, payloads, estimates, countries, units, unit_rates = [], [], [], [], [], [], []
         for r in pending:
@@ -362,7 +443,8 @@ class BroadcastRunner:
             segments = count_segments(text).segments
             rate = rates.rate("sms", country)
             job_id = f"{b['id']}:{r['seq']}"
-            # created_at: the submission's, so end-to-end latency counts the fan-out's wait.
+            # created_at: the submission's (a scheduled one's send_at), so end-to-end latency
+            # counts the fan-out's wait.
             payload: dict[str, Any] = {
                 "schema_version": 1, "id": job_id, "kind": "sms", "account": b["account_id"],
                 "to": r["to_number"], "body": text, "priority": b["priority"],
@@ -390,14 +472,22 @@ async def progress(pool: asyncpg.Pool, broadcast_id: str) -> Progress | None:
         return None
     p = await pool.fetchrow(q("broadcast_progress"), broadcast_id)
     assert p is not None
+    waiting = await pool.fetchrow(q("broadcast_deferred"), broadcast_id)
+    assert waiting is not None
     finished = b["finished_at"]
+    send_at = await pool.fetchval(q("broadcast_send_at"), broadcast_id)
     return Progress(broadcast_id, b["account_id"], b["status"], b["total"], b["skipped"],
                     p["pending"], p["sending"], p["sent"], p["delivered"], p["failed"],
                     p["held"], p["canceled"], p["credits_reserved"], p["credits_spent"],
                     b["created_at"].isoformat(),
-                    finished.isoformat() if finished is not None else None)
+                    finished.isoformat() if finished is not None else None,
+                    _iso(send_at), waiting["deferred"], _iso(waiting["deferred_until"]))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 async def cancel(pool: asyncpg.Pool, broadcast_id: str) -> str:
     """Stop unsent recipients; returns the broadcast's status afterwards."""
-    return str(await pool.fetchval(q("broadcast_cancel"), broadcast_id))
+    return str(await pool.fetchval(q("cancel_broadcast_anytime"), broadcast_id))

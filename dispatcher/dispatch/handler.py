@@ -15,7 +15,7 @@ import structlog
 
 from dispatcher.broadcasts.runner import Broadcasts
 from dispatcher.credits.rates import RateCache
-from dispatcher.credits.sending_settings import SmartEncodingAccounts
+from dispatcher.credits.sending_settings import QuietHoursAccounts, SmartEncodingAccounts
 from dispatcher.dispatch.ordering import AccountTurns
 from dispatcher.dispatch.ratelimit import SenderLimiter
 from dispatcher.dispatch.send_slots import SendSlots
@@ -26,18 +26,21 @@ from dispatcher.jobs.contract import (
     Arrival,
     BroadcastJob,
     CallJob,
+    CancelJob,
     InvalidJob,
     SmsJob,
     decode_stored_job,
     encode_job,
     parse_job,
     routing_mismatch,
+    schedule_too_far,
     with_expiry,
 )
 from dispatcher.jobs.group_commit import GroupCommit
 from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
 from dispatcher.jobs.store import Begin, JobStore, NewJob
 from dispatcher.metrics import Metrics
+from dispatcher.pricing.quiet_hours import zones_for
 from dispatcher.pricing.quotes import call_quote, sms_quote
 from dispatcher.pricing.smart_encoding import smart_encode
 from dispatcher.twilio.sender import Accepted, CallRequest, Sender, SendResult, SmsRequest
@@ -82,9 +85,11 @@ class JobHandler:
                  limiter: SenderLimiter, metrics: Metrics, config: HandlerConfig,
                  broadcasts: Broadcasts | None = None,
                  smart_encoding: SmartEncodingAccounts | None = None,
+                 quiet_hours: QuietHoursAccounts | None = None,
                  clock: Callable[[], datetime] = utc_now) -> None:
         self._clock = clock  # decides expiry (expires_at) and the ValidityPeriod passed on
         self._broadcasts = broadcasts
+        self._quiet_hours = quiet_hours
         self._smart_encoding = smart_encoding
         self._turns = AccountTurns()
         self._jobs = jobs
@@ -149,7 +154,12 @@ class JobHandler:
         mismatch = routing_mismatch(job, arrival) if arrival is not None else None
         if mismatch is not None:
             return _refused(ROUTING_MISMATCH, mismatch, job)
+        if isinstance(job, CancelJob):
+            return await self._cancel(job)
         job = with_expiry(job, self._clock())
+        too_far = schedule_too_far(job.send_at, self._clock())
+        if too_far is not None:
+            return _refused("schedule_too_far", too_far, job)
         if isinstance(job, BroadcastJob):
             return await self._broadcast(job)
         async with self._turns.turn(job.account):
@@ -161,6 +171,11 @@ class JobHandler:
             if left is not None and left < VALIDITY_PERIOD_RANGE[0]:
                 # Received after its expires_at: recorded failed/expired, never reserved.
                 return self._begun(job, await self._jobs.begin_expired(new_job))
+            wait = await self._wait_for(job)
+            if wait is not None:
+                # Stored to wait for its time (scheduled, or deferred by quiet hours): nothing
+                # reserved; the releaser reserves and sends it then (dispatch.releaser).
+                return self._waited(job, await self._jobs.wait(new_job, *wait))
             # The sender's turn comes before the job becomes `sending`: a wait in `sending`
             # longer than the reconciler's grace would look like a crash and be resent.
             await self._limiter.acquire(_sender_of(job))
@@ -194,6 +209,50 @@ class JobHandler:
         bound.info("job_expired", where=where)
         self._metrics.jobs.labels(kind=job.kind, outcome="expired").inc()
         return Done("expired")
+
+    async def _wait_for(self, job: SmsJob | CallJob) -> tuple[str, datetime, str] | None:
+        """(status, not before, reason) of a job that may not go now: its ``send_at`` is
+        ahead, or it is bulk and its recipient's local time is inside the account's quiet
+        hours (at send time: a scheduled job whose time falls in them goes when they end)."""
+        now = self._clock()
+        wait: tuple[str, datetime, str] | None = None
+        at = now
+        if job.send_at is not None and job.send_at > now:
+            at = job.send_at
+            wait = ("scheduled", job.send_at, "send_at")
+        if job.priority == "bulk" and self._quiet_hours is not None:
+            window = await self._quiet_hours.window(job.account)
+            until = None if window is None else window.quiet_until(zones_for(job.to), at)
+            if until is not None:
+                return (wait[0] if wait else "deferred", until,
+                        wait[2] if wait else "quiet_hours")
+        return wait
+
+    def _waited(self, job: SmsJob | CallJob, begin: Begin) -> Outcome:
+        bound = log.bind(job_id=job.id, account_id=job.account, kind=job.kind)
+        if begin.outcome == "unknown_account":
+            return _refused("unknown_account", f"no account {job.account!r}", job)
+        if begin.outcome == "conflict":
+            bound.warning("job_id_conflict")
+            return _refused("job_id_conflict", JobIdConflict.__doc__ or "", job)
+        outcome = "duplicate" if begin.outcome == "duplicate" else str(begin.status)
+        bound.info("job_" + outcome, status=begin.status)
+        self._metrics.jobs.labels(kind=job.kind, outcome=outcome).inc()
+        return Done(outcome)
+
+    async def _cancel(self, job: CancelJob) -> Outcome:
+        """An AMQP cancel: once per id; ends a waiting job or a broadcast of its account."""
+        outcome = await self._jobs.cancel_request(job.id, job.account, job.target)
+        if outcome == "unknown_account":
+            return _refused("unknown_account", f"no account {job.account!r}", job)
+        if outcome == "conflict":
+            return _refused("job_id_conflict", JobIdConflict.__doc__ or "", job)
+        if outcome == "canceled" and self._broadcasts is not None:
+            self._broadcasts.notify_canceled(job.target)
+        log.info("cancel_request", job_id=job.id, account_id=job.account, outcome=outcome)
+        if outcome == "canceled":
+            self._metrics.jobs.labels(kind="cancel", outcome="canceled").inc()
+        return Done("cancel_" + outcome)
 
     async def _broadcast(self, job: BroadcastJob) -> Outcome:
         if self._broadcasts is None:
@@ -284,10 +343,11 @@ class JobHandler:
             self._metrics.jobs.labels(kind=job.kind, outcome="sent").inc()
             if job.created_at is not None:
                 # A broadcast's recipients count from the submission, a whole fan-out long:
-                # kept apart from the sms latency.
+                # kept apart from the sms latency. A scheduled job counts from its send_at.
                 kind = "broadcast" if recipient else job.kind
+                since = max(job.created_at, job.send_at or job.created_at)
                 self._metrics.end_to_end_seconds.labels(kind=kind).observe(
-                    max(0.0, (datetime.now(UTC) - job.created_at).total_seconds()))
+                    max(0.0, (datetime.now(UTC) - since).total_seconds()))
             return Done("sent")
         self._metrics.twilio_errors.labels(code_class=result.code_class).inc()
         bound = bound.bind(reason=result.reason, code=result.code, attempt=attempt)
@@ -318,7 +378,7 @@ class JobHandler:
             job.to, job.from_, job.twiml, job.url, job.max_minutes * 60, callback))
 
 
-_KIND = re.compile(rb'"kind"\s*:\s*"(sms|call|broadcast)"')
+_KIND = re.compile(rb'"kind"\s*:\s*"(sms|call|broadcast|cancel)"')
 
 
 def _sniff_kind(raw: bytes) -> str | None:
@@ -327,7 +387,8 @@ def _sniff_kind(raw: bytes) -> str | None:
     return match.group(1).decode() if match else None
 
 
-def _refused(reason: str, detail: str, job: SmsJob | CallJob | BroadcastJob) -> DeadLetter:
+def _refused(reason: str, detail: str,
+             job: SmsJob | CallJob | BroadcastJob | CancelJob) -> DeadLetter:
     """Dead-letter a job that validated: its event echoes its kind and metadata."""
     return DeadLetter(reason, detail, job.id, job.account, job.kind, dict(job.metadata))
 

@@ -50,19 +50,21 @@ from dispatcher.pricing.numbers import canonical_number
 from dispatcher.pricing.templates import STOP_FOOTER
 
 SCHEMA_VERSION = 1
+# How far ahead ``send_at`` may be: a job scheduled later is refused (``schedule_too_far``).
+MAX_SCHEDULE_AHEAD = timedelta(days=35)
 MAX_JOB_BYTES = 256 * 1024
 MAX_BROADCAST_BYTES = 32 * 1024 * 1024
 
-JobKind = Literal["sms", "call", "broadcast"]
+JobKind = Literal["sms", "call", "broadcast", "cancel"]
 Priority = Literal["transactional", "bulk"]
 ReasonCode = Literal["too_large", "not_utf8", "not_json", "unsupported_version", "unknown_kind",
                      "invalid_field", "invalid_recipient", "invalid_text", "duplicate_key"]
 # Refusals of jobs the contract accepted (see ``routing_mismatch`` and ``begin_job``).
 ROUTING_MISMATCH: Final = "routing_mismatch"
 REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
-JobStatus = Literal["held", "sent", "delivered", "undelivered", "failed", "unknown", "canceled",
-                    "skipped", "dead_lettered"]
-ROUTING_KEYS = tuple(f"{k}.{p}" for k in ("sms", "call", "broadcast")
+JobStatus = Literal["scheduled", "deferred", "held", "sent", "delivered", "undelivered",
+                    "failed", "unknown", "canceled", "skipped", "dead_lettered"]
+ROUTING_KEYS = tuple(f"{k}.{p}" for k in ("sms", "call", "broadcast", "cancel")
                      for p in ("transactional", "bulk"))
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -109,6 +111,11 @@ def _sender_id(value: str) -> str:
                      "of A-Z a-z 0-9 space + - _ &, at least one letter)")
 
 
+def _utc(value: datetime) -> datetime:
+    """An aware timestamp, in UTC (one canonical form for the job's fingerprint)."""
+    return value.astimezone(UTC)
+
+
 def _http_url(value: str) -> str:
     """An absolute http(s) URL."""
     parts = urlsplit(value)
@@ -149,6 +156,11 @@ ShortText = Annotated[str, StringConstraints(max_length=256)]
 Metadata = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=64)],
                           ShortText], Field(max_length=16)]
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
+SendAt = Annotated[AwareDatetime, AfterValidator(_utc), WithJsonSchema({
+    "type": "string", "format": "date-time", "description": (
+        "Not before this time (UTC; an offset is converted): the job is accepted at once, "
+        "`scheduled`, and reserved and sent at its time; one in the past goes at once; at "
+        "most 35 days ahead (else refused: schedule_too_far)")})]
 # Not Literal[1]: pydantic lets ``true`` and ``1.0`` through a literal even in strict mode.
 Version = Annotated[int, Field(ge=1, le=1), WithJsonSchema({"type": "integer", "const": 1})]
 MAX_VALIDITY_SECONDS = 30 * 24 * 3600
@@ -200,6 +212,7 @@ class SmsJob(_MessagingJob):
     to: PhoneNumber
     body: Body
     priority: Priority = "transactional"
+    send_at: SendAt | None = None
 
 
 class CallJob(_Job):
@@ -212,6 +225,7 @@ class CallJob(_Job):
     url: Annotated[str, StringConstraints(max_length=2048), AfterValidator(_http_url)] | None = None
     max_minutes: Annotated[int, Field(ge=1, le=240)]
     priority: Priority = "transactional"
+    send_at: SendAt | None = None
 
     @model_validator(mode="after")
     def _one_script(self) -> Self:
@@ -238,6 +252,7 @@ class BroadcastJob(_MessagingJob):
     recipients: Annotated[list[Recipient], Field(min_length=1, max_length=1_000_000)]
     footer: bool = False
     priority: Priority = "bulk"
+    send_at: SendAt | None = None
 
     @field_validator("body")
     @classmethod
@@ -260,12 +275,21 @@ class BroadcastJob(_MessagingJob):
         return text + STOP_FOOTER if self.footer else text
 
 
-Job = SmsJob | CallJob | BroadcastJob
+class CancelJob(_Job):
+    """Cancel a scheduled or deferred job, or a broadcast, of the same account before it goes."""
+
+    kind: Literal["cancel"]
+    target: JobId
+    priority: Priority = "transactional"
+
+
+Job = SmsJob | CallJob | BroadcastJob | CancelJob
 _JOBS: TypeAdapter[Job] = TypeAdapter(Annotated[Job, Field(discriminator="kind")])
 # Contract field names may be echoed in a detail; other keys (metadata, vars) are content.
 _FIELD_NAMES = frozenset({"to", "vars"}.union(
     *({f.validation_alias if isinstance(f.validation_alias, str) else name
-       for name, f in model.model_fields.items()} for model in (SmsJob, CallJob, BroadcastJob))))
+       for name, f in model.model_fields.items()}
+      for model in (SmsJob, CallJob, BroadcastJob, CancelJob))))
 
 
 def job_fingerprint(job: Job) -> str:
@@ -324,7 +348,7 @@ def routing_mismatch(job: Job, arrival: Arrival) -> str | None:
 
 def encode_job(job: Job | Mapping[str, Any]) -> bytes:
     """The wire form of a job model (aliases such as ``from``, no nulls), or of a dict as is."""
-    if isinstance(job, SmsJob | CallJob | BroadcastJob):
+    if isinstance(job, SmsJob | CallJob | BroadcastJob | CancelJob):
         return job.model_dump_json(by_alias=True, exclude_none=True).encode()
     try:
         return pydantic_core.to_json(job)
@@ -461,9 +485,9 @@ def _classify(envelope: object, errors: list[Any]) -> tuple[ReasonCode, str]:
     if version != SCHEMA_VERSION or isinstance(version, bool):
         return "unsupported_version", f"schema_version must be {SCHEMA_VERSION}"
     if errors[0]["type"] == "union_tag_not_found":
-        return "invalid_field", "kind: field required (sms, call or broadcast)"
+        return "invalid_field", "kind: field required (sms, call, broadcast or cancel)"
     if errors[0]["type"] == "union_tag_invalid":
-        return "unknown_kind", "kind must be one of: sms, call, broadcast"
+        return "unknown_kind", "kind must be one of: sms, call, broadcast, cancel"
     paths = [_path(e["loc"][1:]) for e in errors]
     messages = [(f"{p}: " if p else "") + e["msg"].removeprefix("Value error, ")
                 for p, e in zip(paths, errors, strict=True)]
@@ -546,3 +570,11 @@ class DeadLetter(_Event):
         return cls(reason=text("x-reason") or original.routing_key or "unknown",
                    detail=text("x-detail") or "", job_id=text("x-job-id"),
                    account=text("x-account"), original=original)
+
+
+def schedule_too_far(send_at: datetime | None, now: datetime) -> str | None:
+    """Why ``send_at`` is refused (beyond ``MAX_SCHEDULE_AHEAD`` from ``now``), or None."""
+    if send_at is None or send_at - now <= MAX_SCHEDULE_AHEAD:
+        return None
+    return (f"send_at is more than {MAX_SCHEDULE_AHEAD.days} days ahead "
+            f"(at most {(now + MAX_SCHEDULE_AHEAD).isoformat()})")

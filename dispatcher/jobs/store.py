@@ -13,7 +13,8 @@ from typing import Any, Literal
 from dispatcher.credits.ledger import Executor
 from dispatcher.queries import q
 
-BeginOutcome = Literal["send", "held", "duplicate", "conflict", "unknown_account", "expired"]
+BeginOutcome = Literal["send", "held", "duplicate", "conflict", "unknown_account", "expired",
+                      "scheduled", "deferred", "canceled"]
 FINAL_STATUSES = frozenset({"delivered", "undelivered", "failed", "expired", "canceled"})
 
 
@@ -105,6 +106,25 @@ class JobStore:
             [j.country for j in jobs], [j.units for j in jobs], [j.rate for j in jobs],
             [j.broadcast_id for j in jobs])
         return [Begin(r["outcome"], r["status"], r["attempts"]) for r in rows]
+
+    async def wait(self, job: NewJob, status: str, not_before: datetime, reason: str) -> Begin:
+        """Store a job that waits for its time (``scheduled``/``deferred``), nothing reserved;
+        or report a duplicate / conflicting id like ``begin``."""
+        row = await self._db.fetchrow(
+            q("wait_job"), job.job_id, job.account_id, job.kind, job.priority,
+            _json(job.payload), job.estimate, job.country, job.units, job.rate, status,
+            not_before, reason)
+        return Begin(row["outcome"], row["status"], row["attempts"])
+
+    async def cancel_request(self, request_id: str, account_id: str, target: str) -> str:
+        """An AMQP cancel, once per id: 'canceled', the target's status, 'unknown',
+        'duplicate', 'conflict' or 'unknown_account'."""
+        return str(await self._scalar("cancel_request", request_id, account_id, target))
+
+    async def cancel_target(self, account_id: str, target: str) -> str:
+        """Cancel a waiting job or a broadcast of the account: 'canceled', the target's
+        status when it is past waiting, or 'unknown'."""
+        return str(await self._scalar("cancel_target", account_id, target))
 
     async def accepted_many(self, accepted: list[tuple[str, str]]) -> list[str]:
         """``accepted`` for several (job id, SID) pairs in one round trip, in the given order."""

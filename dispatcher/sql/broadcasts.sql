@@ -27,7 +27,8 @@ SELECT job_id FROM begin_broadcast_batch($1, $2, $3, $4::jsonb[], $5, $6, $7, $8
 -- name: running_broadcasts
 SELECT id, account_id, sender, messaging_service_sid, body, footer, priority, created_at,
        metadata::text AS metadata, smart_encoding,
-       expires_at  -- migration 0026
+       expires_at,  -- migration 0026
+       send_at  -- migration 0025
   FROM broadcasts WHERE status = 'running' ORDER BY created_at;
 
 -- name: broadcast_get
@@ -55,7 +56,8 @@ UPDATE broadcasts b SET status = 'completed', finished_at = now()
    AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
                     WHERE r.broadcast_id = b.id AND r.status = 'pending')
    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.broadcast_id = b.id
-                    AND j.status IN ('held', 'sending', 'retry_wait', 'unknown'))
+                    AND j.status IN ('held', 'sending', 'retry_wait', 'unknown',
+                                     'deferred'))  -- deferred: quiet hours (0025)
 RETURNING id;
 
 -- name: broadcast_cancel

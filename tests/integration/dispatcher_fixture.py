@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -84,11 +85,13 @@ def dispatcher_settings(settings: Settings, sandbox: SandboxHandle, **overrides:
 
 @contextlib.asynccontextmanager
 async def running_dispatcher(settings: Settings, sandbox: SandboxHandle, pool: asyncpg.Pool,
+                             clock: Callable[[], datetime] | None = None,
                              **overrides: Any) -> AsyncIterator[RunningDispatcher]:
-    """A dispatcher service started on ``dispatcher_settings(..., **overrides)``, then closed."""
+    """A dispatcher service started on ``dispatcher_settings(..., **overrides)``, then closed;
+    ``clock``: its time for scheduled sends and quiet hours."""
     s = dispatcher_settings(settings, sandbox, **overrides)
     stop = asyncio.Event()
-    service = Service(s)
+    service = Service(s) if clock is None else Service(s, clock=clock)
     await service.start(stop)
     publisher = await JobPublisher.connect(s.amqp_url, Names(s.amqp_prefix).jobs_exchange)
     try:

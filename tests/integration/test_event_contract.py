@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aio_pika
 import asyncpg
@@ -213,6 +216,39 @@ async def refused_jobs(stack: BillingStack, connection: AbstractRobustConnection
     return [str(invalid["id"]), call_id, broadcast_id]
 
 
+async def quiet_account(stack: BillingStack) -> tuple[str, float]:
+    """An account whose quiet hours are on now where DELIVERED is (a window around the local
+    time), and when it was set: the dispatcher sees a change within 5 s."""
+    account = await stack.d.funded_account(uid("waiting"), 5)
+    local = datetime.now(ZoneInfo("America/Los_Angeles"))  # DELIVERED is a 415 number
+    await stack.d.pool.execute(q("set_quiet_hours"), account,
+                               (local - timedelta(hours=1)).time(),
+                               (local + timedelta(hours=1)).time())
+    return account, time.monotonic()
+
+
+async def waiting_jobs(stack: BillingStack, quiet: tuple[str, float]) -> tuple[str, str, str]:
+    """A scheduled job canceled by a cancel job, a bulk job deferred by quiet hours, and a
+    cancel refused (unknown account)."""
+    d = stack.d
+    account, set_at = quiet
+    await asyncio.sleep(max(0.0, set_at + 5.5 - time.monotonic()))  # usually long past
+    later, deferred, refused = uid("later"), uid("deferred"), uid("cancel-ghost")
+    await d.publish_sms(later, account, to=DELIVERED,
+                        send_at=(datetime.now(UTC) + timedelta(days=1)).isoformat())
+    await d.publish_sms(deferred, account, to=DELIVERED, priority="bulk")
+
+    async def scheduled() -> bool:
+        return await d.pool.fetchval("SELECT status FROM jobs WHERE job_id = $1",
+                                     later) == "scheduled"
+    await wait_for(scheduled)
+    await d.publisher.publish({"schema_version": 1, "id": uid("cancel"), "kind": "cancel",
+                               "account": account, "target": later})
+    await d.publisher.publish({"schema_version": 1, "id": refused, "kind": "cancel",
+                               "account": uid("ghost"), "target": later})
+    return later, deferred, refused
+
+
 async def everything_relayed(stack: BillingStack, found: Tap, dead_letters: int) -> None:
     async def relayed() -> bool:
         rows = await stack.d.pool.fetch("SELECT event_id::text, published_at FROM outbox")
@@ -236,17 +272,19 @@ async def test_every_event_follows_the_document_and_every_documented_event_is_em
     prefix = stack.d.settings.amqp_prefix
     found = await tap(amqp, prefix)
     contract = Contract()
+    quiet = await quiet_account(stack)
     declined = await a_failed_top_up(stack)
     await a_capped_and_a_paused_auto_recharge(stack)
     account, ids = await sms_and_call_through_a_pause(stack)
     broadcast_id = await a_broadcast_held_then_canceled(stack, numbers_of("US", 7))
     refused = await refused_jobs(stack, amqp, prefix)
+    later, deferred, refused_cancel = await waiting_jobs(stack, quiet)
 
     async def declined_reported() -> bool:
         keys = {s.routing_key for s in found.seen}
         return {"topup.failed", "topup.capped", "topup.disabled"} <= keys
     await wait_for(declined_reported, timeout=30)
-    await everything_relayed(stack, found, dead_letters=4)
+    await everything_relayed(stack, found, dead_letters=5)
 
     problems: set[str] = set()
     for seen in found.seen:
@@ -273,7 +311,9 @@ async def test_every_event_follows_the_document_and_every_documented_event_is_em
     assert any(s.routing_key == "topup.failed" and s.json()["account"] == declined
                for s in found.seen)
     broadcast_events(found, broadcast_id)
-    dead_lettered(found, refused)
+    dead_lettered(found, refused, refused_cancel)
+    assert found.statuses(later) == ["scheduled", "canceled"]
+    assert found.statuses(deferred) == ["deferred"]
 
 
 def broadcast_events(found: Tap, broadcast_id: str) -> None:
@@ -293,15 +333,17 @@ def broadcast_events(found: Tap, broadcast_id: str) -> None:
         "duplicate", "invalid", "opted_out"]
 
 
-def dead_lettered(found: Tap, refused: list[str]) -> None:
+def dead_lettered(found: Tap, refused: list[str], refused_cancel: str) -> None:
     """Parked with its reason and properties unchanged; an event when id and account are read."""
     parked = [s for s in found.seen if s.source == "dead"]
     assert sorted(s.headers["x-reason"] for s in parked) == [
-        "invalid_recipient", "not_json", "unknown_account", "unknown_account"]
+        "invalid_recipient", "not_json", "unknown_account", "unknown_account",
+        "unknown_account"]
     for s in parked:
         if "x-job-id" in s.headers:  # published with the job id as message id: unchanged
             assert s.properties["message_id"] == s.headers["x-job-id"], s.headers
     events = {e["job_id"]: e for e in found.events() if e.get("status") == "dead_lettered"}
+    assert (events.pop(refused_cancel)["kind"]) == "cancel"
     assert sorted(events) == sorted(refused)
     bad_to, call_id, broadcast_id = refused
     assert (events[bad_to]["kind"], events[bad_to]["reason"]) == ("sms", "invalid_recipient")

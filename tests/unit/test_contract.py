@@ -19,6 +19,7 @@ from dispatcher.jobs.contract import (
     ROUTING_KEYS,
     BroadcastJob,
     CallJob,
+    CancelJob,
     DeadLetter,
     InvalidJob,
     OriginalMessage,
@@ -56,6 +57,10 @@ def broadcast(recipients: list[dict[str, Any]] | None = None, **changes: Any) ->
            "recipients": [{"to": "+14155552671", "vars": {"name": "Ada"}}]
            if recipients is None else recipients}
     return {**job, **changes}
+
+
+CANCEL = {"schema_version": 1, "id": "cancel-1", "kind": "cancel", "account": "acme",
+          "target": "job-1"}
 
 
 def raw(job: dict[str, Any]) -> bytes:
@@ -118,7 +123,7 @@ def test_template_helpers() -> None:
 def test_routing_keys_cover_every_kind_and_priority() -> None:
     keys = {routing_key(parse_job(raw(job))) for job in (
         sms(), sms(priority="bulk"), call(), call(priority="bulk"), broadcast(),
-        broadcast(priority="transactional"))}
+        broadcast(priority="transactional"), CANCEL, {**CANCEL, "priority": "bulk"})}
     assert keys == set(ROUTING_KEYS)
 
 
@@ -348,7 +353,7 @@ def test_delivery_limit_dead_letter_has_only_its_routing_key() -> None:
 SCHEMA_MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "SmsJob": (SmsJob, "validation"), "CallJob": (CallJob, "validation"),
     "BroadcastJob": (BroadcastJob, "validation"), "StatusEvent": (StatusEvent, "serialization"),
-    "DeadLetter": (DeadLetter, "serialization"),
+    "DeadLetter": (DeadLetter, "serialization"), "CancelJob": (CancelJob, "validation"),
     "BalanceLow": (billing.BalanceLow, "serialization"),
     "BalanceDepleted": (billing.BalanceDepleted, "serialization"),
     "CreditsGranted": (billing.CreditsGranted, "serialization"),
@@ -374,7 +379,7 @@ def examples(doc: dict[str, Any], message: str) -> list[dict[str, Any]]:
     return found
 
 
-@pytest.mark.parametrize("message", ["SmsJob", "CallJob", "BroadcastJob"])
+@pytest.mark.parametrize("message", ["SmsJob", "CallJob", "BroadcastJob", "CancelJob"])
 def test_job_examples_are_valid_jobs(asyncapi: dict[str, Any], message: str) -> None:
     for example in examples(asyncapi, message):
         job = parse_job(raw(example["payload"]))
@@ -388,8 +393,8 @@ def test_job_channels_are_the_routing_keys(asyncapi: dict[str, Any]) -> None:
         channel = channels[f"{kind}.{{priority}}"]
         assert priority in channel["parameters"]["priority"]["schema"]["enum"]
         message = channel["publish"]["message"]["$ref"].rsplit("/", 1)[1]
-        assert message == {"sms": "SmsJob", "call": "CallJob",
-                           "broadcast": "BroadcastJob"}[kind]
+        assert message == {"sms": "SmsJob", "call": "CallJob", "broadcast": "BroadcastJob",
+                           "cancel": "CancelJob"}[kind]
         for example in examples(asyncapi, message):
             assert parse_job(raw(example["payload"])).kind == kind
 

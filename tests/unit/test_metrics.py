@@ -109,7 +109,7 @@ def test_every_allowed_label_value_starts_at_zero(family: str, label: str,
 
 def test_jobs_series_for_every_kind_and_outcome() -> None:
     metrics = Metrics(CollectorRegistry())
-    assert {"sms", "call", "broadcast", "unknown"} == set(KINDS)
+    assert {"sms", "call", "broadcast", "cancel", "unknown"} == set(KINDS)
     for kind in KINDS:
         for outcome in OUTCOMES:
             assert _value(metrics, "dispatcher_jobs_total", kind=kind, outcome=outcome) == 0
