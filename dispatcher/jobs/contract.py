@@ -179,6 +179,11 @@ class _Job(BaseModel):
     account: AccountId
     metadata: Metadata = Field(default_factory=dict)
     created_at: AwareDatetime | None = None
+
+
+class _TimedJob(_Job):
+    """A job that sends something, and so may have a validity."""
+
     # Validity (issue 16): never sent after ``expires_at``. ``validity_seconds`` is turned into
     # an ``expires_at`` when the job is received (``with_expiry``); the stored job has both.
     expires_at: AwareDatetime | None = None
@@ -192,7 +197,7 @@ class _Job(BaseModel):
         return self
 
 
-class _MessagingJob(_Job):
+class _MessagingJob(_TimedJob):
     """A job sent from a number / sender id, or through a Messaging Service."""
 
     from_: SenderId | None = Field(None, validation_alias="from", serialization_alias="from")
@@ -215,7 +220,7 @@ class SmsJob(_MessagingJob):
     send_at: SendAt | None = None
 
 
-class CallJob(_Job):
+class CallJob(_TimedJob):
     """One voice call, driven by inline TwiML or a TwiML URL."""
 
     kind: Literal["call"]
@@ -296,13 +301,13 @@ def job_fingerprint(job: Job) -> str:
     """SHA-256 of the job's canonical content: what ``encode_job`` writes, less ``created_at``
     (the publisher helper stamps it on each publish, so a republished job keeps its print) and
     less an ``expires_at`` derived from ``validity_seconds`` (counted from that stamp)."""
-    derived = {"expires_at"} if job.validity_seconds is not None else set()
+    derived = {"expires_at"} if getattr(job, "validity_seconds", None) is not None else set()
     canonical = job.model_dump_json(by_alias=True, exclude_none=True,
                                     exclude={"created_at", *derived})
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-AnyJob = TypeVar("AnyJob", bound=_Job)
+AnyJob = TypeVar("AnyJob", bound=_TimedJob)
 
 
 def with_expiry(job: AnyJob, received_at: datetime) -> AnyJob:
