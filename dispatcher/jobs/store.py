@@ -13,7 +13,10 @@ from typing import Any, Literal
 from dispatcher.credits.ledger import Executor
 from dispatcher.queries import q
 
-BeginOutcome = Literal["send", "held", "duplicate", "conflict", "unknown_account"]
+# country_not_allowed, price_above_limit: refused by the account's spend guards (migration
+# 0023), nothing reserved; the caller dead-letters the job.
+BeginOutcome = Literal["send", "held", "duplicate", "conflict", "unknown_account",
+                       "country_not_allowed", "price_above_limit"]
 FINAL_STATUSES = frozenset({"delivered", "undelivered", "failed", "expired", "canceled"})
 
 
