@@ -21,11 +21,13 @@ import structlog
 
 from dispatcher.broadcasts.preflight import (
     AutoRecharge,
+    Guards,
     PreflightResult,
     Recipients,
     gc_paused,
     preflight,
 )
+from dispatcher.credits.guards import load_guards
 from dispatcher.credits.rates import RateCache
 from dispatcher.db import Connection
 from dispatcher.errors import DispatcherError, JobIdConflict, UnknownAccount
@@ -138,9 +140,13 @@ class Broadcasts:
         rates = await self._rates.get()
         if row["smart_encoding"]:
             template = template.smart_encoded()
+        guards = await load_guards(self.pool, account)
+        allowed = guards.settings.allowed_countries
+        seen = Guards(None if allowed is None else frozenset(allowed),
+                      guards.settings.max_credits_per_message, guards.remaining_today())
         with gc_paused():
             return preflight(template, recipients, rates, opted_out, row["available"], auto,
-                             self._resolver, countries)
+                             self._resolver, countries, seen)
 
     async def check(self, spec: BroadcastSpec, *, refuse_if_short: bool) -> PreflightResult:
         """The pre-flight of a submission; ``BroadcastShort`` if refused for lack of credits."""
