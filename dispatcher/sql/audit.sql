@@ -149,3 +149,31 @@ SELECT account_id, kind, substr(reference, 7) AS payment_reference, amount
 SELECT account, credits, payment_reference, created_at < now() - make_interval(secs => $1)
        AS overdue
   FROM billing_ref.invoices;
+
+-- name: audit_daily_spend_caps
+-- No UTC day's reservations (from the ledger) passed the daily spend cap in force that day: the
+-- highest of the cap in force when the day began and those set during it (none of them, or a
+-- "no cap" among them: nothing to check). Spend guards, migration 0023.
+WITH days AS (
+    SELECT l.account_id,
+           date_trunc('day', l.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS day_start,
+           sum(l.amount) AS reserved
+      FROM ledger l
+     WHERE l.kind = 'reserve'
+       AND l.account_id IN (SELECT h.account_id FROM guard_cap_history h)
+     GROUP BY 1, 2
+)
+SELECT d.account_id,
+       format('reserved %s credits on %s (UTC), above the daily spend cap of %s', d.reserved,
+              to_char(d.day_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), c.allowed) AS problem
+  FROM days d
+ CROSS JOIN LATERAL (
+       SELECT CASE WHEN bool_or(x.cap IS NULL) THEN NULL ELSE max(x.cap) END AS allowed
+         FROM ((SELECT h.daily_spend_cap AS cap FROM guard_cap_history h
+                 WHERE h.account_id = d.account_id AND h.set_at <= d.day_start
+                 ORDER BY h.set_at DESC, h.id DESC LIMIT 1)
+               UNION ALL
+               SELECT h.daily_spend_cap FROM guard_cap_history h
+                WHERE h.account_id = d.account_id AND h.set_at > d.day_start
+                  AND h.set_at < d.day_start + interval '1 day') x) c
+ WHERE d.reserved > c.allowed;

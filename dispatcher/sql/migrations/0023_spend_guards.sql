@@ -231,7 +231,9 @@ BEGIN
     spent := CASE WHEN g.spent_day = today THEN g.spent_today ELSE 0 END;
     -- A cap ends when its day does (the next reservation, or the resumer's sweep, sees it).
     was_capped := g.capped_until IS NOT NULL;
-    capped := g.capped_until IS NOT NULL AND g.capped_until > now();
+    -- A transaction whose now() is older than the counter's day (it waited for the lock
+    -- across midnight) cannot know what its own day spent: it holds, the sweep releases.
+    capped := (g.capped_until IS NOT NULL AND g.capped_until > now()) OR g.spent_day > today;
     vheld := g.velocity_held_at IS NOT NULL;
     usual := g.usual_per_window;
     wstart := g.window_start;
