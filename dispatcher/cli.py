@@ -81,9 +81,10 @@ async def cmd_accounts_show(args: argparse.Namespace, settings: Settings) -> int
         if row is None:
             raise DispatcherError(f"no account {args.account!r}")
         pause = await pool.fetchrow(q("account_pause_state"), args.account)
-        guards = (await load_guards(pool, args.account)).as_json()
-        shown = {**dict(row), **dict(pause or {}), "spend_guards": guards}
-        print(json.dumps({k: _jsonable(v) for k, v in shown.items()}, indent=2))
+        shown = {**dict(row), **dict(pause or {})}
+        print(json.dumps({**{k: _jsonable(v) for k, v in shown.items()},
+                          "spend_guards": (await load_guards(pool, args.account)).as_json()},
+                         indent=2))
         return 0
     return await _with_pool(settings, work)
 

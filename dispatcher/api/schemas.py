@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_CREDITS = 10**12
 ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -134,12 +142,11 @@ class SpendGuardsUpdate(RequestBody):
         "bulk work may not spend the last N credits (it is held and the account paused, as "
         "at zero); transactional jobs may"))
 
-    @field_validator("velocity_multiple")
-    @classmethod
-    def _both_or_neither(cls, multiple: float | None, info: ValidationInfo) -> float | None:
-        if (multiple is None) != (info.data.get("velocity_window_seconds") is None):
+    @model_validator(mode="after")
+    def _velocity_both_or_neither(self) -> SpendGuardsUpdate:
+        if (self.velocity_multiple is None) != (self.velocity_window_seconds is None):
             raise ValueError("velocity_window_seconds and velocity_multiple go together")
-        return multiple
+        return self
 
 
 class SpendGuards(ResponseBody):
