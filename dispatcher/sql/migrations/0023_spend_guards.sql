@@ -48,7 +48,7 @@ CREATE TABLE account_guards (
     velocity_held_at         timestamptz,
     updated_at               timestamptz NOT NULL DEFAULT now(),
     CHECK ((velocity_window_seconds IS NULL) = (velocity_multiple IS NULL))
-);
+) WITH (fillfactor = 50);  -- room for HOT updates: the counters change on every reservation
 
 CREATE TABLE guard_cap_history (
     id               bigserial PRIMARY KEY,
@@ -66,8 +66,11 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
-CREATE TRIGGER account_guards_cap_history AFTER INSERT OR UPDATE ON account_guards
+CREATE TRIGGER account_guards_cap_set AFTER INSERT ON account_guards
     FOR EACH ROW EXECUTE FUNCTION guard_cap_changed();
+CREATE TRIGGER account_guards_cap_changed AFTER UPDATE OF daily_spend_cap ON account_guards
+    FOR EACH ROW WHEN (OLD.daily_spend_cap IS DISTINCT FROM NEW.daily_spend_cap)
+    EXECUTE FUNCTION guard_cap_changed();
 
 -- Held jobs waiting for a guard, for the resumer's sweep.
 CREATE INDEX jobs_guard_held ON jobs (account_id) WHERE status = 'held'
@@ -112,12 +115,11 @@ BEGIN
     END IF;
     INSERT INTO account_guards (account_id) VALUES (p_account) ON CONFLICT DO NOTHING;
     SELECT * INTO g FROM account_guards WHERE account_id = p_account;
-    IF g.spent_day IS DISTINCT FROM (now() AT TIME ZONE 'UTC')::date THEN
-        g.spent_day := (now() AT TIME ZONE 'UTC')::date;
-        g.spent_today := (SELECT coalesce(sum(l.amount), 0) FROM ledger l
-                           WHERE l.account_id = p_account AND l.kind = 'reserve'
-                             AND l.created_at >= today_start);
-    END IF;
+    -- From the ledger every time: the counter is not kept while no cap is set.
+    g.spent_day := (now() AT TIME ZONE 'UTC')::date;
+    g.spent_today := (SELECT coalesce(sum(l.amount), 0) FROM ledger l
+                       WHERE l.account_id = p_account AND l.kind = 'reserve'
+                         AND l.created_at >= today_start);
     UPDATE account_guards a
        SET daily_spend_cap = p_daily_spend_cap, allowed_countries = p_allowed_countries,
            max_credits_per_message = p_max_credits_per_message,
@@ -131,6 +133,11 @@ BEGIN
                                ELSE a.capped_until END,
            velocity_held_at = CASE WHEN p_velocity_window_seconds IS NULL THEN NULL
                                    ELSE a.velocity_held_at END,
+           -- A velocity guard turned on starts its first window now.
+           window_start = CASE WHEN a.velocity_window_seconds IS NULL THEN NULL
+                               ELSE a.window_start END,
+           window_spent = CASE WHEN a.velocity_window_seconds IS NULL THEN 0
+                               ELSE a.window_spent END,
            updated_at = now()
      WHERE a.account_id = p_account;
     IF g.capped_until IS NOT NULL AND (p_daily_spend_cap IS NULL
@@ -277,6 +284,23 @@ BEGIN
         END IF;
         verdicts[i] := v;
     END LOOP;
+    IF cardinality(ok_ids) = n AND NOT was_capped AND g.velocity_held_at IS NULL THEN
+        -- Every job passed every guard (the usual case): one statement reserves them and
+        -- counts what was reserved.
+        RETURN QUERY
+        WITH rb AS (SELECT * FROM reserve_batch(p_account, p_job_ids, p_amounts)),
+        counted AS (
+            UPDATE account_guards x
+               SET spent_day = today,
+                   spent_today = spent + t.total, window_start = wstart,
+                   window_spent = wspent + t.total, usual_per_window = usual
+              FROM (SELECT coalesce(sum(rb.amount) FILTER (WHERE rb.status = 'reserved'), 0)
+                           AS total FROM rb) t
+             WHERE x.account_id = p_account
+               AND (g.daily_spend_cap IS NOT NULL OR g.velocity_window_seconds IS NOT NULL))
+        SELECT * FROM rb;
+        RETURN;
+    END IF;
     IF cardinality(ok_ids) > 0 THEN
         FOR r IN SELECT * FROM reserve_batch(p_account, ok_ids, ok_amts) LOOP
             res_status := res_status || r.status;
@@ -287,13 +311,16 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
+    -- The counters: only the daily cap and the velocity guard need them.
     UPDATE account_guards x
        SET spent_day = today, spent_today = spent + reserved_sum,
            window_start = wstart, window_spent = wspent + reserved_sum,
            usual_per_window = usual,
            capped_until = CASE WHEN capped THEN guard_next_utc_day(now()) END,
            velocity_held_at = CASE WHEN vheld THEN coalesce(x.velocity_held_at, now()) END
-     WHERE x.account_id = p_account;
+     WHERE x.account_id = p_account
+       AND (g.daily_spend_cap IS NOT NULL OR g.velocity_window_seconds IS NOT NULL
+            OR was_capped OR vheld OR g.velocity_held_at IS NOT NULL);
     IF was_capped AND NOT capped THEN
         PERFORM emit_account_event(p_account, 'uncapped', jsonb_build_object(
             'reason', 'daily_cap', 'daily_spend_cap', g.daily_spend_cap,
