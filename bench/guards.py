@@ -1,6 +1,6 @@
 """Reservation throughput with every spend guard on vs off, in the same run (issue 17).
 
-Run as ``python -m bench.guards [--runs 3] [--seconds 5] [--record]``.
+Run as ``python -m bench.guards [--runs 15] [--seconds 1] [--record]``.
 
 A throw-away database (migrated, dropped after) holds three hot accounts, each funded far beyond
 what a run spends: ``plain`` is reserved through ``reserve_batch`` itself (what every path called
@@ -9,13 +9,15 @@ before migration 0023), ``off`` through ``reserve_guarded`` with no guard set (i
 velocity, transactional reserve), none of them low enough to refuse anything, so each
 reservation pays for every check and every counter update. Paths, each with 1 session and with
 4 at once on the account: **single** (one job per call, the consumer's shape), **batch** (100
-jobs per call, the ``reserve_many`` / broadcast shape) and **begin_job** (the consumer's real call: job row,
-reservation and guards in one transaction). Sessions run with ``synchronous_commit = off`` (set
-by the bench on its own connections, not on the server): on a shared disk the flush of each
-commit swamps the cost measured. Each path starts on emptied, vacuumed tables, then the three
-variants run in short interleaved slices whose order rotates, so a drifting machine load falls
-on all of them alike; medians of the slices are reported.
-Target: ``on`` >= 0.9 x ``off`` on every path.
+jobs per call, the ``reserve_many`` / broadcast shape) and **begin_job** (the consumer's real
+call: job row, reservation and guards in one transaction).
+
+Sessions run with ``synchronous_commit = off`` (set by the bench on its own connections, not on
+the server): on a shared disk the flush of each commit swamps the cost measured. Each path
+starts on emptied, vacuumed tables (with a background of settled rows, as in
+``bench.ledger_reserve``), then the three variants run in short interleaved slices whose order
+rotates, so a drifting machine load falls on all of them alike; medians of the slices are
+reported. Target: ``on`` >= 0.9 x ``off`` on every path.
 """
 
 from __future__ import annotations
