@@ -1,6 +1,6 @@
 """Run every benchmark one after another and record its figures in ``bench/RESULTS.md``.
 
-``python -m bench.run_all [--only ledger,pipeline,priority,preflight,broadcast] [--dry-run]``
+``python -m bench.run_all [--only ledger,pipeline,priority,preflight,broadcast,guards] [--dry-run]``
 (``make bench``). Each benchmark runs in its own process, in sequence, so no two of them share
 the machine; run it on a quiet machine, since other work on the cores moves every rate.
 """
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, list[str]] = {
                  "--record"],
     "preflight": ["bench.preflight", "--runs", "7", "--write"],
     "broadcast": ["bench.broadcast", "--recipients", "100000", "--ceiling", "100000", "--write"],
+    "guards": ["bench.guards", "--runs", "15", "--seconds", "1", "--record"],
 }
 
 
