@@ -113,6 +113,7 @@ _GUARD_FLAGS: dict[str, tuple[str, Callable[[str], object]]] = {
     "velocity_multiple": ("velocity_multiple", float),
     "velocity_min": ("velocity_min_credits", int),
     "transactional_reserve": ("transactional_reserve", int),
+    "transactional_overdraft": ("transactional_overdraft", int),
 }
 
 
@@ -123,7 +124,8 @@ async def cmd_accounts_guards(args: argparse.Namespace, settings: Settings) -> i
         for flag, (name, parse) in _GUARD_FLAGS.items():
             value = getattr(args, flag)
             if value is not None:
-                off = {"velocity_min_credits": 100, "transactional_reserve": 0}.get(name)
+                off = {"velocity_min_credits": 100, "transactional_reserve": 0,
+                       "transactional_overdraft": 0}.get(name)
                 try:
                     changes[name] = off if value == "off" else parse(value)
                 except ValueError as exc:
@@ -162,6 +164,8 @@ def _add_guards(accounts: Any) -> None:
     guards.add_argument("--velocity-min", metavar="CREDITS|off")
     guards.add_argument("--transactional-reserve", metavar="CREDITS|off",
                         help="credits bulk work may not spend")
+    guards.add_argument("--transactional-overdraft", metavar="CREDITS|off",
+                        help="how far below zero transactional jobs may go")
     guards.set_defaults(func=cmd_accounts_guards)
     release = _command(accounts, "release-velocity",
                        "end a velocity hold: held bulk jobs go on (an owner's decision)")

@@ -159,7 +159,7 @@ class AccountsApi:
         settings = GuardSettings(
             body.daily_spend_cap, None if countries is None else tuple(countries),
             body.max_credits_per_message, body.velocity_window_seconds, body.velocity_multiple,
-            body.velocity_min_credits, body.transactional_reserve)
+            body.velocity_min_credits, body.transactional_reserve, body.transactional_overdraft)
         if not await set_guards(self._pool, account, settings):
             raise NotFound(f"no account {account!r}")
         log.info("spend_guards_changed", account_id=account,

@@ -141,6 +141,9 @@ class SpendGuardsUpdate(RequestBody):
     transactional_reserve: Credits = Field(default=0, description=(
         "bulk work may not spend the last N credits (it is held and the account paused, as "
         "at zero); transactional jobs may"))
+    transactional_overdraft: Credits = Field(default=0, description=(
+        "transactional jobs may also take the balance below zero, down to -N (the part "
+        "beyond the credits is debt, given back if the send fails)"))
 
     @model_validator(mode="after")
     def _velocity_both_or_neither(self) -> SpendGuardsUpdate:
@@ -159,6 +162,7 @@ class SpendGuards(ResponseBody):
     velocity_multiple: float | None
     velocity_min_credits: int
     transactional_reserve: int
+    transactional_overdraft: int
     spent_today: int = Field(description="credits reserved today (UTC) toward the daily cap")
     remaining_today: int | None = Field(description="what the daily cap still allows today")
     capped_until: datetime | None = Field(

@@ -31,6 +31,7 @@ class GuardSettings:
     velocity_multiple: float | None = None
     velocity_min_credits: int = DEFAULT_VELOCITY_MIN_CREDITS
     transactional_reserve: int = 0
+    transactional_overdraft: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class GuardState:
             "velocity_multiple": s.velocity_multiple,
             "velocity_min_credits": s.velocity_min_credits,
             "transactional_reserve": s.transactional_reserve,
+            "transactional_overdraft": s.transactional_overdraft,
             "spent_today": self.spent_today,
             "remaining_today": self.remaining_today(),
             "capped_until": None if self.capped_until is None
@@ -80,7 +82,8 @@ def _settings(row: Any) -> GuardSettings:
         velocity_window_seconds=row["velocity_window_seconds"],
         velocity_multiple=row["velocity_multiple"],
         velocity_min_credits=row["velocity_min_credits"],
-        transactional_reserve=row["transactional_reserve"])
+        transactional_reserve=row["transactional_reserve"],
+        transactional_overdraft=row["transactional_overdraft"])
 
 
 async def load_guards(db: Executor, account: str) -> GuardState:
@@ -102,7 +105,8 @@ async def set_guards(db: Executor, account: str, settings: GuardSettings) -> boo
         q("guards_set"), account, settings.daily_spend_cap,
         _countries(settings.allowed_countries), settings.max_credits_per_message,
         settings.velocity_window_seconds, settings.velocity_multiple,
-        settings.velocity_min_credits, settings.transactional_reserve)
+        settings.velocity_min_credits, settings.transactional_reserve,
+        settings.transactional_overdraft)
     return found is not None
 
 

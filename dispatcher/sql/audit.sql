@@ -63,10 +63,13 @@ SELECT l.account_id, format('ledger row %s settles job %s which has no reservati
    AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.job_id = l.job_id);
 
 -- name: audit_debt_only_from_settlement
+-- (or a reservation into the transactional overdraft, for exactly its debt part: 0023)
 SELECT account_id, format('ledger row %s (%s) creates debt %s; only a capture may',
                           reference, kind, debt_delta) AS problem
-  FROM ledger
- WHERE debt_delta > 0 AND kind <> 'capture';
+  FROM ledger l
+ WHERE debt_delta > 0 AND kind <> 'capture'
+   AND NOT (kind = 'reserve' AND debt_delta = (SELECT r.debt_part FROM reservations r
+                                                WHERE r.job_id = l.job_id));
 
 -- name: audit_negative_balances
 SELECT id AS account_id, format('negative balance: sub %s purchased %s reserved %s',
@@ -83,7 +86,7 @@ SELECT account_id,
        format('ledger row %s (%s) says amount %s but its deltas move %s', reference, kind,
               amount, moved) AS problem
   FROM (SELECT l.*,
-               CASE WHEN kind = 'reserve' THEN -(sub_delta + purchased_delta)
+               CASE WHEN kind = 'reserve' THEN -(sub_delta + purchased_delta) + debt_delta
                     WHEN kind IN ('capture', 'release')
                         THEN -(reserved_delta + sub_delta + purchased_delta + forfeited - debt_delta)
                     WHEN kind LIKE 'grant\_%' THEN purchased_delta - debt_delta
@@ -96,7 +99,7 @@ SELECT account_id,
           FROM ledger l) x
  WHERE amount IS DISTINCT FROM moved
     OR purchased_delta <> in_buckets
-    OR (kind = 'reserve' AND (reserved_delta <> amount OR debt_delta <> 0))
+    OR (kind = 'reserve' AND (reserved_delta <> amount OR debt_delta < 0))
     OR (kind IN ('capture', 'release') AND reserved_delta >= 0)
     OR (kind = 'release' AND amount <> 0)
     OR (kind = 'subscription_forfeit' AND sub_delta <> -amount);

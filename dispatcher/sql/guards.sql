@@ -4,7 +4,7 @@
 -- An account's guard settings and state (no row: no guard set).
 SELECT g.daily_spend_cap, g.allowed_countries, g.max_credits_per_message,
        g.velocity_window_seconds, g.velocity_multiple::float8 AS velocity_multiple,
-       g.velocity_min_credits, g.transactional_reserve,
+       g.velocity_min_credits, g.transactional_reserve, g.transactional_overdraft,
        CASE WHEN g.spent_day = (now() AT TIME ZONE 'UTC')::date THEN g.spent_today ELSE 0 END
            AS spent_today,
        CASE WHEN g.capped_until > now() THEN g.capped_until END AS capped_until,
@@ -12,7 +12,7 @@ SELECT g.daily_spend_cap, g.allowed_countries, g.max_credits_per_message,
   FROM account_guards g WHERE g.account_id = $1;
 
 -- name: guards_set
-SELECT account_id FROM guard_settings_set($1, $2, $3::text[], $4, $5, $6::numeric, $7, $8);
+SELECT account_id FROM guard_settings_set($1, $2, $3::text[], $4, $5, $6::numeric, $7, $8, $9);
 
 -- name: guards_release_velocity
 SELECT guard_release_velocity($1);

@@ -7,6 +7,7 @@ import asyncpg
 from dispatcher.credits.audit import run_audit
 from dispatcher.credits.guards import GuardSettings, load_guards, release_velocity, set_guards
 from dispatcher.credits.ledger import CreditStore
+from dispatcher.jobs.store import JobStore
 from dispatcher.queries import q
 from tests.integration.guards_helpers import (
     begin,
@@ -137,3 +138,32 @@ async def test_raising_the_cap_lifts_the_hold_at_once(pool: asyncpg.Pool) -> Non
     assert await release(pool, account) == [jobs[2][0], "still_paused"]
     assert [e["routing_key"] for e in await events(pool, account)] == [
         "account.capped", "account.uncapped", "account.capped"]
+
+
+async def test_transactional_overdraft_goes_below_zero_and_a_failed_send_owes_nothing(
+        pool: asyncpg.Pool) -> None:
+    account = await guarded_account(pool, 3, GuardSettings(transactional_overdraft=5))
+    store = CreditStore(pool)
+    bulk_id, bulk = await begin(pool, account, 4)
+    assert bulk.outcome == "held"  # bulk never goes below zero
+    otps = [await begin(pool, account, 2, priority="transactional") for _ in range(5)]
+    assert [b.outcome for b in (o for _, o in otps)] == ["send"] * 4 + ["held"]
+    balance = await store.balance(account)
+    assert (balance.available, balance.debt, balance.reserved) == (-5, 5, 8)
+    assert await run_audit(pool) == []
+    jobs = JobStore(pool)
+    # The last one fails: its debt part (2) is owed no more.
+    await jobs.not_sent(otps[3][0], "provider_refused")
+    assert (await store.balance(account)).available == -3
+    # One costs less than reserved (1 of 2): the unused credit comes off the debt first.
+    await store.capture(otps[2][0], 1)
+    await store.capture(otps[0][0], 2)
+    await store.capture(otps[1][0], 2)
+    balance = await store.balance(account)
+    assert (balance.available, balance.debt, balance.reserved) == (-2, 2, 0)
+    assert await run_audit(pool) == []
+    # Credits arrive: the debt is repaid first, then the held jobs go in order.
+    await store.grant(account, 10, "purchase", f"{account}-top-up")
+    assert await release(pool, account) == [bulk_id, otps[4][0]]
+    assert (await store.balance(account)).available == 2
+    assert await run_audit(pool) == []

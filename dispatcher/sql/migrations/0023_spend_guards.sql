@@ -20,6 +20,9 @@
 --                            exactly as at zero (held, account paused, billing asked for a top-up,
 --                            resumed when credits arrive); transactional jobs may use them, and
 --                            get past a pause that bulk work caused.
+--   transactional_overdraft  transactional jobs may also go below zero, down to -N: the part of
+--                            such a reservation beyond the credits is debt (reservations.debt_part),
+--                            given back first when the send fails or costs less.
 -- Every reservation path (begin_job, begin_broadcast_batch, release_held) goes through
 -- reserve_guarded, which locks the account row first (as reserve_batch does), so concurrent
 -- replicas serialise on it and a cap can never be passed, not by one credit.
@@ -38,6 +41,7 @@ CREATE TABLE account_guards (
     velocity_multiple        numeric CHECK (velocity_multiple > 0),
     velocity_min_credits     bigint NOT NULL DEFAULT 100 CHECK (velocity_min_credits >= 0),
     transactional_reserve    bigint NOT NULL DEFAULT 0 CHECK (transactional_reserve >= 0),
+    transactional_overdraft  bigint NOT NULL DEFAULT 0 CHECK (transactional_overdraft >= 0),
     -- State, changed under the account's lock only.
     spent_day                date,
     spent_today              bigint NOT NULL DEFAULT 0,
@@ -103,7 +107,8 @@ $$;
 CREATE FUNCTION guard_settings_set(
     p_account text, p_daily_spend_cap bigint, p_allowed_countries text[],
     p_max_credits_per_message bigint, p_velocity_window_seconds integer,
-    p_velocity_multiple numeric, p_velocity_min_credits bigint, p_transactional_reserve bigint
+    p_velocity_multiple numeric, p_velocity_min_credits bigint, p_transactional_reserve bigint,
+    p_transactional_overdraft bigint
 ) RETURNS SETOF account_guards LANGUAGE plpgsql AS $$
 DECLARE
     g account_guards%ROWTYPE;
@@ -127,6 +132,7 @@ BEGIN
            velocity_multiple = p_velocity_multiple,
            velocity_min_credits = coalesce(p_velocity_min_credits, 100),
            transactional_reserve = coalesce(p_transactional_reserve, 0),
+           transactional_overdraft = coalesce(p_transactional_overdraft, 0),
            spent_day = g.spent_day, spent_today = g.spent_today,
            capped_until = CASE WHEN p_daily_spend_cap IS NULL
                                     OR p_daily_spend_cap > g.spent_today THEN NULL
@@ -181,7 +187,8 @@ CREATE FUNCTION guard_transactional_passes(p_account text, p_priority text) RETU
 LANGUAGE sql STABLE AS $$
     SELECT p_priority = 'transactional' AND EXISTS (
         SELECT 1 FROM account_guards g
-         WHERE g.account_id = p_account AND g.transactional_reserve > 0)
+         WHERE g.account_id = p_account
+           AND (g.transactional_reserve > 0 OR g.transactional_overdraft > 0))
 $$;
 
 
@@ -218,6 +225,7 @@ DECLARE
     capped boolean;
     vheld boolean;
     short boolean := false;
+    overdrawn boolean := false;
     was_capped boolean;
     reserved_sum bigint := 0;
     bulk boolean;
@@ -276,6 +284,12 @@ BEGIN
         ELSIF bulk AND (short OR avail - cum - p_amounts[i] < g.transactional_reserve) THEN
             v := 'insufficient';
             short := true;
+        ELSIF NOT bulk AND (overdrawn OR avail - cum - p_amounts[i] < 0)
+              AND avail - cum - p_amounts[i] >= -g.transactional_overdraft THEN
+            -- Reserved after the others (reserve_overdraft), in order: they come last anyway.
+            v := 'overdraft';
+            overdrawn := true;
+            cum := cum + p_amounts[i];
         END IF;
         IF v IS NULL THEN
             ok_ids := ok_ids || p_job_ids[i];
@@ -311,6 +325,13 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
+    FOR i IN 1 .. n LOOP  -- transactional jobs into the overdraft, after the rest
+        CONTINUE WHEN verdicts[i] IS DISTINCT FROM 'overdraft';
+        verdicts[i] := reserve_overdraft(p_account, p_job_ids[i], p_amounts[i]);
+        IF verdicts[i] = 'reserved' THEN
+            reserved_sum := reserved_sum + p_amounts[i];
+        END IF;
+    END LOOP;
     -- The counters: only the daily cap and the velocity guard need them.
     UPDATE account_guards x
        SET spent_day = today, spent_today = spent + reserved_sum,
@@ -349,6 +370,9 @@ BEGIN
         ELSE
             status := verdicts[i];
             amount := p_amounts[i];
+            IF status = 'reserved' THEN  -- into the overdraft
+                avail := avail - p_amounts[i];
+            END IF;
             available := avail;
         END IF;
         RETURN NEXT;
@@ -663,4 +687,135 @@ BEGIN
     IF short OR blocked THEN  -- 0023: or blocked
         RETURN QUERY SELECT NULL::text, NULL::jsonb, NULL::text, 0, 'still_paused'::text;
     END IF;
+END $$;
+
+
+-- The transactional overdraft: reserve one job's credits taking what the account has, then debt
+-- for the rest (reservations.debt_part), under the account lock the caller holds. 'reserved',
+-- or 'existing' / 'conflict' when the job id already holds a reservation.
+ALTER TABLE reservations ADD COLUMN debt_part bigint NOT NULL DEFAULT 0
+    CHECK (debt_part >= 0 AND debt_part <= amount);
+
+CREATE FUNCTION reserve_overdraft(p_account text, p_job_id text, p_amount bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    acct accounts%ROWTYPE;
+    prior reservations%ROWTYPE;
+    t record;
+BEGIN
+    SELECT * INTO acct FROM accounts WHERE id = p_account FOR UPDATE;
+    SELECT * INTO prior FROM reservations r WHERE r.job_id = p_job_id;
+    IF FOUND THEN
+        RETURN CASE WHEN prior.account_id = p_account THEN 'existing' ELSE 'conflict' END;
+    END IF;
+    SELECT * INTO t FROM credits_take(p_account, acct.sub_available, p_amount, true);
+    INSERT INTO reservations (job_id, account_id, amount, sub_part, period_seq, bucket_ids,
+                              bucket_parts, debt_part)
+    VALUES (p_job_id, p_account, p_amount, t.sub_taken, acct.period_seq, t.bucket_ids,
+            t.bucket_parts, t.debt_added);
+    INSERT INTO ledger (account_id, kind, reference, sub_delta, purchased_delta, debt_delta,
+                        reserved_delta, bucket_ids, bucket_deltas, amount, job_id)
+    VALUES (p_account, 'reserve', 'reserve:' || p_job_id, -t.sub_taken, -t.purchased_taken,
+            t.debt_added, p_amount, t.bucket_ids,
+            (SELECT coalesce(array_agg(-x), '{}') FROM unnest(t.bucket_parts) AS x),
+            p_amount, p_job_id);
+    UPDATE accounts a
+       SET sub_available = a.sub_available - t.sub_taken,
+           purchased_available = a.purchased_available - t.purchased_taken,
+           debt = a.debt + t.debt_added, reserved = a.reserved + p_amount
+     WHERE a.id = p_account;
+    RETURN 'reserved';
+END $$;
+
+
+-- As in 0001, with the overdraft's debt part (issue 17). The edits, marked "0023": what a
+-- capture at or below the estimate did not spend comes back from the debt part first (it was
+-- taken last), so a failed send leaves no debt behind.
+CREATE OR REPLACE FUNCTION settle_reservation(p_job text, p_actual bigint)
+RETURNS TABLE (status text, amount bigint, captured bigint, account_id text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    acct_id text;
+    acct accounts%ROWTYPE;
+    r reservations%ROWTYPE;
+    extra record;
+    back record;
+    kind text := CASE WHEN p_actual IS NULL THEN 'release' ELSE 'capture' END;
+    spent_sub bigint;
+    spent_purchased bigint;
+    back_ids bigint[] := '{}';
+    back_parts bigint[] := '{}';
+    debt_back bigint;  -- 0023
+    i integer;
+    part bigint;
+BEGIN
+    IF p_actual IS NOT NULL AND p_actual < 0 THEN
+        RAISE EXCEPTION 'settle_reservation: actual cost must be >= 0, got %', p_actual;
+    END IF;
+    SELECT res.account_id INTO acct_id FROM reservations res WHERE res.job_id = p_job;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'unknown'::text, 0::bigint, NULL::bigint, NULL::text;
+        RETURN;
+    END IF;
+    SELECT * INTO acct FROM accounts WHERE id = acct_id FOR UPDATE;
+    SELECT * INTO r FROM reservations res WHERE res.job_id = p_job FOR UPDATE;
+    IF r.status <> 'pending' THEN
+        RETURN QUERY SELECT ('already_' || r.status)::text, r.amount, r.captured, r.account_id;
+        RETURN;
+    END IF;
+
+    IF p_actual IS NOT NULL AND p_actual > r.amount THEN
+        -- Real cost above the estimate: the difference is charged now, into debt if need be.
+        SELECT * INTO extra FROM credits_take(acct.id, acct.sub_available,
+                                              p_actual - r.amount, true);
+        INSERT INTO ledger (account_id, kind, reference, sub_delta, purchased_delta, debt_delta,
+                            reserved_delta, bucket_ids, bucket_deltas, amount, job_id)
+        VALUES (acct.id, 'capture', 'settle:' || p_job, -extra.sub_taken,
+                -extra.purchased_taken, extra.debt_added, -r.amount, extra.bucket_ids,
+                (SELECT coalesce(array_agg(-x), '{}') FROM unnest(extra.bucket_parts) AS x),
+                p_actual, p_job);
+        UPDATE accounts a
+           SET sub_available = a.sub_available - extra.sub_taken,
+               purchased_available = a.purchased_available - extra.purchased_taken,
+               debt = a.debt + extra.debt_added,
+               reserved = a.reserved - r.amount
+         WHERE a.id = acct.id;
+    ELSE
+        -- Release, or capture at or below the estimate: the unused part goes back where it
+        -- came from. What was spent counts against the subscription share first.
+        spent_sub := LEAST(r.sub_part, coalesce(p_actual, 0));
+        spent_purchased := coalesce(p_actual, 0) - spent_sub;
+        FOR i IN 1 .. coalesce(array_length(r.bucket_ids, 1), 0) LOOP
+            part := r.bucket_parts[i];
+            IF spent_purchased >= part THEN
+                spent_purchased := spent_purchased - part;
+            ELSE
+                back_ids := back_ids || r.bucket_ids[i];
+                back_parts := back_parts || (part - spent_purchased);
+                spent_purchased := 0;
+            END IF;
+        END LOOP;
+        -- 0023: what is left was spent from the debt part; the rest of that part is owed no more.
+        debt_back := r.debt_part - LEAST(r.debt_part, spent_purchased);
+        SELECT * INTO back FROM credits_give_back(
+            acct.id, acct.debt - debt_back, r.sub_part - spent_sub,
+            r.period_seq = acct.period_seq, back_ids, back_parts);
+        INSERT INTO ledger (account_id, kind, reference, sub_delta, purchased_delta, debt_delta,
+                            reserved_delta, bucket_ids, bucket_deltas, forfeited, amount, job_id)
+        VALUES (acct.id, kind, 'settle:' || p_job, back.sub_delta, back.purchased_delta,
+                back.debt_delta - debt_back, -r.amount, back.bucket_ids, back.bucket_deltas,
+                back.forfeited, coalesce(p_actual, 0), p_job);  -- 0023: - debt_back
+        UPDATE accounts a
+           SET sub_available = a.sub_available + back.sub_delta,
+               purchased_available = a.purchased_available + back.purchased_delta,
+               debt = a.debt + back.debt_delta - debt_back,  -- 0023: - debt_back
+               reserved = a.reserved - r.amount
+         WHERE a.id = acct.id;
+    END IF;
+    UPDATE reservations res
+       SET status = CASE WHEN p_actual IS NULL THEN 'released' ELSE 'captured' END,
+           captured = p_actual, settled_at = now()
+     WHERE res.job_id = p_job;
+    RETURN QUERY SELECT (CASE WHEN p_actual IS NULL THEN 'released' ELSE 'captured' END)::text,
+                        r.amount, p_actual, acct.id;
 END $$;
