@@ -18,7 +18,8 @@ from tests.integration.test_ledger_cli import cli
 
 GUARDS = {"daily_spend_cap": 500, "allowed_countries": ["CA", "US"],
           "max_credits_per_message": 20, "velocity_window_seconds": 300,
-          "velocity_multiple": 5.0, "velocity_min_credits": 50, "transactional_reserve": 30}
+          "velocity_multiple": 5.0, "velocity_min_credits": 50, "transactional_reserve": 30,
+          "transactional_overdraft": 10}
 
 
 async def guards_of(api: Api, who: str = "member") -> tuple[int, Any]:
@@ -98,11 +99,13 @@ async def test_owner_releases_a_velocity_hold_through_the_api(api: Api,
 async def test_cli_sets_shows_and_releases(pool: asyncpg.Pool, database_url: str) -> None:
     account = await guarded_account(pool, 10, GuardSettings())
     code, out = await cli(database_url, "accounts", "guards", account, "--daily-cap", "40",
-                          "--countries", "us,ca", "--transactional-reserve", "5")
+                          "--countries", "us,ca", "--transactional-reserve", "5",
+                          "--transactional-overdraft", "7")
     assert code == 0, out
     shown = json.loads(out[out.index("{"):])
     assert (shown["daily_spend_cap"], shown["allowed_countries"],
-            shown["transactional_reserve"]) == (40, ["CA", "US"], 5)
+            shown["transactional_reserve"], shown["transactional_overdraft"]) == (
+                40, ["CA", "US"], 5, 7)
     code, out = await cli(database_url, "accounts", "guards", account, "--daily-cap", "off")
     assert code == 0 and json.loads(out[out.index("{"):])["allowed_countries"] == ["CA", "US"]
     code, out = await cli(database_url, "accounts", "show", account)

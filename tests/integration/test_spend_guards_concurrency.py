@@ -63,6 +63,16 @@ async def test_concurrent_processes_stop_bulk_at_the_velocity_threshold_exactly(
     assert await reserved_today(pool, account) == 80
 
 
+async def test_concurrent_transactional_jobs_stop_at_the_overdraft_exactly(
+        pool: asyncpg.Pool, database_url: str) -> None:
+    account = await guarded_account(pool, 50, GuardSettings(transactional_overdraft=30))
+    outcomes = run_processes(database_url, account, ["transactional"] * PROCESSES)
+    assert outcomes == {"send": 80, "held": PROCESSES * JOBS_PER_PROCESS - 80}
+    balance = await CreditStore(pool).balance(account)
+    assert (balance.available, balance.debt, balance.reserved) == (-30, 30, 80)
+    assert await run_audit(pool) == []
+
+
 async def test_concurrent_bulk_never_spends_the_transactional_reserve(
         pool: asyncpg.Pool, database_url: str) -> None:
     account = await guarded_account(pool, 150, GuardSettings(transactional_reserve=40))
