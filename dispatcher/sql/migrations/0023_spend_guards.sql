@@ -197,7 +197,8 @@ $$;
 --   daily_cap                               not reserved, nor any later job of the batch
 --   velocity                                a bulk job not reserved, nor any later bulk one
 --   insufficient                            also: a bulk job that would cross the reserve floor
--- Transactional jobs go on past held bulk ones. An existing reservation counts toward the
+-- A transactional job past the credits but within the overdraft is reserved (reserve_overdraft,
+-- after the batch's others). Transactional jobs go on past held bulk ones. An existing reservation counts toward the
 -- guards' sums here as if new (conservative: it can only hold a job sooner).
 CREATE FUNCTION reserve_guarded(p_account text, p_priorities text[], p_job_ids text[],
                                 p_amounts bigint[], p_countries text[])
@@ -248,7 +249,8 @@ BEGIN
     was_capped := g.capped_until IS NOT NULL;
     -- A transaction whose now() is older than the counter's day (it waited for the lock
     -- across midnight) cannot know what its own day spent: it holds, the sweep releases.
-    capped := (g.capped_until IS NOT NULL AND g.capped_until > now()) OR g.spent_day > today;
+    capped := (g.capped_until IS NOT NULL AND g.capped_until > now())
+              OR coalesce(g.spent_day > today, false);
     vheld := g.velocity_held_at IS NOT NULL;
     usual := g.usual_per_window;
     wstart := g.window_start;
