@@ -1,6 +1,6 @@
 """Run every benchmark one after another and record its figures in ``bench/RESULTS.md``.
 
-``python -m bench.run_all [--only ledger,pipeline,priority,preflight,broadcast,scale]
+``python -m bench.run_all [--only ledger,pipeline,priority,preflight,broadcast,scale,guards]
 [--dry-run]``
 (``make bench``). Each benchmark runs in its own process, in sequence, so no two of them share
 the machine; run it on a quiet machine, since other work on the cores moves every rate.
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "broadcast": ["bench.broadcast", "--recipients", "100000", "--ceiling", "100000", "--write"],
     # 1, 2 and 3 replicas against a 3-node broker and a primary + standby (private nodes).
     "scale": ["bench.scale", "--jobs", "3000", "--record"],
+    "guards": ["bench.guards", "--runs", "15", "--seconds", "1", "--record"],
 }
 
 

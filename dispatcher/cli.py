@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from dispatcher.credits.audit import cross_check_billing, format_report, run_audit
+from dispatcher.credits.guards import GuardSettings, load_guards, release_velocity, set_guards
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.subscriptions import (
     CADENCES,
@@ -105,7 +106,9 @@ async def cmd_accounts_show(args: argparse.Namespace, settings: Settings) -> int
             raise DispatcherError(f"no account {args.account!r}")
         pause = await pool.fetchrow(q("account_pause_state"), args.account)
         shown = {**dict(row), **dict(pause or {})}
-        print(json.dumps({k: _jsonable(v) for k, v in shown.items()}, indent=2))
+        print(json.dumps({**{k: _jsonable(v) for k, v in shown.items()},
+                          "spend_guards": (await load_guards(pool, args.account)).as_json()},
+                         indent=2))
         return 0
     return await _with_pool(settings, work)
 
@@ -138,6 +141,79 @@ async def cmd_accounts_quiet_hours(args: argparse.Namespace, settings: Settings)
         print(f"quiet hours {shown} for {args.account} (recipient's local time, bulk only)")
         return 0
     return await _with_pool(settings, work)
+
+
+def _country_list(text: str) -> tuple[str, ...]:
+    return tuple(c.strip().upper() for c in text.split(","))
+
+
+# flag -> (GuardSettings field, parse); "off" turns a guard off
+_GUARD_FLAGS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "daily_cap": ("daily_spend_cap", int),
+    "countries": ("allowed_countries", _country_list),
+    "max_per_message": ("max_credits_per_message", int),
+    "velocity_window": ("velocity_window_seconds", int),
+    "velocity_multiple": ("velocity_multiple", float),
+    "velocity_min": ("velocity_min_credits", int),
+    "transactional_reserve": ("transactional_reserve", int),
+    "transactional_overdraft": ("transactional_overdraft", int),
+}
+
+
+async def cmd_accounts_guards(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        current = await load_guards(pool, args.account)
+        changes: dict[str, Any] = {}
+        for flag, (name, parse) in _GUARD_FLAGS.items():
+            value = getattr(args, flag)
+            if value is not None:
+                off = {"velocity_min_credits": 100, "transactional_reserve": 0,
+                       "transactional_overdraft": 0}.get(name)
+                try:
+                    changes[name] = off if value == "off" else parse(value)
+                except ValueError as exc:
+                    raise DispatcherError(f"{name}: {value!r} is not valid") from exc
+        if changes:
+            merged = {**vars(current.settings), **changes}
+            if (merged["velocity_window_seconds"] is None) != (merged["velocity_multiple"] is None):
+                raise DispatcherError("--velocity-window and --velocity-multiple go together")
+            if not await set_guards(pool, args.account, GuardSettings(**merged)):
+                raise DispatcherError(f"no account {args.account!r}")
+            current = await load_guards(pool, args.account)
+        print(json.dumps(current.as_json(), indent=2))
+        return 0
+    return await _with_pool(settings, work)
+
+
+async def cmd_accounts_release_velocity(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        released = await release_velocity(pool, args.account)
+        print(f"velocity hold {'released' if released else 'not held'} for {args.account}")
+        return 0
+    return await _with_pool(settings, work)
+
+
+def _add_guards(accounts: Any) -> None:
+    guards = _command(accounts, "guards",
+                      "show or change spend guards (a flag changes one guard; 'off' turns it off)")
+    guards.add_argument("account")
+    guards.add_argument("--daily-cap", metavar="CREDITS|off",
+                        help="credits per UTC day; jobs past it are held until the next UTC day")
+    guards.add_argument("--countries", metavar="US,CA,...|off",
+                        help="allowed destination countries (ISO codes)")
+    guards.add_argument("--max-per-message", metavar="CREDITS|off")
+    guards.add_argument("--velocity-window", metavar="SECONDS|off")
+    guards.add_argument("--velocity-multiple", metavar="X|off")
+    guards.add_argument("--velocity-min", metavar="CREDITS|off")
+    guards.add_argument("--transactional-reserve", metavar="CREDITS|off",
+                        help="credits bulk work may not spend")
+    guards.add_argument("--transactional-overdraft", metavar="CREDITS|off",
+                        help="how far below zero transactional jobs may go")
+    guards.set_defaults(func=cmd_accounts_guards)
+    release = _command(accounts, "release-velocity",
+                       "end a velocity hold: held bulk jobs go on (an owner's decision)")
+    release.add_argument("account")
+    release.set_defaults(func=cmd_accounts_release_velocity)
 
 
 async def cmd_credits_grant(args: argparse.Namespace, settings: Settings) -> int:
@@ -389,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     quiet.add_argument("start", help="HH:MM, or off")
     quiet.add_argument("end", nargs="?", help="HH:MM (before START: crosses midnight)")
     quiet.set_defaults(func=cmd_accounts_quiet_hours)
+    _add_guards(accounts)
 
     credits = sub.add_parser("credits", help="grant credits").add_subparsers(
         dest="credits_command", required=True)

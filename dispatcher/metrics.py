@@ -17,7 +17,8 @@ DeadLetterReason = Literal["too_large", "not_json", "not_utf8", "unsupported_ver
                            "unknown_kind", "unsupported_kind", "invalid_field",
                            "invalid_recipient", "unknown_account", "job_id_conflict",
                            "routing_mismatch", "delivery_limit", "handler_error", "invalid_text",
-                           "duplicate_key", "schedule_too_far"]
+                           "duplicate_key", "schedule_too_far",
+                           "country_not_allowed", "price_above_limit"]
 CreditOperation = Literal["reserved", "captured", "released", "granted", "forfeited"]
 LowBalanceType = Literal["balance_low", "balance_depleted"]
 CodeClass = Literal["4xx", "429", "5xx", "timeout", "network"]

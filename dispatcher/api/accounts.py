@@ -34,7 +34,11 @@ from dispatcher.api.schemas import (
     PageQuery,
     RefundIn,
     RefundOut,
+    SpendGuards,
+    SpendGuardsUpdate,
+    VelocityReleased,
 )
+from dispatcher.credits.guards import GuardSettings, load_guards, release_velocity, set_guards
 from dispatcher.credits.ledger import CreditStore, Executor
 from dispatcher.db import Connection
 from dispatcher.errors import InvalidGrant
@@ -69,7 +73,8 @@ async def load_balance(db: Executor, account: str) -> BalanceOut:
         buckets=Buckets(subscription=row["sub_available"],
                         purchased=row["purchased_available"], debt=row["debt"]),
         paused=row["paused_at"] is not None, paused_since=row["paused_at"],
-        auto_recharge=_auto_recharge(row))
+        auto_recharge=_auto_recharge(row),
+        spend_guards=SpendGuards(**(await load_guards(db, account)).as_json()))
 
 
 def _ledger_entry(row: Any) -> LedgerEntry:
@@ -142,6 +147,31 @@ class AccountsApi:
         log.info("messaging_settings_changed", account_id=account,
                  smart_encoding=body.smart_encoding, token_id=principal(request).token_id)
         return web.json_response(MessagingSettings(**dict(row)).model_dump(mode="json"))
+
+    async def get_spend_guards(self, request: web.Request) -> web.Response:
+        balance = await load_balance(self._pool, request.match_info["account"])
+        return web.json_response(balance.spend_guards.model_dump(mode="json"))
+
+    async def put_spend_guards(self, request: web.Request) -> web.Response:
+        account = request.match_info["account"]
+        body = await read_json(request, SpendGuardsUpdate)
+        countries = body.allowed_countries
+        settings = GuardSettings(
+            body.daily_spend_cap, None if countries is None else tuple(countries),
+            body.max_credits_per_message, body.velocity_window_seconds, body.velocity_multiple,
+            body.velocity_min_credits, body.transactional_reserve, body.transactional_overdraft)
+        if not await set_guards(self._pool, account, settings):
+            raise NotFound(f"no account {account!r}")
+        log.info("spend_guards_changed", account_id=account,
+                 daily_spend_cap=body.daily_spend_cap, token_id=principal(request).token_id)
+        return await self.get_spend_guards(request)
+
+    async def post_release_velocity(self, request: web.Request) -> web.Response:
+        account = request.match_info["account"]
+        released = await release_velocity(self._pool, account)
+        log.info("velocity_hold_released", account_id=account, released=released,
+                 token_id=principal(request).token_id)
+        return web.json_response(VelocityReleased(released=released).model_dump(mode="json"))
 
     async def post_credits(self, request: web.Request) -> web.Response:
         account = request.match_info["account"]

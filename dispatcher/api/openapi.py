@@ -44,6 +44,9 @@ from dispatcher.api.schemas import (
     QuietHoursUpdate,
     RefundIn,
     RefundOut,
+    SpendGuards,
+    SpendGuardsUpdate,
+    VelocityReleased,
 )
 from dispatcher.jobs.contract import ID_PATTERN
 from dispatcher.jobs.view import JobView
@@ -85,6 +88,15 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("putMessagingSettings", "PUT", f"{ACCOUNT}/messaging-settings",
               "Turn Smart Encoding on or off (owner, admin)", Permission.BILLING,
               {200: MessagingSettings}, body=MessagingSettingsUpdate),
+    Operation("getSpendGuards", "GET", f"{ACCOUNT}/spend-guards",
+              "Spend guards (daily cap, country allowlist, price limit, velocity, transactional "
+              "reserve) and today's spend (UTC)", Permission.READ, {200: SpendGuards}),
+    Operation("putSpendGuards", "PUT", f"{ACCOUNT}/spend-guards",
+              "Replace the spend guards; null turns one off (owner, admin)", Permission.BILLING,
+              {200: SpendGuards}, body=SpendGuardsUpdate),
+    Operation("releaseVelocityHold", "POST", f"{ACCOUNT}/spend-guards/release-velocity",
+              "End a velocity hold: held bulk jobs go on, the window starts afresh "
+              "(owner, admin)", Permission.BILLING, {200: VelocityReleased}),
     Operation("addCredits", "POST", f"{ACCOUNT}/credits",
               "Add credits once per Idempotency-Key (owner, admin)", Permission.BILLING,
               {201: CreditsOut}, body=CreditsIn, idempotent=True),

@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_CREDITS = 10**12
 ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -105,6 +113,77 @@ class Buckets(ResponseBody):
     debt: int
 
 
+CountryCode = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
+
+
+class SpendGuardsUpdate(RequestBody):
+    """New spend guards: every field replaces the current one; null (or absent) turns it off.
+
+    All are checked in the same transaction as each reservation, so they hold exactly, across
+    replicas and concurrent batches.
+    """
+
+    daily_spend_cap: Credits | None = Field(default=None, description=(
+        "credits that may be reserved per UTC day (00:00 to 24:00 UTC, whatever the account's "
+        "time zone); a job that would pass it is held with reason daily_cap until the next UTC "
+        "day (account.capped, account.uncapped). A reservation given back later (a failed "
+        "send) still counts"))
+    allowed_countries: list[CountryCode] | None = Field(default=None, max_length=300,
+                                                       description=(
+        "ISO 3166-1 alpha-2 codes; a recipient elsewhere (or of unknown country) is refused "
+        "with country_not_allowed: a single job is dead-lettered, a broadcast recipient "
+        "skipped; never reserved, never charged. null: every country"))
+    max_credits_per_message: PositiveCredits | None = Field(default=None, description=(
+        "a message priced above it is refused with price_above_limit before anything is "
+        "reserved"))
+    velocity_window_seconds: Annotated[int, Field(ge=10, le=86400)] | None = Field(
+        default=None, description=(
+            "the velocity guard's window; with velocity_multiple, bulk sending is held (reason "
+            "velocity, account.velocity_held) when the credits reserved in the current window "
+            "would pass max(velocity_multiple x the usual credits per window, "
+            "velocity_min_credits); an owner releases it (POST …/spend-guards/release-velocity)"))
+    velocity_multiple: Annotated[float, Field(gt=1, le=1000)] | None = None
+    velocity_min_credits: Credits = Field(default=100, description=(
+        "the velocity threshold never goes below this (a new or quiet account)"))
+    transactional_reserve: Credits = Field(default=0, description=(
+        "bulk work may not spend the last N credits (it is held and the account paused, as "
+        "at zero); transactional jobs may"))
+    transactional_overdraft: Credits = Field(default=0, description=(
+        "transactional jobs may also take the balance below zero, down to -N (the part "
+        "beyond the credits is debt, given back if the send fails)"))
+
+    @model_validator(mode="after")
+    def _velocity_both_or_neither(self) -> SpendGuardsUpdate:
+        if (self.velocity_multiple is None) != (self.velocity_window_seconds is None):
+            raise ValueError("velocity_window_seconds and velocity_multiple go together")
+        return self
+
+
+class SpendGuards(ResponseBody):
+    """An account's spend guards and where it stands today (UTC)."""
+
+    daily_spend_cap: int | None
+    allowed_countries: list[str] | None
+    max_credits_per_message: int | None
+    velocity_window_seconds: int | None
+    velocity_multiple: float | None
+    velocity_min_credits: int
+    transactional_reserve: int
+    transactional_overdraft: int
+    spent_today: int = Field(description="credits reserved today (UTC) toward the daily cap")
+    remaining_today: int | None = Field(description="what the daily cap still allows today")
+    capped_until: datetime | None = Field(
+        description="while the daily cap holds jobs: when they go (the next UTC day)")
+    velocity_held_since: datetime | None = Field(
+        description="while the velocity guard holds bulk sending: since when")
+
+
+class VelocityReleased(ResponseBody):
+    """Whether a velocity hold was ended (false: there was none)."""
+
+    released: bool
+
+
 class BalanceOut(ResponseBody):
     """An account's credits: ``total`` = ``available`` + ``reserved`` (jobs in flight)."""
 
@@ -116,6 +195,7 @@ class BalanceOut(ResponseBody):
     paused: bool
     paused_since: datetime | None
     auto_recharge: AutoRecharge
+    spend_guards: SpendGuards
 
 
 class LedgerEntry(ResponseBody):
@@ -231,7 +311,8 @@ class SkippedExample(ResponseBody):
     """One skipped recipient: its index in ``recipients`` and why."""
 
     index: int
-    reason: Literal["invalid", "opted_out", "duplicate", "missing_variable"]
+    reason: Literal["invalid", "opted_out", "duplicate", "missing_variable",
+                    "country_not_allowed", "price_above_limit"]
 
 
 class SkippedOut(ResponseBody):
@@ -241,6 +322,10 @@ class SkippedOut(ResponseBody):
     opted_out: int = Field(description="on the account's opt-out list")
     duplicate: int = Field(description="the same number earlier in the list")
     missing_variable: int = Field(description="vars lacks a variable the body uses")
+    country_not_allowed: int = Field(description=(
+        "a country outside the account's allowed_countries (spend guards): never reserved"))
+    price_above_limit: int = Field(description=(
+        "one message would cost more than the account's max_credits_per_message"))
     examples: list[SkippedExample]
 
 
@@ -321,6 +406,16 @@ class JobCanceled(ResponseBody):
     status: Literal["canceled"]
 
 
+class FitsTodayOut(ResponseBody):
+    """How much of the broadcast the daily cap lets go today (UTC), in recipient order; the
+    rest is held with reason daily_cap until the next UTC day."""
+
+    remaining_today: int
+    recipients: int
+    credits: int
+    held_until_tomorrow: int
+
+
 class PreflightOut(ResponseBody):
     """What a broadcast would cost now, who would be skipped, and what to do."""
 
@@ -348,6 +443,8 @@ class PreflightOut(ResponseBody):
         "the account's quiet hours (bulk only): recipients that would be deferred if sent at "
         "`at` (now, or the send_at) and the last moment one of them would go; null when the "
         "account has none or the broadcast is transactional"))
+    fits_today: FitsTodayOut | None = Field(
+        default=None, description="null when the account has no daily spend cap")
 
 
 class BroadcastAccepted(ResponseBody):

@@ -27,8 +27,10 @@ from dispatcher.pricing.smart_encoding import TABLE as SMART_ENCODING_TABLE
 from dispatcher.pricing.templates import Columns, Priced, Template
 
 Advice = Literal["ok", "ok_with_auto_recharge", "enable_auto_recharge", "top_up"]
-SkipReason = Literal["invalid", "opted_out", "duplicate", "missing_variable"]
-SKIP_REASONS: tuple[SkipReason, ...] = ("invalid", "opted_out", "duplicate", "missing_variable")
+SkipReason = Literal["invalid", "opted_out", "duplicate", "missing_variable",
+                     "country_not_allowed", "price_above_limit"]
+SKIP_REASONS: tuple[SkipReason, ...] = ("invalid", "opted_out", "duplicate", "missing_variable",
+                                        "country_not_allowed", "price_above_limit")
 MAX_SKIPPED_LISTED = 100
 MAX_UCS2_LISTED = 50
 
@@ -40,6 +42,29 @@ class AutoRecharge:
     enabled: bool
     threshold: int
     amount: int
+
+
+@dataclass(frozen=True)
+class Guards:
+    """The account's spend guards, as the pre-flight sees them (``None``: that guard is off).
+
+    ``remaining_today``: what the daily cap still allows today (UTC).
+    """
+
+    allowed_countries: frozenset[str] | None = None
+    max_credits_per_message: int | None = None
+    remaining_today: int | None = None
+
+
+@dataclass(frozen=True)
+class FitsToday:
+    """How much of the broadcast the daily cap lets go today; the rest is held until the next
+    UTC day (recipients are reserved in order, so it is the first ``recipients`` of them)."""
+
+    remaining_today: int
+    recipients: int
+    credits: int
+    held_until_tomorrow: int
 
 
 @dataclass
@@ -95,6 +120,7 @@ class PreflightResult:
     schedule: dict[str, object] | None = None
     # The account's quiet hours: recipients that would be deferred if sent at that time.
     quiet_hours: dict[str, object] | None = None
+    fits_today: FitsToday | None = None
 
     def as_json(self) -> dict[str, object]:
         """The HTTP body (without per-recipient detail)."""
@@ -113,6 +139,7 @@ class PreflightResult:
                               "top_ups_needed": top_ups},
             "advice": self.advice,
             "schedule": self.schedule, "quiet_hours": self.quiet_hours,
+            "fits_today": None if self.fits_today is None else vars(self.fits_today),
         }
 
 
@@ -222,10 +249,42 @@ def _savings(template: Template, recipients: Recipients, columns: Columns,
     return saved
 
 
+def _guard_skips(skips: dict[int, SkipReason], countries: Sequence[str | None],
+                 parts: Sequence[int], rates: RateTable, guards: Guards) -> None:
+    """Add the recipients the spend guards refuse (walks the rows only when one is set)."""
+    allowed, most = guards.allowed_countries, guards.max_credits_per_message
+    if allowed is None and most is None:
+        return
+    for i, country in enumerate(countries):
+        if i in skips or country is None:
+            continue
+        if allowed is not None and country not in allowed:
+            skips[i] = "country_not_allowed"
+        elif most is not None and max(parts[i] * rates.rate("sms", country), 1) > most:
+            skips[i] = "price_above_limit"
+
+
+def _fits_today(billed: Sequence[str | None], parts: Sequence[int], rates: RateTable,
+                remaining: int) -> FitsToday:
+    """The first billable recipients whose credits the daily cap still allows today."""
+    credits = recipients = 0
+    total = sum(1 for c in billed if c is not None)
+    for country, n in zip(billed, parts, strict=True):
+        if country is None:
+            continue
+        cost = max(n * rates.rate("sms", country), 1)
+        if credits + cost > remaining:
+            break
+        credits += cost
+        recipients += 1
+    return FitsToday(remaining, recipients, credits, total - recipients)
+
+
 def preflight(template: Template, recipients: Recipients, rates: RateTable,
               opted_out: set[str], available: int, auto: AutoRecharge,
               resolver: CountryResolver,
-              countries: Sequence[str | None] | None = None) -> PreflightResult:
+              countries: Sequence[str | None] | None = None,
+              guards: Guards | None = None) -> PreflightResult:
     """Price every recipient; skip invalid, opted-out, repeated and incomplete ones.
 
     The template says whether Smart Encoding is on: the figures are the text as sent.
@@ -238,10 +297,12 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
         recipients = Recipients(numbers, recipients.variables)
     columns = template.columns(recipients.variables)
     skips = _skips(recipients, countries, opted_out, columns)
+    priced = template.price(columns, recipients.variables)
+    guards = guards or Guards()
+    _guard_skips(skips, countries, priced.parts, rates, guards)
     billed = list(countries)
     for i in skips:
         billed[i] = None
-    priced = template.price(columns, recipients.variables)
     by_country = _by_country(billed, priced.parts, rates)
     credits = sum(line.credits for line in by_country.values())
     shortfall = max(0, credits - available)
@@ -256,4 +317,6 @@ def preflight(template: Template, recipients: Recipients, rates: RateTable,
         sum(line.segments for line in by_country.values()), credits, by_country, skipped,
         examples, available, shortfall, auto, covers, advice, skips, recipients.numbers,
         template.smart_encoding, priced.ucs2,
-        _savings(template, recipients, columns, billed, rates, credits, priced))
+        _savings(template, recipients, columns, billed, rates, credits, priced),
+        fits_today=None if guards.remaining_today is None
+        else _fits_today(billed, priced.parts, rates, guards.remaining_today))

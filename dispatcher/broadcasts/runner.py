@@ -23,12 +23,14 @@ import structlog
 
 from dispatcher.broadcasts.preflight import (
     AutoRecharge,
+    Guards,
     PreflightResult,
     Recipients,
     gc_paused,
     preflight,
 )
 from dispatcher.broadcasts.timing import deferred_at, schedule_note
+from dispatcher.credits.guards import load_guards
 from dispatcher.credits.rates import RateCache
 from dispatcher.credits.sending_settings import QuietHoursAccounts
 from dispatcher.db import Connection
@@ -176,9 +178,13 @@ class Broadcasts:
         rates = await self._rates.get()
         if row["smart_encoding"]:
             template = template.smart_encoded()
+        guards = await load_guards(self.pool, account)
+        allowed = guards.settings.allowed_countries
+        seen = Guards(None if allowed is None else frozenset(allowed),
+                      guards.settings.max_credits_per_message, guards.remaining_today())
         with gc_paused():
             return preflight(template, recipients, rates, opted_out, row["available"], auto,
-                             self._resolver, countries)
+                             self._resolver, countries, seen)
 
     def now(self) -> datetime:
         """What time it is for schedules and quiet hours (the service's clock)."""

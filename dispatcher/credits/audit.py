@@ -26,6 +26,7 @@ CHECKS = (
     "audit_ledger_vs_reservations",
     "audit_final_cost_vs_captures",
     "audit_ledger_guards",
+    "audit_daily_spend_caps",
 )
 # How long a paid invoice may wait for its credits.granted to be applied before it is missing.
 BILLING_GRACE_SECONDS = 600.0

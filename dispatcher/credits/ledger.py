@@ -79,7 +79,8 @@ class Settlement:
 
 @dataclass(frozen=True)
 class Balance:
-    """An account's credits by bucket. ``available`` may be negative only after an overage."""
+    """An account's credits by bucket. ``available`` may be negative only after an overage
+    or a transactional job reserved into the account's overdraft (spend guards)."""
 
     account_id: str
     subscription: int

@@ -198,6 +198,9 @@ class JobHandler:
         if begin.outcome == "conflict":  # the first job is left as it is
             bound.warning("job_id_conflict")
             return _refused("job_id_conflict", JobIdConflict.__doc__ or "", job)
+        if begin.outcome in ("country_not_allowed", "price_above_limit"):
+            bound.warning("job_refused_by_guard", reason=begin.outcome)
+            return _refused(begin.outcome, _GUARD_REFUSALS[begin.outcome], job)
         if begin.outcome == "expired":  # received after its expires_at: never reserved
             return self._expired(bound, job, "on_arrival")
         bound.info("job_" + begin.outcome, status=begin.status)
@@ -385,6 +388,12 @@ def _sniff_kind(raw: bytes) -> str | None:
     """Best effort ``kind`` of a job that did not validate (for its dead_lettered event)."""
     match = _KIND.search(raw, 0, 65536)
     return match.group(1).decode() if match else None
+
+
+_GUARD_REFUSALS = {
+    "country_not_allowed": "the account's spend guards do not allow this destination country",
+    "price_above_limit": "the message costs more than the account's max_credits_per_message",
+}
 
 
 def _refused(reason: str, detail: str,

@@ -87,9 +87,12 @@ class Resumer:
     async def _wake_all_paused(self) -> None:
         for row in await self._pool.fetch(q("paused_accounts")):
             self.wake(row["id"])
+        for row in await self._pool.fetch(q("guard_held_accounts_due")):
+            self.wake(row["id"])
 
     async def _sweep(self, stop: asyncio.Event) -> None:
-        """A wake-up for every paused account with credits, in case a NOTIFY was missed."""
+        """A wake-up for every paused account with credits, in case a NOTIFY was missed, and
+        for every account whose guard-held jobs may go (the next UTC day has begun)."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._sweep_seconds)
@@ -97,6 +100,8 @@ class Resumer:
                 return
             try:
                 rows = await self._pool.fetch(q("paused_accounts_with_credits"))
+                # Jobs a spend guard held whose hold ended (a new UTC day, a velocity release).
+                rows += await self._pool.fetch(q("guard_held_accounts_due"))
             except DATABASE_ERRORS as exc:
                 log.warning("resume_sweep_failed", error=type(exc).__name__)
                 continue

@@ -13,8 +13,11 @@ from typing import Any, Literal
 from dispatcher.credits.ledger import Executor
 from dispatcher.queries import q
 
+# country_not_allowed, price_above_limit: refused by the account's spend guards (migration
+# 0023), nothing reserved; the caller dead-letters the job.
 BeginOutcome = Literal["send", "held", "duplicate", "conflict", "unknown_account", "expired",
-                      "scheduled", "deferred", "canceled"]
+                       "scheduled", "deferred", "canceled", "country_not_allowed",
+                       "price_above_limit"]
 FINAL_STATUSES = frozenset({"delivered", "undelivered", "failed", "expired", "canceled"})
 
 

@@ -63,10 +63,13 @@ SELECT l.account_id, format('ledger row %s settles job %s which has no reservati
    AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.job_id = l.job_id);
 
 -- name: audit_debt_only_from_settlement
+-- (or a reservation into the transactional overdraft, for exactly its debt part: 0023)
 SELECT account_id, format('ledger row %s (%s) creates debt %s; only a capture may',
                           reference, kind, debt_delta) AS problem
-  FROM ledger
- WHERE debt_delta > 0 AND kind <> 'capture';
+  FROM ledger l
+ WHERE debt_delta > 0 AND kind <> 'capture'
+   AND NOT (kind = 'reserve' AND debt_delta = (SELECT r.debt_part FROM reservations r
+                                                WHERE r.job_id = l.job_id));
 
 -- name: audit_negative_balances
 SELECT id AS account_id, format('negative balance: sub %s purchased %s reserved %s',
@@ -83,7 +86,7 @@ SELECT account_id,
        format('ledger row %s (%s) says amount %s but its deltas move %s', reference, kind,
               amount, moved) AS problem
   FROM (SELECT l.*,
-               CASE WHEN kind = 'reserve' THEN -(sub_delta + purchased_delta)
+               CASE WHEN kind = 'reserve' THEN -(sub_delta + purchased_delta) + debt_delta
                     WHEN kind IN ('capture', 'release')
                         THEN -(reserved_delta + sub_delta + purchased_delta + forfeited - debt_delta)
                     WHEN kind LIKE 'grant\_%' THEN purchased_delta - debt_delta
@@ -96,7 +99,7 @@ SELECT account_id,
           FROM ledger l) x
  WHERE amount IS DISTINCT FROM moved
     OR purchased_delta <> in_buckets
-    OR (kind = 'reserve' AND (reserved_delta <> amount OR debt_delta <> 0))
+    OR (kind = 'reserve' AND (reserved_delta <> amount OR debt_delta < 0))
     OR (kind IN ('capture', 'release') AND reserved_delta >= 0)
     OR (kind = 'release' AND amount <> 0)
     OR (kind = 'subscription_forfeit' AND sub_delta <> -amount);
@@ -149,3 +152,31 @@ SELECT account_id, kind, substr(reference, 7) AS payment_reference, amount
 SELECT account, credits, payment_reference, created_at < now() - make_interval(secs => $1)
        AS overdue
   FROM billing_ref.invoices;
+
+-- name: audit_daily_spend_caps
+-- No UTC day's reservations (from the ledger) passed the daily spend cap in force that day: the
+-- highest of the cap in force when the day began and those set during it (none of them, or a
+-- "no cap" among them: nothing to check). Spend guards, migration 0023.
+WITH days AS (
+    SELECT l.account_id,
+           date_trunc('day', l.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS day_start,
+           sum(l.amount) AS reserved
+      FROM ledger l
+     WHERE l.kind = 'reserve'
+       AND l.account_id IN (SELECT h.account_id FROM guard_cap_history h)
+     GROUP BY 1, 2
+)
+SELECT d.account_id,
+       format('reserved %s credits on %s (UTC), above the daily spend cap of %s', d.reserved,
+              to_char(d.day_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), c.allowed) AS problem
+  FROM days d
+ CROSS JOIN LATERAL (
+       SELECT CASE WHEN bool_or(x.cap IS NULL) THEN NULL ELSE max(x.cap) END AS allowed
+         FROM ((SELECT h.daily_spend_cap AS cap FROM guard_cap_history h
+                 WHERE h.account_id = d.account_id AND h.set_at <= d.day_start
+                 ORDER BY h.set_at DESC, h.id DESC LIMIT 1)
+               UNION ALL
+               SELECT h.daily_spend_cap FROM guard_cap_history h
+                WHERE h.account_id = d.account_id AND h.set_at > d.day_start
+                  AND h.set_at < d.day_start + interval '1 day') x) c
+ WHERE d.reserved > c.allowed;

@@ -249,7 +249,8 @@ async def test_preflight_figures_on_a_mixed_list(api: Api, pool: asyncpg.Pool) -
         {"index": 20, "reason": "invalid"}, {"index": 21, "reason": "invalid"},
         {"index": 22, "reason": "invalid"}, {"index": 23, "reason": "invalid"},
         {"index": 24, "reason": "duplicate"}, {"index": 25, "reason": "missing_variable"}]
-    assert skipped == {"invalid": 4, "opted_out": 2, "duplicate": 1, "missing_variable": 1}
+    assert skipped == {"invalid": 4, "opted_out": 2, "duplicate": 1, "missing_variable": 1,
+                       "country_not_allowed": 0, "price_above_limit": 0}
     assert result["available"] == 50 and result["shortfall"] == credits - 50
     assert result["advice"] == "top_up" and result["auto_recharge"]["covers_shortfall"] is False
     assert await pool.fetchval("SELECT count(*) FROM ledger") == ledger_before

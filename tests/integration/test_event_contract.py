@@ -26,6 +26,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from dispatcher.broadcasts.runner import BroadcastRunner, Broadcasts, cancel
+from dispatcher.credits.guards import GuardSettings, release_velocity, set_guards
 from dispatcher.credits.ledger import CreditStore
 from dispatcher.credits.rates import RateCache
 from dispatcher.credits.subscriptions import create_account
@@ -151,6 +152,32 @@ async def sms_and_call_through_a_pause(stack: BillingStack) -> tuple[str, list[s
         return len(found) == len(ids) and set(found.values()) <= FINAL
     await wait_for(all_final, timeout=90)
     return account, ids
+
+
+async def spend_guards_hold_and_release(stack: BillingStack) -> None:
+    """account.velocity_held / velocity_released and account.capped / uncapped (issue 17)."""
+    d = stack.d
+    account = await d.funded_account(uid("guarded"), 100)
+    await set_guards(d.pool, account, GuardSettings(
+        daily_spend_cap=2, velocity_window_seconds=3600, velocity_multiple=2.0,
+        velocity_min_credits=1))
+    ids = [f"{account}-{n}" for n in range(3)]
+
+    async def status_is(job_id: str, wanted: str) -> None:
+        async def reached() -> bool:
+            return (await statuses(stack, account)).get(job_id) == wanted
+        await wait_for(reached, timeout=30)
+
+    await d.publish_sms(ids[0], account, to=DELIVERED, priority="bulk")
+    await status_is(ids[0], "delivered")
+    await d.publish_sms(ids[1], account, to=DELIVERED, priority="bulk")
+    await status_is(ids[1], "held")  # velocity: 2 credits in the window, threshold 1
+    assert await release_velocity(d.pool, account)
+    await status_is(ids[1], "delivered")
+    await d.publish_sms(ids[2], account, to=DELIVERED, priority="bulk")
+    await status_is(ids[2], "held")  # the daily cap of 2
+    await set_guards(d.pool, account, GuardSettings(daily_spend_cap=10))  # uncapped
+    await status_is(ids[2], "delivered")
 
 
 async def a_failed_top_up(stack: BillingStack) -> str:
@@ -279,6 +306,7 @@ async def test_every_event_follows_the_document_and_every_documented_event_is_em
     broadcast_id = await a_broadcast_held_then_canceled(stack, numbers_of("US", 7))
     refused = await refused_jobs(stack, amqp, prefix)
     later, deferred, refused_cancel = await waiting_jobs(stack, quiet)
+    await spend_guards_hold_and_release(stack)
 
     async def declined_reported() -> bool:
         keys = {s.routing_key for s in found.seen}
