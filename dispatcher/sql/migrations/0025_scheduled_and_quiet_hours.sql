@@ -126,11 +126,28 @@ BEGIN
         CONTINUE WHEN NOT FOUND OR j.status NOT IN ('scheduled', 'deferred')
                       OR j.not_before > p_now OR j.expires_at <= p_now;
         reserved := 'insufficient';
-        IF acct.paused_at IS NULL THEN
+        -- Reserved behind the account's spend guards (0023), like any job that begins now.
+        IF acct.paused_at IS NULL OR guard_transactional_passes(acct.id, j.priority) THEN
             SELECT r.status INTO reserved
-              FROM reserve_batch(acct.id, ARRAY[j.job_id], ARRAY[j.estimate]) r;
+              FROM reserve_guarded(acct.id, ARRAY[j.priority], ARRAY[j.job_id],
+                                   ARRAY[j.estimate], ARRAY[j.country]) r;
         END IF;
-        IF reserved IN ('reserved', 'existing') THEN
+        IF reserved IN ('daily_cap', 'velocity') THEN
+            UPDATE jobs x SET status = 'held', hold_seq = nextval('job_hold_seq'),
+                              reason = reserved, updated_at = now()
+             WHERE x.job_id = j.job_id
+            RETURNING * INTO j;
+            PERFORM emit_job_event(j, 'held', reserved);
+            RETURN QUERY SELECT j.job_id, j.payload, j.kind, 0, 'held'::text;
+        ELSIF reserved IN ('country_not_allowed', 'price_above_limit') THEN
+            -- The guards changed while it waited: refused now, nothing reserved or charged.
+            UPDATE jobs x SET status = 'failed', reason = reserved, final_cost = 0,
+                              updated_at = now()
+             WHERE x.job_id = j.job_id
+            RETURNING * INTO j;
+            PERFORM emit_job_event(j, 'failed', reserved);
+            RETURN QUERY SELECT j.job_id, j.payload, j.kind, 0, 'failed'::text;
+        ELSIF reserved IN ('reserved', 'existing') THEN
             UPDATE jobs x SET status = 'sending', attempts = 1, updated_at = now(),
                               sending_at = now()
              WHERE x.job_id = j.job_id;

@@ -49,6 +49,7 @@ $$;
 
 -- As in 0022, but the same-id check compares job_content() (a republished job with
 -- validity_seconds is a duplicate, not a conflict). ONE LINE CHANGED, marked `0026:`.
+-- With 0023's spend-guard edits (marked 0023) kept.
 CREATE OR REPLACE FUNCTION begin_job(
     p_job_id text, p_account text, p_kind text, p_priority text, p_payload jsonb,
     p_estimate bigint, p_country text, p_units integer, p_rate bigint, p_broadcast_id text
@@ -97,14 +98,23 @@ BEGIN
     candidate.updated_at := now();
     candidate.sending_at := now();
     -- (expires_at: set from the payload by the jobs_expires_at trigger, migration 0026)
-    IF acct.paused_at IS NOT NULL THEN
+    IF acct.paused_at IS NOT NULL
+       AND NOT guard_transactional_passes(p_account, p_priority) THEN  -- 0023
         PERFORM hold_job(candidate);
         RETURN QUERY SELECT 'held'::text, 'held'::text, 0;
         RETURN;
     END IF;
-    SELECT r.status INTO reserved
-      FROM reserve_batch(p_account, ARRAY[p_job_id], ARRAY[p_estimate]) r;
-    IF reserved = 'insufficient' THEN
+    SELECT r.status INTO reserved  -- 0023: reserve_guarded, was reserve_batch
+      FROM reserve_guarded(p_account, ARRAY[p_priority], ARRAY[p_job_id], ARRAY[p_estimate],
+                           ARRAY[p_country]) r;
+    IF reserved IN ('country_not_allowed', 'price_above_limit') THEN  -- 0023
+        RETURN QUERY SELECT reserved, NULL::text, 0;
+        RETURN;
+    ELSIF reserved IN ('daily_cap', 'velocity') THEN  -- 0023
+        PERFORM guard_hold_job(candidate, reserved);
+        RETURN QUERY SELECT 'held'::text, 'held'::text, 0;
+        RETURN;
+    ELSIF reserved = 'insufficient' THEN
         PERFORM hold_job(candidate);
         PERFORM pause_account(p_account);
         RETURN QUERY SELECT 'held'::text, 'held'::text, 0;
