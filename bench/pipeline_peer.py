@@ -165,7 +165,7 @@ async def wait_done(pool: asyncpg.Pool, batch: Batch, backends: BackendCpu, tabl
     while done is None or not done.done():
         await backends.poll()
         count = int(await pool.fetchval(
-            f"SELECT count(*) FROM {table} WHERE job_id LIKE $1 AND sent_at IS NOT NULL",  # noqa: S608
+            f"SELECT count(*) FROM {table} WHERE job_id LIKE $1 AND sent_at IS NOT NULL",
             batch.tag + "-%"))
         if count >= batch.size:
             return
@@ -188,7 +188,8 @@ async def peer(b: Bench, batch: Batch, sc: Scenario, dsn: str) -> Measured:
     with (b.logs / "peer.log").open("ab") as err:
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     try:
         while (line := await asyncio.wait_for(proc.stdout.readline(), 60)) != b"ready\n":
             if not line:
@@ -282,9 +283,9 @@ def cell(runs: list[Measured]) -> str:
         return "—"
     rates, cpus, pgs = ([m.rate for m in runs], [m.cpu_us for m in runs],
                         [m.pg_us for m in runs])
-    return (f"{med(rates):,.0f} jobs/s ({min(rates):,.0f}–{max(rates):,.0f}); "
-            f"CPU {med(cpus):,.0f} µs/job ({min(cpus):,.0f}–{max(cpus):,.0f}); "
-            f"PostgreSQL {med(pgs):,.0f} µs/job ({min(pgs):,.0f}–{max(pgs):,.0f})")
+    return (f"{med(rates):,.0f} jobs/s ({min(rates):,.0f}-{max(rates):,.0f}); "
+            f"CPU {med(cpus):,.0f} µs/job ({min(cpus):,.0f}-{max(cpus):,.0f}); "
+            f"PostgreSQL {med(pgs):,.0f} µs/job ({min(pgs):,.0f}-{max(pgs):,.0f})")
 
 
 def verdicts(f: Figures) -> list[tuple[str, bool, str]]:
@@ -294,14 +295,14 @@ def verdicts(f: Figures) -> list[tuple[str, bool, str]]:
     z, l64, l200, l300 = (s.name for s in SCENARIOS)
     out: list[tuple[str, bool, str]] = []
     ratio = m(f.ours, l64, "cpu_us") / m(f.ours, z, "cpu_us")
-    out.append(("dispatcher CPU/job at 100 ms / 64 ≤ 1.2× its 0 ms figure", ratio <= 1.2,
-                f"{ratio:.2f}×"))
+    out.append(("dispatcher CPU/job at 100 ms / 64 ≤ 1.2x its 0 ms figure", ratio <= 1.2,
+                f"{ratio:.2f}x"))
     ratio = m(f.ours, l64, "pg_us") / m(f.ours, z, "pg_us")
-    out.append(("dispatcher PostgreSQL CPU/job at 100 ms / 64 ≤ 1.2× its 0 ms figure",
-                ratio <= 1.2, f"{ratio:.2f}×"))
+    out.append(("dispatcher PostgreSQL CPU/job at 100 ms / 64 ≤ 1.2x its 0 ms figure",
+                ratio <= 1.2, f"{ratio:.2f}x"))
     for name in (z, l64):
         ratio = m(f.ours, name, "pg_us") / m(f.peer, name, "pg_us")
-        out.append((f"{name}: PostgreSQL CPU/job ≤ the peer's", ratio <= 1.0, f"{ratio:.2f}×"))
+        out.append((f"{name}: PostgreSQL CPU/job ≤ the peer's", ratio <= 1.0, f"{ratio:.2f}x"))
     rate = m(f.ours, l64, "rate")
     out.append(("100 ms / 64 in flight: ≥ 576 jobs/s (90 % of 640)", rate >= 576,
                 f"{rate:,.0f} jobs/s = {rate / 640:.0%}"))
@@ -310,10 +311,10 @@ def verdicts(f: Figures) -> list[tuple[str, bool, str]]:
                 f"{rate:,.0f} jobs/s = {rate / 666.7:.0%}"))
     for name in (z, l64):
         ratio = m(f.ours, name, "cpu_us") / m(f.peer, name, "cpu_us")
-        out.append((f"{name}: CPU/job ≤ 0.5× the peer's", ratio <= 0.5, f"{ratio:.2f}×"))
+        out.append((f"{name}: CPU/job ≤ 0.5x the peer's", ratio <= 0.5, f"{ratio:.2f}x"))
     ratio = m(f.ours, l200, "rate") / m(f.peer, l200, "rate")
-    out.append(("100 ms / 200 in flight: ≥ 1.5× the peer's throughput", ratio >= 1.5,
-                f"{ratio:.2f}×"))
+    out.append(("100 ms / 200 in flight: ≥ 1.5x the peer's throughput", ratio >= 1.5,
+                f"{ratio:.2f}x"))
     return out
 
 

@@ -1,8 +1,9 @@
 """Run every benchmark one after another and record its figures in ``bench/RESULTS.md``.
 
-``python -m bench.run_all [--only ledger,pipeline,issue15,priority,preflight,broadcast] [--dry-run]``
-(``make bench``). Each benchmark runs in its own process, in sequence, so no two of them share
-the machine; run it on a quiet machine, since other work on the cores moves every rate.
+``python -m bench.run_all [--only ledger,pipeline,issue15,priority,preflight,broadcast]
+[--dry-run]`` (``make bench``). Each benchmark runs in its own process, in sequence, so no two
+of them share the machine; run it on a quiet machine, since other work on the cores moves every
+rate.
 """
 
 from __future__ import annotations
