@@ -45,9 +45,10 @@ from pathlib import Path
 import asyncpg
 
 from bench import pipeline_report as report
+from bench.broadcast_dbstats import database_stats, format_stats
 from bench.ledger_reserve import machine, run_loop
 from bench.peer_idiomatic import SCHEMA
-from bench.pipeline import Bench, environment
+from bench.pipeline import Bench, environment, start_py_spy
 from bench.pipeline_jobs import Batch, make_batch, publish, span
 from bench.pipeline_procs import ROOT, Dispatcher, cpu_seconds, http_json
 
@@ -135,8 +136,8 @@ async def check_sent_once(b: Bench, batch: Batch, who: str) -> None:
                            f"{batch.size} jobs")
 
 
-async def ours(b: Bench, batch: Batch, sc: Scenario, profile: Path | None = None
-               ) -> Measured:
+async def ours(b: Bench, batch: Batch, sc: Scenario, profile: Path | None = None,
+               py_spy: Path | None = None) -> Measured:
     dispatcher = Dispatcher(replace(b.settings, max_in_flight=sc.in_flight),
                             b.logs / "dispatcher.log",
                             None if profile is None else profile / f"{batch.tag}.prof")
@@ -144,9 +145,13 @@ async def ours(b: Bench, batch: Batch, sc: Scenario, profile: Path | None = None
     backends = BackendCpu(b.pool)
     try:
         await backends.begin()
+        spy = start_py_spy(None if py_spy is None else py_spy / f"{batch.tag}.txt",
+                           dispatcher.child_pid)
         await publish(b.channel, b.names, batch)
         await wait_done(b.pool, batch, backends, "jobs")
         cpu = dispatcher.cpu_since_start()
+        if spy is not None:
+            await asyncio.to_thread(spy.wait, 120)
     finally:
         await asyncio.to_thread(dispatcher.stop)
     result = await span(b.pool, batch.tag)
@@ -246,6 +251,9 @@ async def bench(args: argparse.Namespace) -> Figures:
         await b.pool.close()
         b.pool = pool
         await seed_peer(pool, b.accounts, 10**12)
+        if args.db_stats:
+            name = await pool.fetchval("SELECT current_database()")
+            await pool.execute(f'ALTER DATABASE "{name}" SET track_functions = \'all\'')
         server_version = str(await pool.fetchval("SHOW server_version"))
         for rnd in range(args.rounds):
             for sc in SCENARIOS:
@@ -258,13 +266,16 @@ async def bench(args: argparse.Namespace) -> Figures:
                     b.sandbox.configure(report.scenario(sc.latency_ms, False))
                     batch = make_batch(b.tag(f"i{side[0]}"), args.jobs, b.accounts)
                     if side == "ours":
-                        m = await ours(b, batch, sc, args.profile)
+                        m = await ours(b, batch, sc, args.profile, args.py_spy)
                         figures.ours.setdefault(sc.name, []).append(m)
                     else:
                         m = await peer(b, batch, sc, b.settings.database_url)
                         figures.peer.setdefault(sc.name, []).append(m)
                     log(f"round {rnd + 1} {sc.name:24} {side:5} {m.rate:6,.0f} jobs/s, "
                         f"CPU {m.cpu_us:5,.0f} µs/job, PostgreSQL {m.pg_us:5,.0f} µs/job")
+        if args.db_stats:
+            await asyncio.sleep(1)
+            log(format_stats(await database_stats(pool, args.jobs)))
         await pool.close()
     text = section(figures, args, server_version)
     print(text)
@@ -374,6 +385,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only the scenarios whose name starts with this (diagnosis)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="run the dispatcher under cProfile, stats to DIR/<tag>.prof")
+    parser.add_argument("--py-spy", type=Path, default=None,
+                        help="sample the dispatcher with py-spy, stacks to DIR/<tag>.txt")
+    parser.add_argument("--db-stats", action="store_true",
+                        help="print per-function and per-table statistics at the end")
     args = parser.parse_args(argv)
     # What bench.pipeline's environment reads.
     args.callbacks, args.keep_logs, args.prefetch = False, None, 200
