@@ -50,7 +50,7 @@ from bench.ledger_reserve import machine, run_loop
 from bench.peer_idiomatic import SCHEMA
 from bench.pipeline import Bench, environment, start_py_spy
 from bench.pipeline_jobs import Batch, make_batch, publish, span
-from bench.pipeline_procs import ROOT, Dispatcher, cpu_seconds, http_json
+from bench.pipeline_procs import ROOT, Dispatcher, cpu_seconds, http_json, run_bare_consumer
 
 SECTION = "## Dispatcher beside the idiomatic build at Twilio-like latency (issue 15)"
 FINDINGS_START = "<!-- issue15 findings -->"
@@ -68,11 +68,12 @@ class Scenario:
     latency_ms: int
     in_flight: int
     peer_prefetch: int | None
+    floor: bool = False  # also the floor (consume + create + ack), at the peer's prefetch
 
 
 SCENARIOS = (
-    Scenario("0 ms", 0, 200, 64),
-    Scenario("100 ms, 64 in flight", 100, 64, 64),
+    Scenario("0 ms", 0, 200, 64, floor=True),
+    Scenario("100 ms, 64 in flight", 100, 64, 64, floor=True),
     Scenario("100 ms, 200 in flight", 100, 200, 200),
     Scenario("300 ms, 200 in flight", 300, 200, None),
 )
@@ -89,6 +90,7 @@ class Measured:
 class Figures:
     ours: dict[str, list[Measured]] = field(default_factory=dict)
     peer: dict[str, list[Measured]] = field(default_factory=dict)
+    floor: dict[str, list[Measured]] = field(default_factory=dict)
 
 
 def log(text: str) -> None:
@@ -233,6 +235,21 @@ async def peer(b: Bench, batch: Batch, sc: Scenario, dsn: str) -> Measured:
                     backends.seconds() / batch.size * 1e6)
 
 
+async def floor(b: Bench, batch: Batch, sc: Scenario) -> Measured:
+    """``bench.pipeline_floor``: consume, one twilio create, ack; nothing else (no database).
+    What any build on these parts spends per job at least; CPU from its first delivery."""
+    assert sc.peer_prefetch is not None
+    await publish(b.channel, b.names, batch)
+    result = await asyncio.to_thread(
+        run_bare_consumer, "bench.pipeline_floor", b.settings.amqp_url,
+        b.names.work_queue(batch.priority), batch.size, sc.peer_prefetch,
+        b.logs / "floor.log",
+        ("--twilio-base-url", b.sandbox.base_url, "--account-sid", b.sandbox.account_sid,
+         "--auth-token", b.sandbox.auth_token))
+    await check_sent_once(b, batch, "floor")
+    return Measured(result["rate"], result["cpu_seconds"] / batch.size * 1e6, 0.0)
+
+
 async def seed_peer(pool: asyncpg.Pool, accounts: list[str], credits: int) -> None:
     """The peer's tables, its accounts the dispatcher's, funded alike."""
     async with pool.acquire() as conn:
@@ -262,15 +279,20 @@ async def bench(args: argparse.Namespace) -> Figures:
                 sides = ["ours", "peer"] if sc.peer_prefetch is not None else ["ours"]
                 if rnd % 2:
                     sides.reverse()
+                if sc.floor:
+                    sides.append("floor")
                 for side in sides:
                     b.sandbox.configure(report.scenario(sc.latency_ms, False))
                     batch = make_batch(b.tag(f"i{side[0]}"), args.jobs, b.accounts)
                     if side == "ours":
                         m = await ours(b, batch, sc, args.profile, args.py_spy)
                         figures.ours.setdefault(sc.name, []).append(m)
-                    else:
+                    elif side == "peer":
                         m = await peer(b, batch, sc, b.settings.database_url)
                         figures.peer.setdefault(sc.name, []).append(m)
+                    else:
+                        m = await floor(b, batch, sc)
+                        figures.floor.setdefault(sc.name, []).append(m)
                     log(f"round {rnd + 1} {sc.name:24} {side:5} {m.rate:6,.0f} jobs/s, "
                         f"CPU {m.cpu_us:5,.0f} µs/job, PostgreSQL {m.pg_us:5,.0f} µs/job")
         if args.db_stats:
@@ -299,6 +321,14 @@ def cell(runs: list[Measured]) -> str:
             f"PostgreSQL {med(pgs):,.0f} µs/job ({min(pgs):,.0f}-{max(pgs):,.0f})")
 
 
+def floor_cell(runs: list[Measured]) -> str:
+    if not runs:
+        return "—"
+    rates, cpus = [m.rate for m in runs], [m.cpu_us for m in runs]
+    return (f"{med(rates):,.0f} msg/s ({min(rates):,.0f}-{max(rates):,.0f}); "
+            f"CPU {med(cpus):,.0f} µs/msg ({min(cpus):,.0f}-{max(cpus):,.0f})")
+
+
 def verdicts(f: Figures) -> list[tuple[str, bool, str]]:
     """(target, met, measured) for every target of the issue this run can judge."""
     def m(side: dict[str, list[Measured]], name: str, what: str) -> float:
@@ -322,7 +352,10 @@ def verdicts(f: Figures) -> list[tuple[str, bool, str]]:
                 f"{rate:,.0f} jobs/s = {rate / 666.7:.0%}"))
     for name in (z, l64):
         ratio = m(f.ours, name, "cpu_us") / m(f.peer, name, "cpu_us")
-        out.append((f"{name}: CPU/job ≤ 0.5x the peer's", ratio <= 0.5, f"{ratio:.2f}x"))
+        half, bare = m(f.peer, name, "cpu_us") / 2, m(f.floor, name, "cpu_us")
+        out.append((f"{name}: CPU/job ≤ 0.5x the peer's", ratio <= 0.5,
+                    f"{ratio:.2f}x; half the peer's is {half:,.0f} µs, the floor alone "
+                    f"{bare:,.0f} µs"))
     ratio = m(f.ours, l200, "rate") / m(f.peer, l200, "rate")
     out.append(("100 ms / 200 in flight: ≥ 1.5x the peer's throughput", ratio >= 1.5,
                 f"{ratio:.2f}x"))
@@ -337,7 +370,8 @@ def previous_findings() -> str:
 
 def section(f: Figures, args: argparse.Namespace, server_version: str) -> str:
     rows = "\n".join(f"| {sc.name} | {cell(f.ours.get(sc.name, []))} | "
-                     f"{cell(f.peer.get(sc.name, []))} |" for sc in SCENARIOS)
+                     f"{cell(f.peer.get(sc.name, []))} | {floor_cell(f.floor.get(sc.name, []))} |"
+                     for sc in SCENARIOS)
     targets = "\n".join(f"- {'met' if ok else '**missed**'}: {what} (measured {measured})"
                         for what, ok, measured in verdicts(f))
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -359,10 +393,13 @@ Recorded {now} with `python -m bench.pipeline_peer --rounds {args.rounds} --jobs
   account row, check, update the balance, insert the job), one `messages.create_async` of the
   official twilio library over its stock `AsyncTwilioHttpClient`, one transaction to capture
   (job `sent`, a ledger row), one ack; no batching. CPU is per job, worker process only;
-  PostgreSQL = the backends serving that build's connections. Medians (range).
+  PostgreSQL = the backends serving that build's connections. *floor* =
+  `bench/pipeline_floor.py` at the peer's prefetch: consume, one twilio create, ack, nothing
+  else (no database, no validation): what any build on these parts spends at least (its CPU
+  counts from its first delivery). Medians (range).
 
-| provider latency | dispatcher | peer (aio-pika + asyncpg, one transaction per step) |
-|---|---|---|
+| provider latency | dispatcher | peer (one transaction per step) | floor (no database) |
+|---|---|---|---|
 {rows}
 
 Targets:
