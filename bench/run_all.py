@@ -1,9 +1,9 @@
 """Run every benchmark one after another and record its figures in ``bench/RESULTS.md``.
 
-``python -m bench.run_all [--only ledger,pipeline,priority,preflight,broadcast,scale,guards]
-[--dry-run]``
-(``make bench``). Each benchmark runs in its own process, in sequence, so no two of them share
-the machine; run it on a quiet machine, since other work on the cores moves every rate.
+``python -m bench.run_all [--only ledger,pipeline,issue15,priority,preflight,broadcast,scale,
+guards] [--dry-run]`` (``make bench``). Each benchmark runs in its own process, in sequence, so
+no two of them share the machine; run it on a quiet machine, since other work on the cores
+moves every rate.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "ledger": ["bench.ledger_reserve", "--runs", "5", "--seconds", "10", "--what-if",
                "--record"],
     "pipeline": ["bench.pipeline", "--runs", "3", "--record"],
+    "issue15": ["bench.pipeline_peer", "--rounds", "3", "--jobs", "5000", "--accounts", "1000",
+                "--record"],
     "priority": ["bench.pipeline", "--priority-only", "--backlog", "100000", "--probes", "100",
                  "--record"],
     "preflight": ["bench.preflight", "--runs", "7", "--write"],
