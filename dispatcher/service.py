@@ -31,10 +31,12 @@ from dispatcher.credits.rates import RateCache
 from dispatcher.credits.sending_settings import SmartEncodingAccounts
 from dispatcher.db import connect, create_pool, ping
 from dispatcher.dispatch.consumer import Consumer
+from dispatcher.dispatch.fairness import Fairness
 from dispatcher.dispatch.handler import HandlerConfig, JobHandler
 from dispatcher.dispatch.outage import DatabaseWatch
 from dispatcher.dispatch.ratelimit import SenderRateLimiter
 from dispatcher.dispatch.retries import RetrySweeper
+from dispatcher.dispatch.staging import StagingArea
 from dispatcher.errors import PortUnavailable, ServiceUnavailable
 from dispatcher.events.grants import CreditsListener, declare_credits_queue
 from dispatcher.events.outbox import OutboxRelay
@@ -119,9 +121,13 @@ class Service:
 
         async def probe() -> None:
             await ping(pool)
+        staging = (StagingArea(self.pool, s.staging_lease_seconds) if s.fair_staging else None)
+        fairness = Fairness(self.metrics, share=s.fair_share_count, staging=staging,
+                            scan_seconds=s.staging_scan_seconds)
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.worker_count,
-                                 delivery_limit=s.delivery_limit, database=DatabaseWatch(probe))
+                                 delivery_limit=s.delivery_limit, database=DatabaseWatch(probe),
+                                 fairness=fairness)
         await self.consumer.start()
         topology = self.consumer.topology
         # LISTEN runs on connections of its own: pooled ones carry no session state (see db).
