@@ -63,7 +63,7 @@ class Settings:
     fair_share: int = _num(0)
     fair_staging: int = _num(1, 0, 1)
     # A staged delivery claimed by a process that died is claimed again after this long.
-    staging_lease_seconds: float = _num(30.0, above=True)
+    staging_lease_seconds: float = _num(10.0, above=True)
     # How often staged deliveries nobody holds (another replica's, a crashed one's) are looked for.
     staging_scan_seconds: float = _num(5.0, above=True)
     hold_expiry_seconds: float = _num(72 * 3600.0, above=True)
