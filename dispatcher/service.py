@@ -78,6 +78,8 @@ class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=lambda: Metrics(CollectorRegistry()))
     pool: asyncpg.Pool | None = None
+    # Staging's own connections: its batches never queue behind the handlers' round trips.
+    staging_pool: asyncpg.Pool | None = None
     amqp: AbstractRobustConnection | None = None
     consumer: Consumer | None = None
     runner: web.AppRunner | None = None
@@ -121,7 +123,10 @@ class Service:
 
         async def probe() -> None:
             await ping(pool)
-        staging = (StagingArea(self.pool, s.staging_lease_seconds) if s.fair_staging else None)
+        staging = None
+        if s.fair_staging:
+            self.staging_pool = await create_pool(s, min_size=1, max_size=2)
+            staging = StagingArea(self.staging_pool, s.staging_lease_seconds)
         fairness = Fairness(self.metrics, share=s.fair_share_count, staging=staging,
                             scan_seconds=s.staging_scan_seconds)
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
@@ -222,6 +227,8 @@ class Service:
                 await close()
         if self.amqp is not None:
             await self.amqp.close()
+        if self.staging_pool is not None:
+            await self.staging_pool.close()
         if self.pool is not None:
             await self.pool.close()
         log.info("dispatcher_stopped",

@@ -50,7 +50,7 @@ IN_PLACE_ATTEMPTS = 3
 CONSUME_CHECK_SECONDS = 2.5
 # Deliveries beyond ``prefetch`` the broker may have outstanding while backlogs are staged:
 # staged ones are acked within a batch, so this window is what keeps the queue draining.
-STAGING_PREFETCH = 1000
+STAGING_PREFETCH = 2000
 
 
 class Consumer:

@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 
 _ACCOUNT = re.compile(rb'"account"\s*:\s*"([^"\\]{1,64})"')
 _JOB_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
-STAGE_BATCH = 1000
+STAGE_BATCH = 500
 RETRY_SECONDS = 1.0
 Key = tuple[int, str]  # (lane, account)
 
@@ -142,13 +142,14 @@ class Fairness:
                 if self._stopping:  # handed back by ``waiting``: the broker redelivers
                     return
                 del self._to_stage[:len(batch)]
-                for key, _, message in batch:
+                for key, _, _ in batch:
                     self._exhausted.discard(key)
                     self._on_the_way[key] -= 1
                     if not self._on_the_way[key]:
                         del self._on_the_way[key]
-                    # The copy is committed: the broker's goes (a lost ack only stages it twice).
-                    await message.ack()
+                # The copies are committed: the broker's go (a lost ack only stages one twice).
+                # All at once: acked one by one, each ack's await would yield to every worker.
+                await asyncio.gather(*(_ack(message) for _, _, message in batch))
                 self._metrics.jobs_staged.inc(len(batch))
                 self._feed_wake.set()
 
@@ -207,6 +208,14 @@ class Fairness:
             pause = min(self._scan_seconds, staging.lease_seconds / 3)
             await _sleep(stop, pause)
             since_weights += pause
+
+
+async def _ack(message: Delivery) -> None:
+    """Ack a staged delivery; a dead channel means the broker redelivers it (staged twice)."""
+    try:
+        await message.ack()
+    except Exception as exc:  # the consumer's ACK_ERRORS, without importing the consumer
+        log.warning("staged_ack_failed", error=type(exc).__name__)
 
 
 async def _wait(event: asyncio.Event, stop: asyncio.Event) -> None:

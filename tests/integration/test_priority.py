@@ -70,4 +70,6 @@ async def test_transactional_jobs_overtake_a_queued_bulk_backlog(
     print(f"bulk sent before the last transactional job: {bulk_meanwhile} (allowed {allowed})")
     assert bulk_meanwhile <= allowed, (
         f"{bulk_meanwhile} bulk jobs were sent before the last transactional one")
-    assert await bulk_queued(d) > 0, "the bulk backlog was drained first"
+    # Waiting at the broker, or staged in PostgreSQL behind its account's share (fairness).
+    staged = int(await d.pool.fetchval("SELECT count(*) FROM staged_jobs"))
+    assert await bulk_queued(d) + staged > 0, "the bulk backlog was drained first"
