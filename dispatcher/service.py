@@ -125,7 +125,7 @@ class Service:
             await ping(pool)
         staging = None
         if s.fair_staging:
-            self.staging_pool = await create_pool(s, min_size=1, max_size=2)
+            self.staging_pool = await create_pool(s, min_size=1, max_size=3)
             staging = StagingArea(self.staging_pool, s.staging_lease_seconds)
         fairness = Fairness(self.metrics, share=s.fair_share_count, staging=staging,
                             scan_seconds=s.staging_scan_seconds)
