@@ -8,6 +8,9 @@ queued behind them. While an account is staged ("spilling"), every new delivery 
 the same way, so its order holds; the feeder claims its staged deliveries back, oldest
 first, whenever its in-process count falls below the low-water mark, and the account leaves
 the spilling state once a claim finds nothing more and nothing of it is on its way in.
+Draining comes first: while a full batch waits to be staged (the broker has more queued
+behind it), staged deliveries are not fed back, so the process spends itself on reaching what
+is queued behind the backlog; the account's share already in the process keeps sending.
 
 Nothing here touches the database while no account reaches its share: the uncontended path is
 a deque push and pop.
@@ -157,6 +160,11 @@ class Fairness:
         while not stop.is_set():
             await _wait(self._feed_wake, stop)
             self._feed_wake.clear()
+            if len(self._to_stage) >= STAGE_BATCH:
+                # Drain first: a full batch waiting means the broker has more queued behind
+                # it (other accounts' jobs among them). Feeding the backlog back now would
+                # spend the process on it; the stage loop wakes this loop after each batch.
+                continue
             for key in sorted(self._spilling):
                 if self._stopping:
                     return

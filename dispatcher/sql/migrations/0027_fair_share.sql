@@ -30,6 +30,8 @@ CREATE TABLE staged_jobs (
 );
 CREATE INDEX staged_jobs_turn ON staged_jobs (account_id, lane, seq);
 CREATE INDEX staged_jobs_claimed ON staged_jobs (claimed_by) WHERE claimed_by IS NOT NULL;
+-- "Why hasn't it gone?": a job id that is staged is waiting for its fair turn (`queued`).
+CREATE INDEX staged_jobs_job ON staged_jobs (job_id);
 
 -- An account's share of a lane against other accounts with a backlog (deficit round robin:
 -- `fair_weight` jobs per turn). 1 for everyone unless an operator gives a plan more.
