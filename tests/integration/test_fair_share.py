@@ -22,6 +22,7 @@ from dispatcher.events.publisher import JobNotPublished
 from dispatcher.settings import Settings
 from tests.integration.dispatcher_fixture import RunningDispatcher, running_dispatcher, wait_for
 from tests.integration.sandbox_fixture import SandboxHandle
+from tests.integration.test_priority import bulk_queued
 
 BIG = 2000
 SMALL = 10
@@ -100,9 +101,9 @@ async def test_a_small_account_overtakes_a_big_backlog_in_the_same_lane(
     big_ids = [f"a-{tag}-{i:05d}" for i in range(BIG)]
     await publish(d, big, big_ids, big_to)
 
-    async def backlog_staged() -> bool:
-        return await staged(d) > BIG // 2
-    await wait_for(backlog_staged, timeout=20)
+    async def backlog_staged() -> bool:  # off the broker, waiting in PostgreSQL
+        return await bulk_queued(d) == 0 and await staged(d) > BIG // 4
+    await wait_for(backlog_staged, timeout=60)
     sent_before = d.sandbox.state.count(to=big_to)
     await publish(d, small, [f"b-{tag}-{i}" for i in range(SMALL)], small_to)
 
