@@ -75,6 +75,7 @@ class Consumer:
         self._consumer_tags: dict[str, str] = {}
         self._consume_channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
+        self._depth_channel: AbstractChannel | None = None
         self._topology: Topology | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -87,6 +88,7 @@ class Consumer:
         self._topology = await declare(self._publish_channel, self._names, self._delivery_limit)
         self._tasks = [asyncio.create_task(self._work(), name=f"dispatch-worker-{i}")
                        for i in range(self._workers)]
+        self._fairness.depth = self._bulk_depth
         self._tasks.append(asyncio.create_task(self._fairness.run(self._stop), name="fairness"))
         await self._consume()
         self._tasks.append(asyncio.create_task(self._keep_consuming(), name="consume-watch"))
@@ -124,6 +126,20 @@ class Consumer:
                 continue
             closed_checks = 0
             log.warning("consume_channel_reopened")
+
+    async def _bulk_depth(self) -> int:
+        """Messages ready in the bulk work queue, asked of the broker now (fair share's drain).
+
+        On a channel of its own: a failed passive declare closes its channel.
+        """
+        channel = self._depth_channel
+        if channel is None or channel.is_closed:
+            channel = self._depth_channel = await self._connection.channel()
+        # A robust channel answers a repeated passive declare from its cache: ask the broker.
+        underlay = await channel.get_underlay_channel()
+        async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+            declared = await underlay.queue_declare(self._names.work_queue("bulk"), passive=True)
+        return int(declared.message_count or 0)
 
     @property
     def topology(self) -> Topology:
@@ -302,7 +318,7 @@ class Consumer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         log_stop = log.warning if unfinished else log.info
         log_stop("consumer_stopped", unfinished=unfinished)
-        for channel in (self._consume_channel, self._publish_channel):
+        for channel in (self._consume_channel, self._publish_channel, self._depth_channel):
             if channel is not None and not channel.is_closed:
                 await channel.close()
 

@@ -8,9 +8,10 @@ queued behind them. While an account is staged ("spilling"), every new delivery 
 the same way, so its order holds; the feeder claims its staged deliveries back, oldest
 first, whenever its in-process count falls below the low-water mark, and the account leaves
 the spilling state once a claim finds nothing more and nothing of it is on its way in.
-Draining comes first: while a full batch waits to be staged (the broker has more queued
-behind it), staged deliveries are not fed back, so the process spends itself on reaching what
-is queued behind the backlog; the account's share already in the process keeps sending.
+Draining comes first: while more than a batch waits behind a staging account (at the broker,
+asked every half second, or delivered and not staged yet), staged deliveries are not fed back,
+so the process spends itself on reaching what is queued behind the backlog; the account's
+share already in the process keeps sending meanwhile.
 
 Nothing here touches the database while no account reaches its share: the uncontended path is
 a deque push and pop.
@@ -23,6 +24,7 @@ import contextlib
 import re
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -36,6 +38,10 @@ log = structlog.get_logger(__name__)
 _ACCOUNT = re.compile(rb'"account"\s*:\s*"([^"\\]{1,64})"')
 _JOB_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
 STAGE_BATCH = 500
+# How often the broker is asked how much is still queued behind the backlogs (one passive
+# declare: per interval, not per job).
+DEPTH_SECONDS = 0.5
+BrokerDepth = Callable[[], Awaitable[int]]
 RETRY_SECONDS = 1.0
 Key = tuple[int, str]  # (lane, account)
 
@@ -44,7 +50,8 @@ class Fairness:
     """The consumer's run queue, with a PostgreSQL spill for accounts past their share."""
 
     def __init__(self, metrics: Metrics, *, share: int, staging: StagingArea | None = None,
-                 scan_seconds: float = 5.0, weights_seconds: float = 30.0) -> None:
+                 scan_seconds: float = 5.0, weights_seconds: float = 30.0,
+                 depth: BrokerDepth | None = None) -> None:
         self._metrics = metrics
         self._share = max(1, share)
         self._low_water = max(1, self._share - max(1, self._share // 4))
@@ -66,6 +73,8 @@ class Fairness:
         self._stage_wake = asyncio.Event()
         self._feed_wake = asyncio.Event()
         self._stopping = False
+        self.depth = depth  # messages queued at the broker in the bulk lane (the consumer's)
+        self._broker_backlog = 0
 
     @property
     def staging(self) -> bool:
@@ -128,6 +137,30 @@ class Fairness:
             tasks.create_task(self._stage_loop(stop, self._staging), name="fair-stage")
             tasks.create_task(self._feed_loop(stop, self._staging), name="fair-feed")
             tasks.create_task(self._upkeep_loop(stop, self._staging), name="fair-upkeep")
+            if self.depth is not None:
+                tasks.create_task(self._depth_loop(stop, self.depth), name="fair-depth")
+
+    def _draining(self) -> bool:
+        """True while an account is staging and more than a batch waits behind it: at the
+        broker, or delivered and not staged yet."""
+        if not self._spilling:
+            return False
+        return len(self._to_stage) >= STAGE_BATCH or self._broker_backlog >= STAGE_BATCH
+
+    async def _depth_loop(self, stop: asyncio.Event, depth: BrokerDepth) -> None:
+        """Keep ``_broker_backlog`` current while some account is staging."""
+        while not stop.is_set():
+            await _sleep(stop, DEPTH_SECONDS)
+            if not self._spilling:
+                self._broker_backlog = 0
+                continue
+            try:
+                self._broker_backlog = await depth()
+            except Exception as exc:  # a broker hiccup: feed as usual meanwhile
+                log.warning("broker_depth_failed", error=type(exc).__name__)
+                self._broker_backlog = 0
+            if self._broker_backlog < STAGE_BATCH:
+                self._feed_wake.set()
 
     async def _stage_loop(self, stop: asyncio.Event, staging: StagingArea) -> None:
         while not stop.is_set():
@@ -160,10 +193,10 @@ class Fairness:
         while not stop.is_set():
             await _wait(self._feed_wake, stop)
             self._feed_wake.clear()
-            if len(self._to_stage) >= STAGE_BATCH:
-                # Drain first: a full batch waiting means the broker has more queued behind
-                # it (other accounts' jobs among them). Feeding the backlog back now would
-                # spend the process on it; the stage loop wakes this loop after each batch.
+            if self._draining():
+                # Drain first: the broker has more queued behind the backlog (other accounts'
+                # jobs among them). Feeding the backlog back now would spend the process on it;
+                # the stage and depth loops wake this loop again.
                 continue
             for key in sorted(self._spilling):
                 if self._stopping:
