@@ -1,6 +1,7 @@
 """Run every benchmark one after another and record its figures in ``bench/RESULTS.md``.
 
-``python -m bench.run_all [--only ledger,pipeline,priority,preflight,broadcast] [--dry-run]``
+``python -m bench.run_all [--only ledger,pipeline,priority,preflight,broadcast,fairness]
+[--dry-run]``
 (``make bench``). Each benchmark runs in its own process, in sequence, so no two of them share
 the machine; run it on a quiet machine, since other work on the cores moves every rate.
 """
@@ -20,6 +21,8 @@ BENCHMARKS: dict[str, list[str]] = {
                  "--record"],
     "preflight": ["bench.preflight", "--runs", "7", "--write"],
     "broadcast": ["bench.broadcast", "--recipients", "100000", "--ceiling", "100000", "--write"],
+    "fairness": ["bench.fairness", "--jobs", "100000", "--small", "10", "--runs", "1",
+                 "--baseline", "--record"],
 }
 
 
