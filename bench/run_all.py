@@ -1,9 +1,9 @@
 """Run every benchmark one after another and record its figures in ``bench/RESULTS.md``.
 
 ``python -m bench.run_all [--only ledger,pipeline,issue15,priority,preflight,broadcast,scale,
-guards] [--dry-run]`` (``make bench``). Each benchmark runs in its own process, in sequence, so
-no two of them share the machine; run it on a quiet machine, since other work on the cores
-moves every rate.
+guards,fairness] [--dry-run]`` (``make bench``). Each benchmark runs in its own process, in
+sequence, so no two of them share the machine; run it on a quiet machine, since other work on
+the cores moves every rate.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, list[str]] = {
     # 1, 2 and 3 replicas against a 3-node broker and a primary + standby (private nodes).
     "scale": ["bench.scale", "--jobs", "3000", "--record"],
     "guards": ["bench.guards", "--runs", "15", "--seconds", "1", "--record"],
+    "fairness": ["bench.fairness", "--jobs", "100000", "--small", "10", "--runs", "1",
+                 "--baseline", "--record"],
 }
 
 

@@ -93,6 +93,14 @@ class Metrics:
             "dispatcher_queue_wait_seconds",
             "From delivery by RabbitMQ to a worker taking the job (prefetched, waiting).",
             buckets=LATENCY_BUCKETS, registry=registry)
+        # Fair share (dispatch.fairness): deliveries of accounts past their share, staged in
+        # PostgreSQL and claimed back in turn.
+        self.jobs_staged = Counter("dispatcher_jobs_staged_total",
+                                   "Deliveries staged in PostgreSQL behind their account's "
+                                   "backlog.", registry=registry)
+        self.jobs_unstaged = Counter("dispatcher_jobs_unstaged_total",
+                                     "Staged deliveries claimed back for their turn.",
+                                     registry=registry)
         self.send_slot_wait_seconds = Histogram(
             "dispatcher_send_slot_wait_seconds",
             "Wait of a reserved job for one of the max_in_flight provider-call slots.",

@@ -32,6 +32,7 @@ from dispatcher.credits.rates import RateCache
 from dispatcher.credits.sending_settings import QuietHoursAccounts, SmartEncodingAccounts
 from dispatcher.db import connect, create_pool, ping
 from dispatcher.dispatch.consumer import Consumer
+from dispatcher.dispatch.fairness import Fairness
 from dispatcher.dispatch.handler import HandlerConfig, JobHandler
 from dispatcher.dispatch.outage import DatabaseWatch
 from dispatcher.dispatch.rate_slots import PostgresSlots
@@ -39,6 +40,7 @@ from dispatcher.dispatch.ratelimit import SenderLimiter, SenderRateLimiter
 from dispatcher.dispatch.releaser import Clock, Releaser, utc_now
 from dispatcher.dispatch.retries import RetrySweeper
 from dispatcher.dispatch.shared_rate import SharedSenderRateLimiter
+from dispatcher.dispatch.staging import StagingArea
 from dispatcher.errors import PortUnavailable, ServiceUnavailable
 from dispatcher.events.grants import CreditsListener, declare_credits_queue
 from dispatcher.events.outbox import OutboxRelay
@@ -85,6 +87,8 @@ class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=lambda: Metrics(CollectorRegistry()))
     pool: asyncpg.Pool | None = None
+    # Staging's own connections: its batches never queue behind the handlers' round trips.
+    staging_pool: asyncpg.Pool | None = None
     amqp: AbstractRobustConnection | None = None
     consumer: Consumer | None = None
     runner: web.AppRunner | None = None
@@ -133,10 +137,17 @@ class Service:
 
         async def probe() -> None:
             await ping(pool)
+        staging = None
+        if s.fair_staging:
+            self.staging_pool = await create_pool(s, min_size=1, max_size=3)
+            staging = StagingArea(self.staging_pool, s.staging_lease_seconds)
+        fairness = Fairness(self.metrics, share=s.fair_share_count, staging=staging,
+                            scan_seconds=s.staging_scan_seconds)
         self.consumer = Consumer(self.amqp, Names(s.amqp_prefix), handler.handle, self.metrics,
                                  prefetch=s.prefetch, workers=s.worker_count,
                                  delivery_limit=s.delivery_limit, database=DatabaseWatch(probe),
-                                 quorum_group_size=s.amqp_quorum_group_size)
+                                 quorum_group_size=s.amqp_quorum_group_size,
+                                 fairness=fairness)
         await self.consumer.start()
         topology = self.consumer.topology
         # LISTEN runs on connections of its own: pooled ones carry no session state (see db).
@@ -250,6 +261,8 @@ class Service:
                 await close()
         if self.amqp is not None:
             await self.amqp.close()
+        if self.staging_pool is not None:
+            await self.staging_pool.close()
         if self.pool is not None:
             await self.pool.close()
         log.info("dispatcher_stopped",

@@ -67,6 +67,15 @@ class Settings:
     # better), at the price of a longer wait for transactional jobs behind a bulk backlog.
     workers: int = _num(0)
     delivery_limit: int = _num(5, 1)
+    # Fair share (dispatch.fairness): deliveries of one account and lane a process holds at
+    # once (waiting or being handled); 0 means the worker count. Past it, with fair_staging 1,
+    # the account's further deliveries wait in PostgreSQL so other accounts' jobs keep flowing.
+    fair_share: int = _num(0)
+    fair_staging: int = _num(1, 0, 1)
+    # A staged delivery claimed by a process that died is claimed again after this long.
+    staging_lease_seconds: float = _num(10.0, above=True)
+    # How often staged deliveries nobody holds (another replica's, a crashed one's) are looked for.
+    staging_scan_seconds: float = _num(5.0, above=True)
     hold_expiry_seconds: float = _num(72 * 3600.0, above=True)
     hold_sweep_interval_seconds: float = _num(30.0, above=True)
     # How often waiting jobs past their expires_at are ended (failed, reason expired).
@@ -109,6 +118,11 @@ class Settings:
     def worker_count(self) -> int:
         """``workers``, or ``max_in_flight`` when it is left at 0."""
         return self.workers or self.max_in_flight
+
+    @property
+    def fair_share_count(self) -> int:
+        """``fair_share``, or the worker count when it is left at 0."""
+        return self.fair_share or self.worker_count
 
     @property
     def uses_sandbox(self) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,7 +25,9 @@ import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from dispatcher.dispatch.fairness import Fairness
 from dispatcher.dispatch.outage import DatabaseWatch
+from dispatcher.dispatch.staging import Delivery
 from dispatcher.events.topology import PRIORITIES, Names, Topology, declare
 from dispatcher.jobs.contract import Arrival, sniff_ids
 from dispatcher.jobs.outcomes import DeadLetter, Done, Outcome, RetryLater
@@ -47,6 +48,9 @@ HANDLER_ERRORS_HEADER = "x-handler-errors"
 IN_PLACE_ATTEMPTS = 3
 # How often the consume channel is checked for having stayed closed after a reconnect.
 CONSUME_CHECK_SECONDS = 2.5
+# Deliveries beyond ``prefetch`` the broker may have outstanding while backlogs are staged:
+# staged ones are acked within a batch, so this window is what keeps the queue draining.
+STAGING_PREFETCH = 2000
 
 
 class Consumer:
@@ -54,7 +58,8 @@ class Consumer:
 
     def __init__(self, connection: AbstractRobustConnection, names: Names, handle: Handle,
                  metrics: Metrics, *, prefetch: int, workers: int, delivery_limit: int,
-                 database: DatabaseWatch | None = None, quorum_group_size: int = 0) -> None:
+                 database: DatabaseWatch | None = None, quorum_group_size: int = 0,
+                 fairness: Fairness | None = None) -> None:
         self._connection = connection
         self._database = database or DatabaseWatch(None)
         self._names = names
@@ -64,16 +69,16 @@ class Consumer:
         self._workers = workers
         self._delivery_limit = delivery_limit
         self._quorum_group_size = quorum_group_size
-        # (priority rank, arrival order, delivered at, message)
-        self._pending: asyncio.PriorityQueue[
-            tuple[int, int, float, AbstractIncomingMessage]] = asyncio.PriorityQueue()
-        self._order = itertools.count()
+        # The run queue: transactional first, accounts in turn (and backlogs staged, if on).
+        self._fairness = fairness or Fairness(metrics, share=prefetch + workers)
+        self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._consumer_tags: dict[str, str] = {}
         self._consume_channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
         # Channels of others on this connection (the credits listener's) watched like ours.
         self._watched: dict[str, AbstractChannel] = {}
+        self._depth_channel: AbstractChannel | None = None
         self._topology: Topology | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -87,6 +92,8 @@ class Consumer:
                                        self._quorum_group_size)
         self._tasks = [asyncio.create_task(self._work(), name=f"dispatch-worker-{i}")
                        for i in range(self._workers)]
+        self._fairness.depth = self._bulk_depth
+        self._tasks.append(asyncio.create_task(self._fairness.run(self._stop), name="fairness"))
         await self._consume()
         self._tasks.append(asyncio.create_task(self._keep_consuming(), name="consume-watch"))
         log.info("consumer_started", workers=self._workers, prefetch=self._prefetch)
@@ -94,7 +101,8 @@ class Consumer:
     async def _consume(self) -> None:
         """Open the consume channel and attach to both work queues."""
         channel = self._consume_channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=self._prefetch)
+        await channel.set_qos(prefetch_count=self._prefetch + (
+            STAGING_PREFETCH if self._fairness.staging else 0))
         for rank, priority in enumerate(PRIORITIES):
             queue = await channel.get_queue(self._names.work_queue(priority))
             self._consumer_tags[priority] = await queue.consume(self._enqueue_for(rank))
@@ -130,6 +138,20 @@ class Consumer:
                 closed_checks[name] = 0
                 log.warning("channel_reopened", channel=name)
 
+    async def _bulk_depth(self) -> int:
+        """Messages ready in the bulk work queue, asked of the broker now (fair share's drain).
+
+        On a channel of its own: a failed passive declare closes its channel.
+        """
+        channel = self._depth_channel
+        if channel is None or channel.is_closed:
+            channel = self._depth_channel = await self._connection.channel()
+        # A robust channel answers a repeated passive declare from its cache: ask the broker.
+        underlay = await channel.get_underlay_channel()
+        async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+            declared = await underlay.queue_declare(self._names.work_queue("bulk"), passive=True)
+        return int(declared.message_count or 0)
+
     @property
     def topology(self) -> Topology:
         """The declared exchanges and queues (after ``start``)."""
@@ -145,10 +167,10 @@ class Consumer:
 
     def _enqueue_for(self, rank: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def enqueue(message: AbstractIncomingMessage) -> None:
-            self._pending.put_nowait((rank, next(self._order), time.monotonic(), message))
+            self._fairness.offer(rank, message)
         return enqueue
 
-    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+    async def _requeue(self, message: Delivery) -> None:
         try:
             await message.nack(requeue=True)
         except ACK_ERRORS as exc:
@@ -157,7 +179,7 @@ class Consumer:
             log.warning("requeue_failed", message_id=message.message_id,
                         error=type(exc).__name__)
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
+    async def _ack(self, message: Delivery) -> None:
         """Ack a delivery whose outcome is committed; a dead channel means the broker redelivers."""
         try:
             await message.ack()
@@ -166,10 +188,11 @@ class Consumer:
 
     async def _work(self) -> None:
         while True:
-            rank, _, delivered, message = await self._pending.get()
+            rank, account, delivered, message = await self._fairness.take()
             self._metrics.queue_wait_seconds.observe(time.monotonic() - delivered)
             if self._stopping:
                 await self._requeue(message)
+                self._fairness.finished(rank, account)
                 continue
             self._in_flight += 1
             self._idle.clear()
@@ -177,12 +200,13 @@ class Consumer:
             try:
                 await self._process(message, PRIORITIES[rank])
             finally:
+                self._fairness.finished(rank, account)
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
                 self._metrics.in_flight.set(self._in_flight)
 
-    async def _process(self, message: AbstractIncomingMessage, queue_priority: str) -> None:
+    async def _process(self, message: Delivery, queue_priority: str) -> None:
         kind = message.type or "unknown"
         self._metrics.jobs.labels(kind=_kind_label(kind), outcome="consumed").inc()
         # Only a message published on the jobs exchange carries a routing key of the contract;
@@ -200,7 +224,7 @@ class Consumer:
             log.exception("job_settle_failed", message_id=message.message_id)
             await self._requeue(message)
 
-    async def _handle_patiently(self, message: AbstractIncomingMessage,
+    async def _handle_patiently(self, message: Delivery,
                                 arrival: Arrival) -> Outcome | None:
         """The handler's outcome; through an outage, the same message again once it is over.
 
@@ -221,7 +245,7 @@ class Consumer:
                     return None
                 quick_failures = 0 if waited else quick_failures + 1
 
-    def _after_crash(self, message: AbstractIncomingMessage, exc: Exception) -> Outcome:
+    def _after_crash(self, message: Delivery, exc: Exception) -> Outcome:
         """A delayed retry, or past the delivery limit a dead letter with its reason."""
         log.error("job_handler_crashed", message_id=message.message_id,
                   redelivered=message.redelivered, error=type(exc).__name__, exc_info=exc)
@@ -239,7 +263,7 @@ class Consumer:
         self._metrics.handler_errors.labels(action="retried").inc()
         return RetryLater(errors, "handler_error")
 
-    async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+    async def _settle(self, message: Delivery, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
             await self._ack(message)
             return
@@ -259,7 +283,7 @@ class Consumer:
             return
         await self._dead_letter(message, outcome)
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, outcome: DeadLetter) -> None:
+    async def _dead_letter(self, message: Delivery, outcome: DeadLetter) -> None:
         assert self._topology is not None
         headers = {"x-reason": outcome.reason, "x-detail": outcome.detail[:500]}
         if outcome.job_id:
@@ -282,6 +306,7 @@ class Consumer:
         each may be left ``sending`` for the reconciler.
         """
         self._stopping = True
+        self._stop.set()
         self._database.give_up()
         if self._consume_channel is not None and not self._consume_channel.is_closed:
             try:
@@ -294,8 +319,7 @@ class Consumer:
                 # The broker is away: nothing more will be delivered to this channel anyway.
                 log.warning("consumer_cancel_failed", error=type(exc).__name__)
         self._metrics.consumers_attached.set(0)
-        while not self._pending.empty():
-            *_, message = self._pending.get_nowait()
+        for message in self._fairness.waiting():
             await self._requeue(message)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
@@ -305,12 +329,12 @@ class Consumer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         log_stop = log.warning if unfinished else log.info
         log_stop("consumer_stopped", unfinished=unfinished)
-        for channel in (self._consume_channel, self._publish_channel):
+        for channel in (self._consume_channel, self._publish_channel, self._depth_channel):
             if channel is not None and not channel.is_closed:
                 await channel.close()
 
 
-def _int_header(message: AbstractIncomingMessage, name: str) -> int:
+def _int_header(message: Delivery, name: str) -> int:
     value = (message.headers or {}).get(name)
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
@@ -320,7 +344,7 @@ def _int_header(message: AbstractIncomingMessage, name: str) -> int:
         return 0
 
 
-def _copy(message: AbstractIncomingMessage, extra_headers: dict[str, str]) -> aio_pika.Message:
+def _copy(message: Delivery, extra_headers: dict[str, str]) -> aio_pika.Message:
     headers = dict(message.headers or {})
     # The broker's count of this message's deliveries: a copy is a new message.
     headers.pop("x-delivery-count", None)
@@ -331,7 +355,7 @@ def _copy(message: AbstractIncomingMessage, extra_headers: dict[str, str]) -> ai
         type=message.type, timestamp=message.timestamp)
 
 
-def _priority_of(message: AbstractIncomingMessage) -> str:
+def _priority_of(message: Delivery) -> str:
     # Either `<kind>.<priority>` from the jobs exchange, or the work queue's name after a retry.
     return "bulk" if (message.routing_key or "").endswith(".bulk") else "transactional"
 

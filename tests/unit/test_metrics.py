@@ -44,6 +44,8 @@ EXPECTED = {
     "dispatcher_outbox_unroutable": ("gauge", set()),
     "dispatcher_outbox_returned": ("counter", set()),
     "dispatcher_consumers_attached": ("gauge", set()),
+    "dispatcher_jobs_staged": ("counter", set()),
+    "dispatcher_jobs_unstaged": ("counter", set()),
     "dispatcher_in_flight_jobs": ("gauge", set()),
     "dispatcher_low_balance_events": ("counter", {"type"}),
     "dispatcher_twilio_errors": ("counter", {"code_class"}),
