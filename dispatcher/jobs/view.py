@@ -139,6 +139,9 @@ class JobViews:
                 isolation="repeatable_read", readonly=True):
             row = await conn.fetchrow(q("job_view"), job_id, account)
             if row is None:
+                staged = await conn.fetchrow(q("job_view_staged"), job_id, account)
+                if staged is not None:
+                    return _staged(staged)
                 return await _recipient(conn, job_id, account)
             reservation = await conn.fetchrow(q("job_view_reservation"), job_id)
             ledger = await conn.fetch(q("job_view_ledger"), job_id)
@@ -196,6 +199,23 @@ class JobViews:
             return JobWhy(code="not_sent", message=f"{status}: {reason}", until=None,
                           ends_by=None, held=None)
         return JobWhy(code=code, message=message, until=until, ends_by=ends_by, held=held)
+
+
+def _staged(row: Any) -> JobView:
+    """A job staged in PostgreSQL behind its account's backlog: ``queued`` for its fair turn
+    (it becomes a job row, reserved or held, when its turn comes)."""
+    received = row["sent_at"] or row["staged_at"]
+    return JobView(
+        job_id=row["job_id"], account=row["account_id"], kind=row["kind"] or "sms",
+        priority="transactional" if row["lane"] == 0 else "bulk", broadcast_id=None,
+        status="queued", reason="fair_share", final=False, attempts=0, provider_sid=None,
+        created_at=received, updated_at=row["staged_at"], not_before=None, expires_at=None,
+        why=JobWhy(code="fair_share", message="queued: its account has a backlog; it waits "
+                   "for the account's fair turn (nothing reserved yet)", until=None,
+                   ends_by=None, held=None),
+        credits=JobCredits(estimate=0, reservation=None, final_cost=None, ledger=[]),
+        history=[JobHistoryEntry(status="received", at=received),
+                 JobHistoryEntry(status="queued", at=row["staged_at"], reason="fair_share")])
 
 
 async def _recipient(conn: Connection, job_id: str,

@@ -48,3 +48,10 @@ SELECT r.broadcast_id, r.status, r.skip_reason, b.account_id, b.priority, b.crea
   FROM broadcast_recipients r
   JOIN broadcasts b ON b.id = r.broadcast_id
  WHERE r.broadcast_id = $1 AND r.seq = $2 AND ($3::text IS NULL OR b.account_id = $3);
+
+-- name: job_view_staged
+-- A job staged for its fair turn (migration 0027): no jobs row yet, nothing reserved.
+SELECT job_id, account_id, kind, lane, staged_at, sent_at
+  FROM staged_jobs
+ WHERE job_id = $1 AND ($2::text IS NULL OR account_id = $2)
+ ORDER BY seq LIMIT 1;

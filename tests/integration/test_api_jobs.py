@@ -234,3 +234,20 @@ async def test_a_broadcast_recipient_not_yet_a_job_says_why(api: Api) -> None:
     for job_id in (f"{broadcast_id}:2", f"{broadcast_id}:x", broadcast_id):
         await get_job(api, api.a.account, job_id, api.a.tokens["member"], 404)
     await get_job(api, api.b.account, f"{broadcast_id}:0", api.b.tokens["owner"], 404)
+
+
+async def test_a_staged_job_says_it_waits_for_its_fair_turn(api: Api,
+                                                            pool: asyncpg.Pool) -> None:
+    """A delivery staged behind its account's backlog (no jobs row yet) answers `queued`,
+    to its own account only."""
+    job_id = uid("staged")
+    await pool.execute(
+        "INSERT INTO staged_jobs (lane, account_id, job_id, kind, body) "
+        "VALUES (1, $1, $2, 'sms', '{}'::bytea)", api.a.account, job_id)
+    body = await get_job(api, api.a.account, job_id, api.a.tokens["member"])
+    assert (body["status"], body["priority"], body["final"]) == ("queued", "bulk", False)
+    assert body["why"]["code"] == "fair_share"
+    assert body["credits"]["reservation"] is None
+    assert [h["status"] for h in body["history"]] == ["received", "queued"]
+    refused = await get_job(api, api.b.account, job_id, api.b.tokens["owner"], 404)
+    assert refused["error"]["code"] == "not_found"
