@@ -20,15 +20,14 @@ import secrets
 import subprocess
 import time
 from pathlib import Path
-from typing import Self
 
-from tests.faults.nodes import PrivatePostgres, PrivateRabbitMQ
+from tests.faults.nodes import Node, PrivatePostgres, PrivateRabbitMQ
 
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 CTL_TIMEOUT_SECONDS = 120.0
 
 
-class RabbitCluster:
+class RabbitCluster(Node):
     """``size`` private RabbitMQ nodes sharing an Erlang cookie, clustered with join_cluster."""
 
     def __init__(self, size: int = 3) -> None:
@@ -82,19 +81,8 @@ class RabbitCluster:
         for node in self.nodes:
             node.close()
 
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-
-class ReplicatedPostgres:
+class ReplicatedPostgres(Node):
     """A primary and a synchronous standby (``pg_basebackup -R``); ``fail_over`` promotes it."""
 
     def __init__(self) -> None:
@@ -152,15 +140,4 @@ class ReplicatedPostgres:
     def close(self) -> None:
         self.standby.close()
         self.primary.close()
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 

@@ -33,7 +33,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 POSTGRES_USER = "postgres"
@@ -69,7 +68,29 @@ def postgres_bindir() -> Path:
     return versions[-1].parent
 
 
-class PrivatePostgres:
+class Node:
+    """A server started on entering a ``with`` block and closed on leaving it, or at once
+    if it fails to start (a half-started node leaves nothing behind)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class PrivatePostgres(Node):
     """One PostgreSQL cluster of our own: initdb'd in a temporary directory, on a free port."""
 
     def __init__(self, port: int | None = None, *, initdb: bool = True,
@@ -138,19 +159,8 @@ class PrivatePostgres:
             raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr}\n{log}")
         return result
 
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-
-class PrivateRabbitMQ:
+class PrivateRabbitMQ(Node):
     """One RabbitMQ node of our own (``<name>@localhost``), on free ports, killable with -9."""
 
     def __init__(self, port: int | None = None) -> None:
@@ -228,15 +238,3 @@ class PrivateRabbitMQ:
         """Kill the node and delete its directory."""
         self.kill9()
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, _type: type[BaseException] | None, _exc: BaseException | None,
-                 _tb: TracebackType | None) -> None:
-        self.close()
