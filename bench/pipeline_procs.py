@@ -158,7 +158,8 @@ class Dispatcher:
         self.child = Child([sys.executable, *profile, "-m", "dispatcher", "run"],
                            settings_env(self.settings), self.log)
         proc = self.child.start()
-        wait_http(f"{self.settings.public_base_url}/readyz", proc, self.log)
+        # A loaded host (or cProfile) can take well over the default to start.
+        wait_http(f"{self.settings.public_base_url}/readyz", proc, self.log, seconds=120)
         self.started_cpu = cpu_seconds(proc.pid)
         self.samples = []
 

@@ -10,7 +10,8 @@ first address's query string.
 
 aio-pika's ``connect_robust`` takes one URL (mosquito/aio-pika#141): the hook used here is the
 robust connection's private per-attempt transport connect, checked at import so an aio-pika
-upgrade that renames it fails loudly, not silently back to one node.
+upgrade that renames it fails loudly, not silently back to one node. Frames written in one loop
+pass go out in one system call (``amqp_writes``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from billing_client.amqp_writes import CoalescingTransportFactory
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +60,7 @@ class ClusterConnection(RobustConnection):
         self._current = 0
         self._connected_once = False
         super().__init__(self.urls[0], **kwargs)
+        self.kwargs["transport_factory"] = CoalescingTransportFactory()
 
     @property
     def node(self) -> str:
