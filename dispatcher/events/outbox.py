@@ -123,7 +123,8 @@ class OutboxRelay:
             rows = rows or await conn.fetch(q("outbox_claim"), BATCH)
             if not rows:
                 return 0
-            returned = [row for row in rows if not await self._publish(row)]
+            returned = [row for row, routed in zip(rows, await self._publish_all(rows),
+                                                   strict=True) if not routed]
             if returned:
                 await self._defer(conn, returned)
             deferred = {row["id"] for row in returned}
@@ -144,6 +145,21 @@ class OutboxRelay:
         log.warning("outbox_events_unroutable", events=len(rows),
                     routing_keys=sorted({row["routing_key"] for row in rows}),
                     attempts=max(row["attempts"] for row in rows) + 1)
+
+    async def _publish_all(self, rows: list[asyncpg.Record]) -> list[bool]:
+        """Publish the batch at once and wait for every confirm; per row, False when returned.
+
+        The publishes are in flight together (the broker confirms them in batches), in row
+        order: a channel takes publishes one at a time, first come first served. If any fails,
+        the others are still awaited before the error is raised, so nothing of this pass is
+        left running when its transaction rolls back (every row is published again).
+        """
+        results = await asyncio.gather(*(self._publish(row) for row in rows),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [bool(result) for result in results]
 
     async def _publish(self, row: asyncpg.Record) -> bool:
         """Publish and wait for the confirm; False when the broker returned it unroutable."""

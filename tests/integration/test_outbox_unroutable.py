@@ -140,3 +140,24 @@ async def receive_until(queue: aio_pika.abc.AbstractQueue, last: str) -> list[st
             if message.message_id == last:
                 return ids
     raise AssertionError("queue closed")
+
+
+async def test_a_batch_published_at_once_arrives_in_outbox_order(
+        pool: asyncpg.Pool, broker: Broker) -> None:
+    """The relay has a whole batch in flight at once: still one copy each, in row order."""
+    events = broker.topology.events
+    queue = await broker.channel.declare_queue(exclusive=True)
+    await queue.bind(events, routing_key="status.#")
+    count = outbox.BATCH + 50
+    written = [await write(pool, "events", "status.sms.sent") for _ in range(count)]
+    relay = OutboxRelay(pool, broker.exchanges, Metrics(CollectorRegistry()))
+    assert await relay.relay_once() == outbox.BATCH
+    assert await relay.relay_once() == count - outbox.BATCH
+    received = []
+    for _ in range(count):
+        message = await queue.get(timeout=5)
+        received.append(uuid.UUID(message.message_id))
+        await message.ack()
+    assert received == written
+    assert await queue.get(fail=False, timeout=1) is None
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
