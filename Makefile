@@ -28,7 +28,7 @@ test: setup
 	$(PY) -m dispatcher.demo.services
 	$(MAKE) lint
 	$(MAKE) audit
-	$(VENV)/bin/pytest -q
+	bash scripts/run-tests
 
 # Re-resolve requirements/*.txt from pyproject.toml (UPGRADE=1: newest allowed versions).
 # Needs only uv (the locked version, installed into the venv if missing), not a working setup.
