@@ -6,6 +6,7 @@ the publisher in the benchmark's own process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,6 +41,48 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process so far (from /proc/<pid>/stat)."""
     parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / CLOCK_TICKS
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` on this machine (the broker's node), if visible."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields_ = line.split()
+                if fields_[3] == "0A" and int(fields_[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields_[9]}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    return None
+
+
+class ProcessCpu:
+    """CPU seconds one outside process (the broker) spent since ``start``; 0 if not found."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self._start = 0.0
+
+    def _now(self) -> float:
+        if self.pid is None:
+            return 0.0
+        try:
+            return cpu_seconds(self.pid)
+        except OSError:
+            return 0.0
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def seconds(self) -> float:
+        return max(0.0, self._now() - self._start)
 
 
 def rss_bytes(pid: int) -> int:
