@@ -144,3 +144,20 @@ async def test_migration_0031_moves_settings_and_counters(bare_database: str) ->
         assert [r["status"] for r in rows] == ["daily_cap"]
     finally:
         await conn.close()
+
+
+async def test_a_batch_counts_only_what_it_reserved(pool: asyncpg.Pool) -> None:
+    account = await guarded_account(pool, 100, GuardSettings(
+        daily_spend_cap=50, velocity_window_seconds=3600, velocity_multiple=10.0,
+        velocity_min_credits=1000))
+    first = uid("job")
+    rows = await pool.fetch(q("reserve_guarded"), account, ["bulk"], [first], [4], ["US"])
+    assert [r["status"] for r in rows] == ["reserved"]
+    # A batch that passes every guard, one job of it reserved already: counted once.
+    ids = [first, uid("job"), uid("job")]
+    rows = await pool.fetch(q("reserve_guarded"), account, ["bulk"] * 3, ids, [4, 2, 3],
+                            ["US"] * 3)
+    assert [r["status"] for r in rows] == ["existing", "reserved", "reserved"]
+    row = await pool.fetchrow(COUNTERS, account)
+    assert (row["spent_today"], row["window_spent"]) == (9, 9)
+    assert await reserved_today(pool, account) == 9

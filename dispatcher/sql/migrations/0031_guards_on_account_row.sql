@@ -423,20 +423,14 @@ BEGIN
             RETURN NEXT;
             RETURN;
         END IF;
-        FOR r IN SELECT * FROM reserve_batch(p_account, p_job_ids, p_amounts) LOOP
-            IF r.status = 'reserved' THEN
-                reserved_sum := reserved_sum + r.amount;
-            END IF;
-            job_id := r.job_id;
-            status := r.status;
-            amount := r.amount;
-            available := r.available;
-            RETURN NEXT;
-        END LOOP;
-        IF counting THEN  -- 0031: the accounts row (locked), once per batch
+        RETURN QUERY SELECT * FROM reserve_batch(p_account, p_job_ids, p_amounts);
+        IF counting THEN
+            -- 0031: the accounts row (locked), once per batch. What this call reserved is what
+            -- `reserved` grew by: nothing else changes it while the lock is held.
             UPDATE accounts x
-               SET spent_day = today, spent_today = spent + reserved_sum, window_start = wstart,
-                   window_spent = wspent + reserved_sum, usual_per_window = usual
+               SET spent_day = today, spent_today = spent + (x.reserved - acct.reserved),
+                   window_start = wstart, window_spent = wspent + (x.reserved - acct.reserved),
+                   usual_per_window = usual
              WHERE x.id = p_account;
         END IF;
         RETURN;
