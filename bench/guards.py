@@ -63,15 +63,18 @@ FINDINGS = """Findings (hand-written; kept by `--record`):
   ran: absolute rates are several times below `bench.ledger_reserve`'s section, and the same
   ratio moved by up to 0.25 between runs (single-job, 1 session: from 0.77 to 1.03 in the
   day's runs). Read the ratios as +-0.15.
-- Batches meet the 0.9 target: the guards cost one row read, a loop over the batch in plpgsql
-  and one counter update per *call*, spread over 100 reservations.
-- Single-job calls miss it on this host (0.77-0.83 here): with one job per call the guards' fixed
-  cost (read of `account_guards`, the counters' UPDATE, a second row version per reservation)
-  is a visible share of a short transaction. Guards that keep no counter (allowlist, price
-  limit, transactional reserve and overdraft without a cap or velocity guard) skip the UPDATE;
-  an account without guards pays one index probe (`off` vs `reserve_batch`: within noise).
-  Next step if it matters: keep the counters in the `accounts` row, updated by the same
-  statement as the balance (a change to `reserve_batch` itself).
+- Batches: the guards cost a loop over the batch in plpgsql and one counter
+  update (of the account row, already locked) per *call*, spread over 100 reservations.
+- Single-job calls missed it before migration 0031 (0.74-0.83): with one job per call the
+  guards' fixed cost (read of `account_guards`, the counters' UPDATE of that row, a second row
+  version per reservation) was a visible share of a short transaction. Since 0031 the guards'
+  settings and counters live on the `accounts` row: read by the SELECT ... FOR UPDATE that locks
+  the account anyway, and a one-job reservation that passes every guard writes its counters in
+  the same UPDATE as the balance (`reserve_one_locked`; tests/integration/
+  test_spend_guards_account_row.py checks it is one row update). What is left is the guards'
+  arithmetic in plpgsql: ~20 us of server time per call against ~300-450 us for the
+  reservation itself (track_functions, on a loaded host). An account without guards pays one
+  boolean test (`accounts.guards_set`).
 - Every guard is exact under concurrency regardless (tests/integration/
   test_spend_guards_concurrency.py): the counters are changed under the account's row lock.
 """

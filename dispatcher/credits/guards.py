@@ -1,4 +1,5 @@
-"""Per-account spend guards: settings and state (enforced in ``reserve_guarded``, migration 0023).
+"""Per-account spend guards: settings and state (enforced in ``reserve_guarded``, migration 0023;
+kept on the ``accounts`` row since 0031, read through the ``account_guards`` view).
 
 The database does the enforcing, in the reservation's own transaction under the account lock;
 this module only reads and writes the settings, and releases a velocity hold for an owner.

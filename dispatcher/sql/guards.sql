@@ -1,4 +1,5 @@
--- Named statements of the spend guards (functions in migrations/0023_spend_guards.sql).
+-- Named statements of the spend guards (functions in migrations/0023_spend_guards.sql; since
+-- 0031 the settings and counters live on the accounts row, account_guards is a view of it).
 
 -- name: guards_get
 -- An account's guard settings and state (no row: no guard set).
