@@ -1,7 +1,7 @@
 """Fair share: a small account's jobs behind a big account's backlog in the same lane (issue 16).
 
-Run as ``python -m bench.fairness [--jobs 100000] [--small 10] [--runs 1] [--latency-ms 0]
-[--baseline] [--record]``.
+Run as ``python -m bench.fairness [--jobs 100000] [--small 10] [--runs 1] [--window 10]
+[--latency-ms 0] [--baseline] [--record]``.
 
 Everything is real and in its own process, as in ``bench.pipeline`` (whose environment this
 reuses): ``python -m dispatcher run``, the Twilio sandbox, RabbitMQ and PostgreSQL. One
@@ -11,8 +11,12 @@ jobs over AMQP, confirmed, as fast as the publisher goes) while the dispatcher r
 jobs, one after the other. Measured:
 
 - B's time to send: each job's ``sent_at`` (its row) minus the moment its publish began;
-- A's throughput: A's jobs / (A's last ``sent_at`` - A's first begin), solo and with B, rounds
-  alternating (solo first) within the one run;
+- A's throughput, solo and with B, rounds alternating (solo first) within the one run: with
+  ``--window W`` (the default, 10 s) A's jobs sent in the W seconds from the moment B publishes
+  (``--gap`` after A's last confirm; the same moment in a solo round), divided by W, so a 100k
+  backlog need not be sent to the end: each round then has a dispatcher of its own, stopped
+  afterwards, and A's leftovers are purged from the queue and ``staged_jobs``. With
+  ``--window 0``, every job of A is sent: A's jobs / (A's last ``sent_at`` - A's first begin);
 - where A's backlog was when B published: still in RabbitMQ, or staged in PostgreSQL.
 
 ``--baseline`` adds one "with B" round on a second dispatcher with ``DISPATCHER_FAIR_STAGING=0``
@@ -75,7 +79,8 @@ async def staged(pool: asyncpg.Pool) -> int:
 
 
 async def one_round(b: Bench, dispatcher: Dispatcher, name: str, with_b: bool) -> Round:
-    """A's backlog (and B's few jobs), until every job of both is sent."""
+    """A's backlog (and B's few jobs), until B's jobs are sent and A's window is over (or,
+    without a window, every job of A is sent)."""
     big, small = b.accounts[0], b.accounts[1]
     tag = b.tag("a")
     batch = make_batch(tag, b.args.jobs, [big])
@@ -83,8 +88,9 @@ async def one_round(b: Bench, dispatcher: Dispatcher, name: str, with_b: bool) -
     seconds = await publish(b.channel, b.names, batch)
     result = Round(name, 0.0, publish_seconds=seconds)
     log(f"  {name}: A published {batch.size:,} in {seconds:.1f}s")
+    await asyncio.sleep(b.args.gap)
+    window_start = time.time()
     if with_b:
-        await asyncio.sleep(b.args.gap)
         result.queued_at_b = await queue_depth(b.depth_channel, b.names.work_queue("bulk"))
         result.staged_at_b = await staged(b.pool)
         small_batch = make_batch(b.tag("b"), b.args.small, [small])
@@ -99,13 +105,29 @@ async def one_round(b: Bench, dispatcher: Dispatcher, name: str, with_b: bool) -
         log(f"  {name}: B p50 {pct(result.b_latencies, 50):.3f}s p99 "
             f"{pct(result.b_latencies, 99):.3f}s (A queued {result.queued_at_b:,}, "
             f"staged {result.staged_at_b:,} when B published)")
-    await wait_sent(b, tag, batch.size, dispatcher)
+    if b.args.window > 0:
+        await asyncio.sleep(max(0.0, window_start + b.args.window - time.time()))
+        sent = int(await b.pool.fetchval(
+            "SELECT count(*) FROM jobs WHERE job_id LIKE $1 AND sent_at >= to_timestamp($2)"
+            " AND sent_at < to_timestamp($3)", tag + "-%", window_start,
+            window_start + b.args.window))
+        result.a_rate = sent / b.args.window
+    else:
+        await wait_sent(b, tag, batch.size, dispatcher)
+        result.a_rate = (await span(b.pool, tag)).rate
     if watch is not None:
         watch.cancel()
-    drained = await span(b.pool, tag)
-    result.a_rate = drained.rate
-    log(f"  {name}: A {drained.rate:.0f} jobs/s")
+    log(f"  {name}: A {result.a_rate:.0f} jobs/s")
     return result
+
+
+async def clear_backlog(b: Bench) -> None:
+    """A's leftovers after a windowed round (its dispatcher stopped): out of the queue and
+    of ``staged_jobs``, so the next round starts empty."""
+    channel = await b.channel.get_underlay_channel()
+    purged = await channel.queue_purge(b.names.work_queue("bulk"))
+    deleted = await b.pool.execute("DELETE FROM staged_jobs")
+    log(f"  cleared: {int(purged.message_count or 0):,} queued, {deleted.split()[-1]} staged")
 
 
 async def watch_backlog(b: Bench, dispatcher: Dispatcher, tag: str) -> None:
@@ -158,22 +180,34 @@ async def run(args: argparse.Namespace) -> list[Round]:
     async with environment(args) as b:
         b.sandbox.configure(report.scenario(args.latency_ms, args.callbacks))
         b.settings = replace(b.settings, fair_share=args.share)
-        dispatcher = Dispatcher(b.settings, b.logs / "dispatcher.log")
-        await asyncio.to_thread(dispatcher.start)
-        try:
-            for _ in range(args.runs):
-                rounds.append(await one_round(b, dispatcher, "A solo", with_b=False))
-                rounds.append(await one_round(b, dispatcher, "A with B", with_b=True))
-        finally:
-            await asyncio.to_thread(dispatcher.stop)
+        plan = [("A solo", False), ("A with B", True)] * args.runs
+        if args.window > 0:  # a dispatcher per round: A's leftovers go with it
+            for i, (name, with_b) in enumerate(plan):
+                rounds.append(await windowed_round(b, Dispatcher(
+                    b.settings, b.logs / f"dispatcher-{i}.log"), name, with_b))
+        else:
+            dispatcher = Dispatcher(b.settings, b.logs / "dispatcher.log")
+            await asyncio.to_thread(dispatcher.start)
+            try:
+                for name, with_b in plan:
+                    rounds.append(await one_round(b, dispatcher, name, with_b))
+            finally:
+                await asyncio.to_thread(dispatcher.stop)
         if args.baseline:
             plain = Dispatcher(replace(b.settings, fair_staging=0), b.logs / "plain.log")
-            await asyncio.to_thread(plain.start)
-            try:
-                rounds.append(await one_round(b, plain, "no staging, A with B", with_b=True))
-            finally:
-                await asyncio.to_thread(plain.stop)
+            rounds.append(await windowed_round(b, plain, "no staging, A with B", True))
     return rounds
+
+
+async def windowed_round(b: Bench, dispatcher: Dispatcher, name: str, with_b: bool) -> Round:
+    """One round on a dispatcher of its own; A's leftovers cleared after it."""
+    await asyncio.to_thread(dispatcher.start)
+    try:
+        return await one_round(b, dispatcher, name, with_b)
+    finally:
+        await asyncio.to_thread(dispatcher.stop)
+        if b.args.window > 0:
+            await clear_backlog(b)
 
 
 def section(rounds: list[Round], args: argparse.Namespace) -> str:
@@ -184,7 +218,7 @@ def section(rounds: list[Round], args: argparse.Namespace) -> str:
     lines = [
         SECTION, "",
         f"`python -m bench.fairness --jobs {args.jobs} --small {args.small} --runs {args.runs} "
-        f"--latency-ms {args.latency_ms} --share {args.share}"
+        f"--window {args.window:g} --latency-ms {args.latency_ms} --share {args.share}"
         f"{' --baseline' if args.baseline else ''}`, on "
         f"{time.strftime('%Y-%m-%d')}; one dispatcher (defaults: prefetch {args.prefetch}, "
         f"{args.in_flight} in flight), sandbox at {args.latency_ms} ms. The machine is shared "
@@ -225,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gap", type=float, default=0.5,
                         help="seconds between A's last confirm and B's first publish")
     parser.add_argument("--runs", type=int, default=1, help="solo + with-B round pairs")
+    parser.add_argument("--window", type=float, default=10.0,
+                        help="seconds from B's publish over which A's rate is measured "
+                             "(0: send all of A's backlog, one dispatcher for every round)")
     parser.add_argument("--latency-ms", type=int, default=0)
     parser.add_argument("--baseline", action="store_true",
                         help="one more with-B round on a dispatcher without staging")

@@ -27,7 +27,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "scale": ["bench.scale", "--jobs", "3000", "--record"],
     "guards": ["bench.guards", "--runs", "15", "--seconds", "1", "--record"],
     "fairness": ["bench.fairness", "--jobs", "100000", "--small", "10", "--runs", "1",
-                 "--baseline", "--record"],
+                 "--window", "10", "--baseline", "--record"],
 }
 
 

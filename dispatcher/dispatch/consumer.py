@@ -192,7 +192,7 @@ class Consumer:
             self._metrics.queue_wait_seconds.observe(time.monotonic() - delivered)
             if self._stopping:
                 await self._requeue(message)
-                self._fairness.finished(rank, account)
+                self._fairness.finished(rank, account, message)
                 continue
             self._in_flight += 1
             self._idle.clear()
@@ -200,7 +200,7 @@ class Consumer:
             try:
                 await self._process(message, PRIORITIES[rank])
             finally:
-                self._fairness.finished(rank, account)
+                self._fairness.finished(rank, account, message)
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()

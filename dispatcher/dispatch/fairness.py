@@ -40,7 +40,7 @@ _JOB_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
 STAGE_BATCH = 500
 # How often the broker is asked how much is still queued behind the backlogs (one passive
 # declare: per interval, not per job).
-DEPTH_SECONDS = 0.5
+DEPTH_SECONDS = 0.1
 BrokerDepth = Callable[[], Awaitable[int]]
 RETRY_SECONDS = 1.0
 Key = tuple[int, str]  # (lane, account)
@@ -73,6 +73,11 @@ class Fairness:
         self._stage_wake = asyncio.Event()
         self._feed_wake = asyncio.Event()
         self._stopping = False
+        # Delivery tags, by channel, of broker deliveries handed to the run queue and not
+        # settled yet: a staged batch is acked with one ``multiple`` ack up to the lowest of
+        # them (an ack per delivery cost the process and the broker more than the copy).
+        self._unsettled: dict[object, set[int]] = {}
+        self._tag_of: dict[int, tuple[object, int]] = {}  # id(delivery) -> its (channel, tag)
         self.depth = depth  # messages queued at the broker in the bulk lane (the consumer's)
         self._broker_backlog = 0
 
@@ -101,6 +106,10 @@ class Fairness:
 
     def _put(self, key: Key, message: Delivery) -> None:
         self._held[key] += 1
+        tag = _tag(message)
+        if tag is not None:
+            self._unsettled.setdefault(tag[0], set()).add(tag[1])
+            self._tag_of[id(message)] = tag
         self.queue.put_nowait(key[0], key[1], (time.monotonic(), message))
 
     async def take(self) -> tuple[int, str, float, Delivery]:
@@ -108,8 +117,16 @@ class Fairness:
         lane, account, (since, message) = await self.queue.get()
         return lane, account, since, message
 
-    def finished(self, lane: int, account: str) -> None:
+    def finished(self, lane: int, account: str, message: Delivery | None = None) -> None:
         """A delivery taken with ``take`` is settled (acked, retried or handed back)."""
+        # Its tag as taken in ``_put``: by then its channel may have closed.
+        tag = self._tag_of.pop(id(message), None) if message is not None else None
+        if tag is not None:
+            tags = self._unsettled.get(tag[0])
+            if tags is not None:
+                tags.discard(tag[1])
+                if not tags:
+                    del self._unsettled[tag[0]]
         key = (lane, account)
         self._held[key] -= 1
         if self._held[key] <= 0:
@@ -123,7 +140,7 @@ class Fairness:
         left: list[Delivery] = []
         while not self.queue.empty():
             lane, account, (_, message) = self.queue.get_nowait()
-            self.finished(lane, account)
+            self.finished(lane, account, message)
             left.append(message)
         left.extend(message for *_, message in self._to_stage)
         self._to_stage.clear()
@@ -145,7 +162,7 @@ class Fairness:
         broker, or delivered and not staged yet."""
         if not self._spilling:
             return False
-        return len(self._to_stage) >= STAGE_BATCH or self._broker_backlog >= STAGE_BATCH
+        return len(self._to_stage) >= STAGE_BATCH or self._broker_backlog > 0
 
     async def _depth_loop(self, stop: asyncio.Event, depth: BrokerDepth) -> None:
         """Keep ``_broker_backlog`` current while some account is staging."""
@@ -159,7 +176,7 @@ class Fairness:
             except Exception as exc:  # a broker hiccup: feed as usual meanwhile
                 log.warning("broker_depth_failed", error=type(exc).__name__)
                 self._broker_backlog = 0
-            if self._broker_backlog < STAGE_BATCH:
+            if not self._broker_backlog:
                 self._feed_wake.set()
 
     async def _stage_loop(self, stop: asyncio.Event, staging: StagingArea) -> None:
@@ -184,8 +201,7 @@ class Fairness:
                     if not self._on_the_way[key]:
                         del self._on_the_way[key]
                 # The copies are committed: the broker's go (a lost ack only stages one twice).
-                # All at once: acked one by one, each ack's await would yield to every worker.
-                await asyncio.gather(*(_ack(message) for _, _, message in batch))
+                await self._ack_staged([message for _, _, message in batch])
                 self._metrics.jobs_staged.inc(len(batch))
                 self._feed_wake.set()
 
@@ -251,10 +267,52 @@ class Fairness:
             since_weights += pause
 
 
-async def _ack(message: Delivery) -> None:
+    async def _ack_staged(self, messages: list[Delivery]) -> None:
+        """Ack staged deliveries: per channel, one ``multiple`` ack covers every one below
+        the lowest delivery tag still unsettled in this process (nothing else of that
+        channel below it is unacked: deliveries reach ``offer`` in tag order, and the ones
+        after the batch are later still); the rest one by one. Decided before any await."""
+        singles: list[Delivery] = []
+        by_channel: dict[object, list[tuple[int, Delivery]]] = {}
+        for message in messages:
+            tag = _tag(message)
+            if tag is None:
+                singles.append(message)
+            else:
+                by_channel.setdefault(tag[0], []).append((tag[1], message))
+        multiples: list[Delivery] = []
+        for channel, tagged in by_channel.items():
+            tagged.sort(key=lambda item: item[0])
+            unsettled = self._unsettled.get(channel)
+            floor = min(unsettled) if unsettled else None
+            covered = len(tagged) if floor is None else sum(1 for t, _ in tagged if t < floor)
+            if covered >= 2:
+                multiples.append(tagged[covered - 1][1])
+            else:
+                covered = 0
+            singles.extend(message for _, message in tagged[covered:])
+        # All at once: acked one by one, each ack's await would yield to every worker.
+        await asyncio.gather(*(_ack(message, multiple=True) for message in multiples),
+                             *(_ack(message) for message in singles))
+
+
+def _tag(message: Delivery) -> tuple[object, int] | None:
+    """(channel, delivery tag) of a broker delivery on an open channel; None otherwise (a
+    staged delivery, or a channel that closed: no ack of it reaches the broker anyway)."""
+    tag = getattr(message, "delivery_tag", None)
+    if not isinstance(tag, int):
+        return None
+    try:
+        channel = message.channel  # type: ignore[attr-defined]
+    except Exception:  # aio-pika raises on a closed channel
+        return None
+    return channel, tag
+
+
+async def _ack(message: Delivery, multiple: bool = False) -> None:
     """Ack a staged delivery; a dead channel means the broker redelivers it (staged twice)."""
     try:
-        await message.ack()
+        await message.ack(multiple=multiple)
     except Exception as exc:  # the consumer's ACK_ERRORS, without importing the consumer
         log.warning("staged_ack_failed", error=type(exc).__name__)
 
